@@ -6,6 +6,9 @@ only inside the functions that need them.
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING, Any
+
 from clipdeploy.errors import (
     AccuracyError,
     ArtifactError,
@@ -17,6 +20,9 @@ from clipdeploy.errors import (
     InputError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from clipdeploy.runtime.session import ClipSession
 
 __version__ = "0.1.0"
 
@@ -31,4 +37,14 @@ __all__ = [
     "InputError",
     "UsageError",
     "__version__",
+    "load",
 ]
+
+
+def load(
+    path: str | os.PathLike[str], backend: str = "auto", precision: str | None = None, **options: Any
+) -> ClipSession:
+    """Open an artifact directory for embedding; see :func:`clipdeploy.runtime.session.load`."""
+    from clipdeploy.runtime.session import load as _load
+
+    return _load(path, backend=backend, precision=precision, **options)

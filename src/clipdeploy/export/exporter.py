@@ -1,0 +1,302 @@
+"""The export stage: open_clip model → validated fp32 ONNX towers + tokenizer + preprocessing + manifest.
+
+All work happens in a temporary directory beside the output. Only when every check passes is it
+moved into place, so a failed export (or a failed ``--force`` re-export) leaves any previous good
+artifact untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdeploy import __version__
+from clipdeploy.errors import UsageError
+from clipdeploy.export.loading import LoadedModel, load_model
+from clipdeploy.export.onnx_export import ExportedTower, export_tower
+from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, detect_family
+from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, write_manifest
+from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# Batch sizes the parity check runs: 1, and a batch of several so batched kernels are covered too.
+PARITY_BATCHES = (1, 8)
+MIN_OPSET = 17  # LayerNormalization is a single ONNX node from opset 17 on
+
+
+@dataclass
+class ExportConfig:
+    """Everything `clipdeploy export` takes. CLI and API both resolve through this."""
+
+    model: str  # open_clip architecture name, or a name for --model-config
+    output: Path  # the artifact directory to create
+    pretrained: str | None = None  # an open_clip pretrained tag (needs network)
+    checkpoint: Path | None = None  # a local state_dict / safetensors file (offline)
+    model_config: Path | None = None  # an open_clip-format architecture JSON
+    opset: int = DEFAULT_OPSET  # ONNX opset; 17 or higher
+    force: bool = False  # replace an existing artifact at `output`
+    seed: int = 0  # seeds random weights when no pretrained/checkpoint is given
+
+
+def sample_images() -> list[Path]:
+    """The bundled real photographs the parity check (and the quickstart) use."""
+    return sorted((DATA_DIR / "images").glob("*.jpg"))
+
+
+def sample_prompts() -> list[str]:
+    return [line for line in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if not output.exists():
+        if not output.parent.exists():
+            raise UsageError(f"parent directory {str(output.parent)!r} of the output does not exist; create it first")
+        return
+    if not force:
+        raise UsageError(f"output {str(output)!r} already exists; pass --force to replace it, or choose another -o")
+    is_artifact = (output / MANIFEST_NAME).is_file()
+    if not output.is_dir() or not (is_artifact or not any(output.iterdir())):
+        raise UsageError(
+            f"--force replaces only a clipdeploy artifact, and {str(output)!r} is not one (no {MANIFEST_NAME}); "
+            "choose another -o"
+        )
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"clipdeploy": __version__, "python": platform.python_version()}
+    for dist in ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[str]]:
+    """Pixels and token ids made by open_clip itself: the reference path users run today."""
+    import torch
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    transform = image_transform_v2(PreprocessCfg(**loaded.model.visual.preprocess_cfg), is_train=False)
+    images = sample_images()
+    prompts = sample_prompts()
+    pixels = torch.stack([transform(Image.open(p)) for p in images])
+    tokens = loaded.tokenizer(prompts)
+    return pixels, tokens, images, prompts
+
+
+def _check_towers(
+    loaded: LoadedModel, exported: dict[str, ExportedTower], pixels: Any, tokens: Any
+) -> tuple[dict[str, Any], list[str], dict[str, int]]:
+    """ONNX Runtime CPU against PyTorch, at each parity batch size, per tower; also the embedding widths."""
+    import onnxruntime as ort
+    import torch
+
+    inputs = {"image": pixels, "text": tokens}
+    report: dict[str, Any] = {}
+    failures: list[str] = []
+    dims: dict[str, int] = {}
+    for tower, ex in exported.items():
+        session = ort.InferenceSession(str(ex.path), providers=["CPUExecutionProvider"])
+        method = getattr(loaded.model, ex.spec.method)
+        per_batch = {}
+        comps = []
+        for batch in PARITY_BATCHES:
+            x = inputs[tower][:batch]
+            if len(x) < batch:
+                raise UsageError(f"parity data has {len(x)} {tower} samples, fewer than the batch {batch}")
+            with torch.inference_mode():
+                ref = method(x).float().numpy()
+            (out,) = session.run([ex.spec.output_name], {ex.spec.input_name: x.numpy()})
+            c = compare(out, ref)
+            per_batch[str(batch)] = c.to_dict()
+            comps.append(c)
+            dims[tower] = int(ref.shape[-1])
+        worst = merge(comps)
+        tol = ex.spec.tolerance
+        tower_failures = gate_failures(f"{tower} tower", worst, min_cosine=tol.min_cosine, max_abs_rel=tol.max_abs_rel)
+        failures += tower_failures
+        report[tower] = {
+            **worst.to_dict(),
+            "batches": per_batch,
+            "tolerance": {"min_cosine": tol.min_cosine, "max_abs_rel": tol.max_abs_rel},
+            "passed": not tower_failures,
+        }
+    return report, failures, dims
+
+
+def _check_runtime_inputs(
+    artifact_dir: Path, manifest: dict[str, Any], pixels: Any, tokens: Any, images: list[Path], prompts: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """The torch-free preprocessing and tokenizer must reproduce open_clip's on this very model."""
+    from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
+    from clipdeploy.runtime.tokenizer import load_tokenizer
+
+    failures = []
+    ours = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)
+    pixel_diff = float(np.abs(ours - pixels.numpy()).max())
+    if not pixel_diff <= 1e-5:
+        failures.append(f"runtime preprocessing differs from open_clip by {pixel_diff:.3e} > 1e-5")
+    ids = load_tokenizer(manifest["tokenizer"], artifact_dir)(prompts)
+    mismatched = int((ids != tokens.numpy()).any(axis=1).sum())
+    if mismatched:
+        failures.append(f"runtime tokenizer differs from open_clip on {mismatched} of {len(prompts)} prompts")
+    report = {
+        "preprocess": {"images": len(images), "max_abs_diff": pixel_diff, "passed": pixel_diff <= 1e-5},
+        "tokenizer": {"texts": len(prompts), "mismatched": mismatched, "passed": mismatched == 0},
+    }
+    return report, failures
+
+
+def _tower_entry(spec: TowerSpec, model: Any, embed_dim: int) -> dict[str, Any]:
+    return {
+        "inputs": [spec.input_spec(model).to_dict()],
+        "outputs": [spec.output_spec(model, embed_dim).to_dict()],
+        "embed_dim": embed_dim,
+    }
+
+
+def _variant_entry(ex: ExportedTower, root: Path, opset: int, validation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tower": ex.spec.tower,
+        "precision": "fp32",
+        "format": "onnx",
+        "file": ex.path.name,
+        "sha256": file_sha256(ex.path),
+        "bytes": ex.path.stat().st_size + sum(p.stat().st_size for p in ex.external_data),
+        "external_data": [{"file": p.relative_to(root).as_posix(), "sha256": file_sha256(p)} for p in ex.external_data],
+        "opset": opset,
+        "export_seconds": round(ex.seconds, 2),
+        "validation": validation,
+    }
+
+
+def _logit_terms(model: Any) -> tuple[float, float | None]:
+    import torch
+
+    with torch.no_grad():
+        scale = float(model.logit_scale.exp().reshape(-1)[0])
+        bias = getattr(model, "logit_bias", None)
+        return scale, (float(bias.reshape(-1)[0]) if bias is not None else None)
+
+
+def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
+    from clipdeploy.export.preprocess_assets import describe_preprocess
+    from clipdeploy.export.tokenizer_assets import describe_tokenizer
+
+    loaded = load_model(
+        cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, model_config=cfg.model_config, seed=cfg.seed
+    )
+    family: FamilySpec = detect_family(loaded.model)
+    if family.prepare is not None:
+        family.prepare(loaded.model)
+    # Describe the tokenizer first: an unsupported kind should fail before minutes of tracing.
+    tokenizer_entry = describe_tokenizer(loaded.tokenizer, work)
+    preprocess_entry = describe_preprocess(loaded.model)
+
+    exported = {
+        spec.tower: export_tower(spec, loaded.model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
+        for spec in family.towers
+    }
+    pixels, tokens, images, prompts = _reference_inputs(loaded)
+    tower_report, failures, dims = _check_towers(loaded, exported, pixels, tokens)
+    logit_scale, logit_bias = _logit_terms(loaded.model)
+    source = {k: v for k, v in loaded.source.items() if k != "model_config"}
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": cfg.model,
+            **source,
+            "model_config": loaded.source.get("model_config"),
+            "family": family.name,
+            "embed_dim": dims["image"],
+            # logit_scale is the multiplier (exp already applied); logit_bias is None except for SigLIP.
+            "logit_scale": logit_scale,
+            "logit_bias": logit_bias,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        },
+        "towers": {
+            spec.tower: _tower_entry(spec, loaded.model, dims[spec.tower]) for spec in family.towers
+        },
+        "preprocess": preprocess_entry,
+        "tokenizer": tokenizer_entry,
+        "variants": [],
+        "validation": {},
+        "tools": _tool_versions(),
+    }
+    runtime_report, runtime_failures = _check_runtime_inputs(work, manifest, pixels, tokens, images, prompts)
+    failures += runtime_failures
+    manifest["validation"]["export"] = {
+        "reference": "open_clip PyTorch fp32 on CPU",
+        "backend": "onnxruntime CPUExecutionProvider",
+        "images": [p.name for p in images],
+        "prompts": len(prompts),
+        "batches": list(PARITY_BATCHES),
+        **tower_report,
+        **runtime_report,
+        "passed": not failures,
+    }
+    manifest["variants"] = [
+        _variant_entry(ex, work, cfg.opset, {"reference": "pytorch-fp32", **tower_report[t]})
+        for t, ex in exported.items()
+    ]
+    # Every other file the runtime reads (tokenizer files), with its checksum.
+    listed = {v["file"] for v in manifest["variants"]} | {
+        e["file"] for v in manifest["variants"] for e in v["external_data"]
+    }
+    manifest["files"] = {
+        rel: file_sha256(p)
+        for p in sorted(work.rglob("*"))
+        if p.is_file() and (rel := p.relative_to(work).as_posix()) not in listed and rel != MANIFEST_NAME
+    }
+    raise_if_failed(f"export parity check of {cfg.model}", failures, manifest["validation"]["export"])
+    write_manifest(work, manifest)
+    return manifest
+
+
+def _swap_into_place(work: Path, output: Path) -> None:
+    if not output.exists():
+        os.replace(work, output)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    old.rmdir()
+    os.replace(output, old)
+    try:
+        os.replace(work, output)
+    except BaseException:
+        os.replace(old, output)  # put the previous artifact back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(cfg: ExportConfig) -> dict[str, Any]:
+    """Export both towers of ``cfg.model`` to validated fp32 ONNX in ``cfg.output``; returns the manifest."""
+    output = Path(cfg.output)
+    if cfg.opset < MIN_OPSET:
+        raise UsageError(f"--opset {cfg.opset} is too old: LayerNormalization needs opset {MIN_OPSET} or higher")
+    _check_output(output, cfg.force)
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        manifest = _build(cfg, work)
+        manifest["export_seconds"] = round(time.perf_counter() - start, 1)
+        write_manifest(work, manifest)
+        _swap_into_place(work, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest

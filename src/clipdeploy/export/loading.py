@@ -1,0 +1,178 @@
+"""Build an open_clip model, with its tokenizer, from a name, a pretrained tag, a checkpoint or a JSON config.
+
+Every way this can go wrong for a user gets a one-line error that names the bad value and says what
+to do. Checkpoints load with ``weights_only=True``, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipdeploy.errors import CheckpointError, DependencyError, UsageError
+from clipdeploy.manifest import file_sha256
+
+log = logging.getLogger(__name__)
+
+_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+@dataclass
+class LoadedModel:
+    """An eval-mode open_clip model with what the artifact needs to describe where it came from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: dict[str, Any]  # how the weights were chosen: pretrained tag, checkpoint sha256, config
+
+
+def import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise DependencyError(
+            f"exporting needs torch and open_clip ({e.name} is missing); install: pip install 'clipdeploy[export]'"
+        ) from e
+    return open_clip
+
+
+def check_model_name(name: str) -> None:
+    """Refuse an unknown architecture, suggesting the close ones."""
+    open_clip = import_open_clip()
+    if name.startswith(_SCHEMAS):
+        return
+    models = open_clip.list_models()
+    if name in models:
+        return
+    close = difflib.get_close_matches(name, models, n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `clipdeploy models` for the list"
+    raise UsageError(f"unknown model {name!r}: {hint}")
+
+
+def check_pretrained_tag(name: str, tag: str) -> None:
+    open_clip = import_open_clip()
+    if name.startswith(_SCHEMAS):
+        raise UsageError(f"--pretrained does not apply to {name!r}: the weights come from that source; drop --pretrained")
+    if open_clip.get_pretrained_cfg(name, tag):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tags:
+        raise UsageError(f"unknown pretrained tag {tag!r} for {name}; valid tags: {', '.join(tags)}")
+    raise UsageError(
+        f"unknown pretrained tag {tag!r}: {name} has no published weights; pass --checkpoint FILE or export random weights"
+    )
+
+
+def register_model_config(name: str, config_path: Path) -> dict[str, Any]:
+    """Make a user's open_clip-format architecture JSON available under ``name``."""
+    open_clip = import_open_clip()
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise UsageError(f"model config {str(config_path)!r} does not exist; pass an open_clip architecture JSON file")
+    try:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"model config {str(config_path)!r} is not valid JSON ({e}); fix the file") from e
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise UsageError(
+            f"model config {str(config_path)!r} lacks {', '.join(missing)}; "
+            "an open_clip architecture JSON has embed_dim, vision_cfg and text_cfg"
+        )
+    if name in open_clip.list_models() and open_clip.get_model_config(name) != cfg:
+        raise UsageError(
+            f"model name {name!r} is a built-in open_clip architecture; give your --model-config another name"
+        )
+    # open_clip names a config after its file, so register a copy named after the model.
+    with tempfile.TemporaryDirectory(prefix="clipdeploy-cfg-") as tmp:
+        staged = Path(tmp) / f"{name}.json"
+        shutil.copyfile(config_path, staged)
+        open_clip.add_model_config(staged)
+    return cfg
+
+
+def _load_checkpoint(open_clip: Any, model: Any, name: str, path: Path) -> None:
+    try:
+        open_clip.load_checkpoint(model, str(path), weights_only=True)
+    except Exception as e:  # torch, pickle, zipfile and safetensors each raise their own types
+        text = " ".join(str(e).split())
+        if "Weights only load failed" in text:
+            reason = text.split("Unsupported global:")[-1].split(".")[0].strip() if "Unsupported global" in text else ""
+            detail = f": it references {reason}" if reason else ""
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} cannot be loaded safely{detail}; save a plain state_dict "
+                "(torch.save(model.state_dict(), f)) or a .safetensors file"
+            ) from e
+        # open_clip asserts on mismatched position embeddings before load_state_dict reports the rest.
+        if "Error(s) in loading state_dict" in text or isinstance(e, AssertionError):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit {name} ({text[:300]}); pass the architecture it was trained with"
+            ) from e
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {text[:200]}); "
+            "pass a file saved with torch.save or safetensors"
+        ) from e
+
+
+def load_model(
+    name: str,
+    *,
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    model_config: str | Path | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Build ``name`` in eval mode on CPU, in fp32, with the weights asked for.
+
+    With neither ``pretrained`` nor ``checkpoint`` the weights are random, seeded by ``seed``.
+    """
+    open_clip = import_open_clip()
+    import torch
+
+    if pretrained and checkpoint:
+        raise UsageError("--pretrained and --checkpoint both given; pass one source of weights")
+    source: dict[str, Any] = {"pretrained": pretrained, "checkpoint": None, "checkpoint_sha256": None}
+    if model_config is not None:
+        cfg = register_model_config(name, Path(model_config))
+        source["model_config"] = cfg
+    check_model_name(name)
+    if pretrained:
+        check_pretrained_tag(name, pretrained)
+    ckpt_path: Path | None = None
+    if checkpoint is not None:
+        ckpt_path = Path(checkpoint)
+        if not ckpt_path.is_file():
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not exist; pass the path of a saved state_dict")
+        source["checkpoint"] = ckpt_path.name
+        source["checkpoint_sha256"] = file_sha256(ckpt_path)
+
+    torch.manual_seed(seed)
+    if pretrained is None and checkpoint is None and not name.startswith(_SCHEMAS):
+        source["random_init_seed"] = seed
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device="cpu", precision="fp32")
+    except RuntimeError as e:
+        if pretrained and "download" in str(e).lower():
+            raise CheckpointError(
+                f"could not download weights {name}/{pretrained} ({' '.join(str(e).split())[:200]}); "
+                "check the network, or download once and pass --checkpoint FILE"
+            ) from e
+        raise
+    if ckpt_path is not None:
+        _load_checkpoint(open_clip, model, name, ckpt_path)
+    model.eval()
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # HF tokenizers reach for the hub
+        raise UsageError(
+            f"could not build the tokenizer of {name} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            "this model's tokenizer needs files from the Hugging Face hub"
+        ) from e
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)

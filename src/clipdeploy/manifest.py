@@ -1,0 +1,162 @@
+"""The artifact schema: ``manifest.json``, its checks, and atomic writes.
+
+The runtime reads only the manifest and the files it lists. Every stage adds to it and records what
+it did. Writes go to a temporary name first, then are renamed, so a failed stage leaves nothing
+behind that could pass for a valid file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipdeploy.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+# MAJOR.MINOR. A reader refuses a newer major version; minor versions only add fields.
+SCHEMA_VERSION = "1.0"
+TOWERS = ("image", "text")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
+FORMATS = ("onnx", "tensorrt")
+
+_REQUIRED_KEYS = ("schema_version", "model", "towers", "preprocess", "tokenizer", "variants")
+_VARIANT_KEYS = ("tower", "precision", "format", "file", "sha256")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled form of one tower: an ONNX file or a TensorRT plan."""
+
+    tower: str  # "image" or "text"
+    precision: str  # one of PRECISIONS
+    format: str  # "onnx" or "tensorrt"
+    file: str  # path relative to the artifact directory
+    sha256: str
+    external_data: tuple[str, ...] = ()  # ONNX external-data files, relative, with their own sums
+    external_sha256: tuple[str, ...] = ()
+    validation: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # opset, profile, TensorRT version, GPU
+
+    @property
+    def accepted(self) -> bool:
+        """Whether this variant passed its accuracy gate."""
+        return bool(self.validation.get("passed"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Variant:
+        known = {*_VARIANT_KEYS, "external_data", "validation"}
+        external = d.get("external_data") or []
+        return cls(
+            tower=d["tower"],
+            precision=d["precision"],
+            format=d["format"],
+            file=d["file"],
+            sha256=d["sha256"],
+            external_data=tuple(e["file"] for e in external),
+            external_sha256=tuple(e["sha256"] for e in external),
+            validation=dict(d.get("validation") or {}),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see either the old content or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(artifact_dir) / MANIFEST_NAME
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _parse_version(text: Any) -> tuple[int, int]:
+    try:
+        major, minor = str(text).split(".")
+        return int(major), int(minor)
+    except ValueError:
+        raise ArtifactError(
+            f"manifest schema_version {text!r} is not MAJOR.MINOR; the manifest is corrupt, re-export the model"
+        ) from None
+
+
+def read_manifest(artifact_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a manifest: present, valid JSON, a schema this version understands."""
+    root = Path(artifact_dir)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {str(root)!r} does not exist; run `clipdeploy export` first")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{str(path)!r} is missing: {str(root)!r} is not a clipdeploy artifact; run `clipdeploy export` to make one"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{str(path)!r} is corrupt ({e}); re-export the model with --force") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{str(path)!r} is corrupt (not a JSON object); re-export the model with --force")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(
+            f"{str(path)!r} lacks {', '.join(missing)}; the manifest is corrupt, re-export the model with --force"
+        )
+    major, _ = _parse_version(manifest["schema_version"])
+    ours, _ = _parse_version(SCHEMA_VERSION)
+    if major > ours:
+        raise ArtifactError(
+            f"{str(path)!r} has schema {manifest['schema_version']}, newer than this clipdeploy reads "
+            f"({ours}.x); upgrade: pip install -U clipdeploy"
+        )
+    for i, v in enumerate(manifest["variants"]):
+        if not isinstance(v, dict) or any(k not in v for k in _VARIANT_KEYS):
+            raise ArtifactError(
+                f"{str(path)!r}: variant #{i} lacks one of {', '.join(_VARIANT_KEYS)}; re-export the model with --force"
+            )
+    return manifest
+
+
+def variants(manifest: dict[str, Any]) -> list[Variant]:
+    return [Variant.from_dict(v) for v in manifest["variants"]]
+
+
+def verify_files(root: Path, entries: Iterable[tuple[str, str]]) -> None:
+    """Check (relative path, sha256) pairs; the first mismatch raises."""
+    for rel, expected in entries:
+        path = root / rel
+        if not path.is_file():
+            raise ArtifactError(f"{str(path)!r} is listed in the manifest but missing; re-export the model with --force")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{str(path)!r} has sha256 {actual[:12]}…, the manifest says {expected[:12]}…: "
+                "the file changed or is corrupt; re-export the model with --force"
+            )
+
+
+def variant_files(variant: Variant) -> list[tuple[str, str]]:
+    return [(variant.file, variant.sha256), *zip(variant.external_data, variant.external_sha256, strict=True)]

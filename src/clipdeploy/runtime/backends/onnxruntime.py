@@ -1,0 +1,115 @@
+"""ONNX Runtime backend. ``onnxruntime`` is imported only when a runner is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdeploy.errors import ArtifactError, DependencyError, UsageError
+from clipdeploy.runtime.backends.base import IOSpec, Runner
+
+_ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+}
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """ONNX Runtime session settings. CLI, YAML and API all resolve through this."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # in order of preference
+    intra_op_num_threads: int | None = None  # threads inside one op; None lets ONNX Runtime choose
+    inter_op_num_threads: int | None = None  # threads across independent ops
+    graph_optimization_level: str = "all"  # one of disable, basic, extended, all
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise UsageError(
+                f"graph_optimization_level {self.graph_optimization_level!r} is not one of {', '.join(_OPT_LEVELS)}"
+            )
+        for name in ("intra_op_num_threads", "inter_op_num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise UsageError(f"{name}={value!r} must be a non-negative integer (0 lets ONNX Runtime choose)")
+        if not self.providers:
+            raise UsageError("providers is empty; pass at least one, e.g. CPUExecutionProvider")
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise DependencyError(
+            "the onnxruntime backend needs ONNX Runtime; install one of: pip install 'clipdeploy[cpu]' "
+            "(CPU) or pip install 'clipdeploy[gpu]' (CUDA), never both"
+        ) from e
+    return onnxruntime
+
+
+class OrtRunner(Runner):
+    """One ONNX file in one InferenceSession. ``InferenceSession.run`` is thread-safe."""
+
+    def __init__(self, path: Path, options: OrtOptions) -> None:
+        ort = import_onnxruntime()
+        available = ort.get_available_providers()
+        missing = [p for p in options.providers if p not in available]
+        if missing:
+            raise DependencyError(
+                f"ONNX Runtime provider(s) {', '.join(missing)} are not available (this install has "
+                f"{', '.join(available)}); install onnxruntime-gpu for CUDA, or ask for CPUExecutionProvider"
+            )
+        so = ort.SessionOptions()
+        if options.intra_op_num_threads is not None:
+            so.intra_op_num_threads = options.intra_op_num_threads
+        if options.inter_op_num_threads is not None:
+            so.inter_op_num_threads = options.inter_op_num_threads
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[options.graph_optimization_level]
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
+        except Exception as e:  # onnxruntime raises its own pybind error types
+            raise ArtifactError(
+                f"ONNX Runtime cannot load {str(path)!r} ({' '.join(str(e).split())[:200]}); "
+                "the file is corrupt or from a newer exporter: re-export the model with --force"
+            ) from e
+        # ONNX Runtime drops to CPU when a provider fails to initialise; we refuse to do that silently.
+        active = self.session.get_providers()
+        if active[0] != options.providers[0]:
+            raise DependencyError(
+                f"ONNX Runtime could not start {options.providers[0]} (active: {', '.join(active)}); "
+                "check the CUDA install, or ask for CPUExecutionProvider explicitly"
+            )
+        self.inputs = [self._io(i) for i in self.session.get_inputs()]
+        self.outputs = [self._io(o) for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    @staticmethod
+    def _io(arg: Any) -> IOSpec:
+        dtype = _ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise UsageError(f"ONNX tensor {arg.name!r} has type {arg.type}, which clipdeploy does not feed")
+        shape = tuple(d if isinstance(d, int) else str(d) for d in arg.shape)
+        return IOSpec(arg.name, dtype, shape)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def describe(self) -> str:
+        return f"onnxruntime ({self.providers[0]})"
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self._output_names, feed)
+        return dict(zip(self._output_names, results, strict=True))

@@ -1,0 +1,281 @@
+"""The runtime session: raw images and strings in, float32 embeddings out.
+
+It reads only the manifest and the files it lists, and imports neither torch nor open_clip.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdeploy.errors import ArtifactError, EngineError, InputError, UsageError
+from clipdeploy.manifest import (
+    PRECISIONS,
+    Variant,
+    read_manifest,
+    variant_files,
+    variants,
+    verify_files,
+)
+from clipdeploy.runtime.backends.base import Runner
+from clipdeploy.runtime.preprocess import ImageLike, PreprocessConfig, Preprocessor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+# Fastest first, for precision=None. fp16 is slow on CPU, so ONNX Runtime CPU never picks it.
+PREFERENCE = {
+    "onnxruntime-cpu": ("int8", "fp32"),
+    "onnxruntime-cuda": ("fp16", "fp32"),
+    "tensorrt": ("int8-fp16", "fp16", "fp32"),
+}
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    # The same clamp as torch.nn.functional.normalize, which open_clip uses.
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+class ClipSession:
+    """Embeds images and texts with one artifact. Safe to share between threads."""
+
+    def __init__(
+        self,
+        root: Path,
+        manifest: dict[str, Any],
+        runners: dict[str, Runner],
+        chosen: dict[str, Variant],
+        backend: str,
+    ) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.backend = backend
+        self.variants = chosen  # tower -> the variant that runs it
+        self._runners = runners
+        self._preprocessor = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
+        model = manifest["model"]
+        self.logit_scale = float(model["logit_scale"])
+        self.logit_bias = None if model.get("logit_bias") is None else float(model["logit_bias"])
+
+    # ---- description -----------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["model"]["embed_dim"])
+
+    @property
+    def precision(self) -> dict[str, str]:
+        """The precision each tower runs at."""
+        return {tower: v.precision for tower, v in self.variants.items()}
+
+    def describe(self) -> str:
+        parts = [f"{t}: {v.precision} {v.format} on {self._runners[t].describe()}" for t, v in self.variants.items()]
+        return f"{self.model_name} ({'; '.join(parts)})"
+
+    def __repr__(self) -> str:
+        return f"ClipSession({self.describe()})"
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[ImageLike] | ImageLike) -> np.ndarray:
+        """Images (PIL, paths or bytes) to float32 NCHW pixels, exactly as open_clip preprocesses them."""
+        return self._preprocessor(images)
+
+    @property
+    def tokenizer(self) -> Any:
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from clipdeploy.runtime.tokenizer import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.manifest["tokenizer"], self.root)
+            return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
+        """Strings to int64 token ids, the same ids open_clip's tokenizer gives."""
+        return self.tokenizer(texts)
+
+    # ---- encoders --------------------------------------------------------------------------
+
+    def _run(self, tower: str, x: np.ndarray, normalize: bool, batch_size: int | None) -> np.ndarray:
+        if tower not in self._runners:
+            raise ArtifactError(f"this artifact has no {tower} tower; re-export the model")
+        runner = self._runners[tower]
+        (spec,) = runner.inputs
+        (out_spec,) = runner.outputs
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"batch_size={batch_size} must be 1 or more")
+        limits = [b for b in (batch_size, runner.max_batch) if b]
+        step = min(limits) if limits else len(x) or 1
+        runner.check_feed({spec.name: x})
+        parts = [runner.infer({spec.name: x[s]})[out_spec.name] for s in _chunks(len(x), step)]
+        out = np.concatenate(parts).astype(np.float32, copy=False)
+        return _l2_normalize(out) if normalize else out
+
+    def encode_pixels(self, pixels: Any, *, normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
+        """float32 NCHW pixels (already preprocessed) to ``[N, D]`` image embeddings."""
+        x = np.asarray(pixels)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"pixels have dtype {x.dtype}; pass float32 NCHW pixels, e.g. from session.preprocess")
+        return self._run("image", np.ascontiguousarray(x, dtype=np.float32), normalize, batch_size)
+
+    def encode_tokens(self, tokens: Any, *, normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
+        """Integer token ids ``[N, L]`` to ``[N, D]`` text embeddings."""
+        x = np.asarray(tokens)
+        if not np.issubdtype(x.dtype, np.integer):
+            raise InputError(f"token ids have dtype {x.dtype}; pass integer ids, e.g. from session.tokenize")
+        return self._run("text", np.ascontiguousarray(x, dtype=np.int64), normalize, batch_size)
+
+    def encode_image(
+        self, images: Sequence[ImageLike] | ImageLike, *, normalize: bool = True, batch_size: int = 32
+    ) -> np.ndarray:
+        """Images (PIL, paths or bytes) to ``[N, D]`` embeddings, preprocessed ``batch_size`` at a time."""
+        items = _as_list(images, "image")
+        parts = [
+            self.encode_pixels(self._preprocessor(items[s]), normalize=normalize)
+            for s in _chunks(len(items), max(1, batch_size))
+        ]
+        return np.concatenate(parts)
+
+    def encode_text(self, texts: Sequence[str] | str, *, normalize: bool = True, batch_size: int = 256) -> np.ndarray:
+        """Strings to ``[N, D]`` embeddings."""
+        items = _as_list(texts, "text")
+        parts = [
+            self.encode_tokens(self.tokenize(items[s]), normalize=normalize)
+            for s in _chunks(len(items), max(1, batch_size))
+        ]
+        return np.concatenate(parts)
+
+    # ---- scores ----------------------------------------------------------------------------
+
+    def similarity(self, image_emb: Any, text_emb: Any, *, output: str = "probs") -> np.ndarray:
+        """Scores ``[N_images, N_texts]`` with the model's own logit scale and bias.
+
+        ``output="logits"`` gives the raw logits. ``"probs"`` gives CLIP's softmax over the texts, or
+        SigLIP's per-pair sigmoid when the model has a logit bias.
+        """
+        if output not in ("probs", "logits"):
+            raise UsageError(f"output={output!r} must be 'probs' or 'logits'")
+        img = _l2_normalize(np.atleast_2d(np.asarray(image_emb, dtype=np.float32)))
+        txt = _l2_normalize(np.atleast_2d(np.asarray(text_emb, dtype=np.float32)))
+        if img.shape[-1] != txt.shape[-1]:
+            raise InputError(f"image embeddings have width {img.shape[-1]}, text embeddings {txt.shape[-1]}")
+        logits = self.logit_scale * img @ txt.T
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        if output == "logits":
+            return logits
+        if self.logit_bias is not None:
+            return 1.0 / (1.0 + np.exp(-logits))
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _as_list(items: Any, kind: str) -> list[Any]:
+    # One path, one blob or one PIL image is a batch of one; any other iterable is a batch.
+    if isinstance(items, (str, bytes, bytearray, memoryview, os.PathLike)) or hasattr(items, "getpixel"):
+        items = [items]
+    else:
+        try:
+            items = list(items)
+        except TypeError:
+            items = [items]
+    if not items:
+        raise InputError(f"no {kind}s given: pass at least one {kind}")
+    return items
+
+
+def _select(
+    manifest: dict[str, Any], tower: str, fmt: str, precision: str | None, preference: tuple[str, ...]
+) -> Variant:
+    candidates = [v for v in variants(manifest) if v.tower == tower and v.format == fmt]
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        for v in candidates:
+            if v.precision == precision:
+                if not v.accepted:
+                    raise ArtifactError(
+                        f"the {precision} {tower} variant did not pass its accuracy gate; "
+                        "re-run `clipdeploy quantize` or choose another precision"
+                    )
+                return v
+        have = sorted({v.precision for v in candidates}) or ["none"]
+        raise ArtifactError(
+            f"no {precision} {fmt} variant of the {tower} tower (have: {', '.join(have)}); "
+            f"make one with `clipdeploy quantize --precision {precision}`"
+        )
+    for want in preference:
+        for v in candidates:
+            if v.precision == want and v.accepted:
+                return v
+    raise ArtifactError(
+        f"no accepted {fmt} variant of the {tower} tower; re-export the model with `clipdeploy export --force`"
+    )
+
+
+def load(
+    path: str | os.PathLike[str],
+    backend: str = "auto",
+    precision: str | None = None,
+    *,
+    verify: bool = True,
+    providers: Sequence[str] | None = None,
+    intra_op_num_threads: int | None = None,
+    inter_op_num_threads: int | None = None,
+    graph_optimization_level: str = "all",
+) -> ClipSession:
+    """Open an artifact directory for embedding.
+
+    ``precision=None`` picks the fastest variant that passed its gate for the backend, and logs which.
+    ``verify`` checks each file's sha256 against the manifest before it is used.
+    """
+    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+
+    if backend not in BACKENDS:
+        raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        raise EngineError(
+            "the TensorRT backend is not in this release yet; use backend='onnxruntime' "
+            "(with providers=['CUDAExecutionProvider'] for a GPU)"
+        )
+    root = Path(path)
+    manifest = read_manifest(root)
+    options = OrtOptions(
+        providers=tuple(providers or ("CPUExecutionProvider",)),
+        intra_op_num_threads=intra_op_num_threads,
+        inter_op_num_threads=inter_op_num_threads,
+        graph_optimization_level=graph_optimization_level,
+    )
+    device = "cpu" if options.providers[0] == "CPUExecutionProvider" else "cuda"
+    preference = PREFERENCE[f"onnxruntime-{device}"]
+    chosen: dict[str, Variant] = {}
+    runners: dict[str, Runner] = {}
+    for tower in manifest["towers"]:
+        variant = _select(manifest, tower, "onnx", precision, preference)
+        if verify:
+            verify_files(root, variant_files(variant))
+        runners[tower] = OrtRunner(root / variant.file, options)
+        chosen[tower] = variant
+    if verify:
+        verify_files(root, sorted(manifest.get("files", {}).items()))
+    session = ClipSession(root, manifest, runners, chosen, "onnxruntime")
+    log.info("clipdeploy: loaded %s", session.describe())
+    return session

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from clipdeploy.errors import (
     AccuracyError,
     ArtifactError,
+    CalibrationError,
     CheckpointError,
     ClipDeployError,
     DependencyError,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyError",
     "ArtifactError",
+    "CalibrationError",
     "CheckpointError",
     "ClipDeployError",
     "DependencyError",

@@ -273,22 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipdeploy {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_export, add_embed, add_inspect, add_models):
+    from clipdeploy.precision.command import add_quantize
+
+    for add in (add_export, add_quantize, add_embed, add_inspect, add_models):
         add(sub)
     return parser
 
 
 def _print_report(report: dict[str, Any]) -> None:
+    """The figures behind a failed check, one line per tower or check."""
     for key, value in report.items():
-        if isinstance(value, dict) and "min_cosine" in value:
-            print(
-                f"  {key}: min cosine {value['min_cosine']:.7f}, max abs err {value['max_abs_err']:.3e} "
-                f"({value['abs_err_rel']:.2e} of max), passed={value.get('passed')}",
-                file=sys.stderr,
+        if isinstance(value, dict) and ("min_cosine" in value or "passed" in value):
+            figures = ", ".join(
+                f"{k}={v:.7g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in value.items()
+                if isinstance(v, (int, float, bool, str))
             )
-        elif isinstance(value, dict) and "passed" in value:
-            figures = ", ".join(f"{k}={v}" for k, v in value.items())
             print(f"  {key}: {figures}", file=sys.stderr)
+        elif key == "top1_agreement":
+            print(f"  top-1 agreement: {value:.4f}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

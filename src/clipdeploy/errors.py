@@ -25,6 +25,10 @@ class InputError(ClipDeployError):
     """Bad data given to the runtime: an unreadable image, an empty text list, a wrong shape."""
 
 
+class CalibrationError(ClipDeployError):
+    """Calibration or held-out data that is missing, empty or too small to trust."""
+
+
 class ArtifactError(ClipDeployError):
     """An artifact directory that is missing, corrupt, too new, or whose files fail their checksum."""
 

@@ -82,6 +82,11 @@ class ClipSession:
         return int(self.manifest["model"]["embed_dim"])
 
     @property
+    def runners(self) -> dict[str, Runner]:
+        """tower -> the backend runner that executes it (for validation and benchmarks)."""
+        return dict(self._runners)
+
+    @property
     def precision(self) -> dict[str, str]:
         """The precision each tower runs at."""
         return {tower: v.precision for tower, v in self.variants.items()}

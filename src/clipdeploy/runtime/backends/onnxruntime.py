@@ -77,6 +77,7 @@ class OrtRunner(Runner):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[options.graph_optimization_level]
         self.path = Path(path)
+        self.options = options
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
         except Exception as e:  # onnxruntime raises its own pybind error types

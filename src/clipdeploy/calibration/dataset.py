@@ -1,0 +1,160 @@
+"""Calibration and held-out sets, made through the artifact's own preprocessing and tokenizer.
+
+The two sets are disjoint by construction: one seeded shuffle, held-out first, calibration after.
+Unreadable files are skipped, counted and reported; too few usable samples is an error. Random data
+is never substituted for real data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clipdeploy.calibration.sources import ImageSample
+from clipdeploy.errors import CalibrationError, InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleSet:
+    """Model inputs for one tower, split into calibration and held-out parts."""
+
+    calibration: np.ndarray
+    held_out: np.ndarray
+    found: int  # candidates in the sources
+    used: int  # samples actually read into the two sets
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of unreadable samples
+    fingerprint: str = ""  # sha256 over the calibration samples' content, for the calibration cache
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "found": self.found,
+            "calibration": int(len(self.calibration)),
+            "held_out": int(len(self.held_out)),
+            "skipped": len(self.skipped),
+            "skipped_examples": [f"{s}: {r}" for s, r in self.skipped[:5]],
+            "fingerprint": self.fingerprint,
+        }
+
+
+def _progress(total: int, desc: str) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
+
+
+def _read_all(samples: Sequence[ImageSample]) -> Iterator[tuple[ImageSample, bytes | Exception]]:
+    """Read each sample once; every tar shard is opened once, not once per member."""
+    by_shard: dict[Any, list[ImageSample]] = {}
+    for s in samples:
+        by_shard.setdefault(s.path if s.member else None, []).append(s)
+    for shard, group in by_shard.items():
+        if shard is None:
+            for s in group:
+                try:
+                    yield s, s.read()
+                except OSError as e:
+                    yield s, e
+            continue
+        try:
+            with tarfile.open(shard) as tar:
+                for s in group:
+                    try:
+                        f = tar.extractfile(s.member)  # type: ignore[arg-type]
+                        yield s, f.read() if f is not None else OSError("not a regular file")
+                    except (KeyError, OSError, tarfile.TarError) as e:
+                        yield s, e
+        except (OSError, tarfile.TarError) as e:
+            for s in group:
+                yield s, e
+
+
+def _split_sizes(n_found: int, calibration: int, held_out: int, min_calibration: int, kind: str) -> None:
+    if n_found < held_out + min_calibration:
+        raise CalibrationError(
+            f"found {n_found} usable {kind}, need at least {held_out + min_calibration} "
+            f"({held_out} held out for the accuracy gate + {min_calibration} to calibrate); "
+            "pass more data, or lower --holdout / --min-samples"
+        )
+
+
+def image_set(
+    samples: Sequence[ImageSample],
+    preprocess: Callable[[list[Any]], np.ndarray],
+    *,
+    calibration: int,
+    held_out: int,
+    seed: int,
+    min_calibration: int,
+) -> SampleSet:
+    """Shuffle with ``seed``, read until both sets are full, skipping what cannot be decoded."""
+    from clipdeploy.runtime.preprocess import load_image
+
+    _split_sizes(len(samples), calibration, held_out, min_calibration, "images")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    wanted = held_out + calibration
+    # Read a little more than needed in one pass, so a few unreadable files do not cost a second pass.
+    picked = [samples[i] for i in order[: min(len(samples), wanted + max(8, wanted // 10))]]
+    rest = [samples[i] for i in order[len(picked) :]]
+    pixels: list[np.ndarray] = []
+    digests: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    bar = _progress(wanted, "reading calibration images")
+    for batch in (picked, rest):
+        for sample, data in _read_all(batch):
+            if len(pixels) >= wanted:
+                break
+            if isinstance(data, Exception):
+                skipped.append((sample.label, f"{type(data).__name__}: {data}"))
+                continue
+            try:
+                pixels.append(preprocess([load_image(data, label=sample.label)])[0])
+            except InputError as e:
+                skipped.append((sample.label, str(e)))
+                continue
+            digests.append(hashlib.sha256(data).hexdigest())
+            if bar is not None:
+                bar.update(1)
+        if len(pixels) >= wanted:
+            break
+    if bar is not None:
+        bar.close()
+    if skipped:
+        log.warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0][0])
+    usable = len(pixels)
+    if usable < held_out + min_calibration:
+        raise CalibrationError(
+            f"found {usable} usable images of {len(samples)} ({len(skipped)} unreadable), need at least "
+            f"{held_out + min_calibration} ({held_out} held out + {min_calibration} to calibrate); pass more data"
+        )
+    stack = np.stack(pixels).astype(np.float32, copy=False)
+    fingerprint = hashlib.sha256("\n".join(digests[held_out:]).encode()).hexdigest()
+    return SampleSet(stack[held_out:], stack[:held_out], len(samples), usable, skipped, fingerprint)
+
+
+def text_set(
+    texts: Sequence[str],
+    tokenize: Callable[[list[str]], np.ndarray],
+    *,
+    calibration: int,
+    held_out: int,
+    seed: int,
+    min_calibration: int,
+) -> SampleSet:
+    unique = list(dict.fromkeys(texts))  # duplicates would leak held-out captions into calibration
+    _split_sizes(len(unique), calibration, held_out, min_calibration, "captions")
+    order = np.random.default_rng(seed).permutation(len(unique))[: held_out + calibration]
+    chosen = [unique[i] for i in order]
+    ids = tokenize(chosen)
+    fingerprint = hashlib.sha256("\n".join(chosen[held_out:]).encode()).hexdigest()
+    return SampleSet(ids[held_out:], ids[:held_out], len(texts), len(chosen), [], fingerprint)

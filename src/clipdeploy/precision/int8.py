@@ -1,0 +1,223 @@
+"""int8 explicit quantization: TensorRT-compatible QuantizeLinear/DequantizeLinear pairs in the graph.
+
+Symmetric int8, zero-point 0, per-channel weights on the output-channel axis, activations calibrated
+on real data; no bias quantization and no Q/DQ on outputs. Only the inputs of MatMul, Gemm and Conv
+are quantized, so Softmax and LayerNorm stay unquantized. ``int8-fp16`` then converts what is left
+to fp16, with fp16 scales (opset 19) so each DequantizeLinear feeds its fp16 consumer directly, the
+form TensorRT's strongly typed builder fuses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdeploy.precision import graph
+
+log = logging.getLogger(__name__)
+
+OPS_TO_QUANTIZE = ("MatMul", "Gemm", "Conv")
+METHODS = ("minmax", "entropy", "percentile")
+QDQ_OPTIONS = {
+    "ActivationSymmetric": True,
+    "WeightSymmetric": True,
+    "QuantizeBias": False,
+    "AddQDQPairToWeight": True,
+    "DedicatedQDQPair": False,
+    "QDQDisableWeightAdjustForInt32Bias": True,
+    # ONNX Runtime also quantizes these ops' outputs by default; TensorRT wants Q/DQ on inputs only.
+    "OpTypesToExcludeOutputQuantization": list(OPS_TO_QUANTIZE),
+}
+FP16_SCALE_OPSET = 19  # QuantizeLinear/DequantizeLinear take fp16 scales from opset 19 on
+
+
+def prepare(src: Path, dst: Path) -> None:
+    """ONNX Runtime's recommended pre-pass: shape inference and basic graph optimizations."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    model = graph.load(dst)
+    drop_unused_opsets(model)
+    graph.save(model, dst)
+
+
+def drop_unused_opsets(model: Any) -> None:
+    """The optimizer declares every ONNX Runtime domain; keep the ones nodes use, for other parsers."""
+    used = {n.domain or "" for n in model.graph.node} | {""}
+    kept = [o for o in model.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def quantizable_nodes(model: Any) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in OPS_TO_QUANTIZE]
+
+
+class _FeedReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+        self._i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self._feeds):
+            return None
+        self._i += 1
+        return self._feeds[self._i - 1]
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+def quantize(
+    prepared: Path,
+    dst: Path,
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    method: str,
+    cache: Path,
+    exclude: Sequence[str] = (),
+) -> None:
+    """Write the int8 Q/DQ model. Activation ranges come from ``cache`` when it exists, else from
+    calibrating on ``feeds`` (and are then saved there), so recovery rounds calibrate once."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate_method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
+    large = prepared.stat().st_size > graph.EXTERNAL_DATA_THRESHOLD
+    quantize_static(
+        str(prepared),
+        str(dst),
+        _FeedReader(feeds),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(OPS_TO_QUANTIZE),
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude),
+        calibrate_method=calibrate_method,
+        use_external_data_format=large,
+        extra_options=dict(QDQ_OPTIONS),
+        calibration_cache_path=str(cache),
+    )
+
+
+# ---- int8 with fp16 elsewhere -----------------------------------------------------------------
+
+
+def _to_fp16_initializer(model: Any, name: str) -> None:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name and init.data_type == 1:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), name))
+            return
+
+
+def fold_qdq_into_fp16(model: Any) -> Any:
+    """After the fp16 pass (with Q/DQ kept in fp32), make every Q/DQ fp16-typed and drop the Casts
+    the pass put around them, so DequantizeLinear outputs feed fp16 MatMul/Conv directly."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    initializers = {i.name for i in g.initializer}
+    fp32_tensors = _fp32_tensor_names(model)
+    new_nodes: list[Any] = []
+    removed: set[int] = set()
+    counter = 0
+
+    def cast(src: str, to: int) -> str:
+        nonlocal counter
+        counter += 1
+        out = f"{src}_qdq_cast{counter}"
+        new_nodes.append(helper.make_node("Cast", [src], [out], to=to, name=f"qdq_cast_{counter}"))
+        return out
+
+    for node in list(g.node):
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for scale in node.input[1:2]:
+            _to_fp16_initializer(model, scale)
+        if node.op_type == "QuantizeLinear":
+            x = node.input[0]
+            src = producers.get(x)
+            if x in initializers:
+                _to_fp16_initializer(model, x)
+            elif src is not None and src.op_type == "Cast" and src.input[0] not in fp32_tensors:
+                node.input[0] = src.input[0]  # bypass the fp16->fp32 Cast the pass inserted
+                if all(c is node for c in consumers.get(x, [])):
+                    removed.add(id(src))
+            elif x in fp32_tensors:
+                node.input[0] = cast(x, TensorProto.FLOAT16)
+        else:
+            y = node.output[0]
+            for c in consumers.get(y, []):
+                if c.op_type == "Cast" and c.attribute[0].i == TensorProto.FLOAT16:
+                    # Its consumers read the DequantizeLinear output directly.
+                    for cc in consumers.get(c.output[0], []):
+                        for k, name in enumerate(cc.input):
+                            if name == c.output[0]:
+                                cc.input[k] = y
+                    removed.add(id(c))
+                elif c.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                    fp32_view = cast(y, TensorProto.FLOAT)
+                    for k, name in enumerate(c.input):
+                        if name == y:
+                            c.input[k] = fp32_view
+    kept = [n for n in g.node if id(n) not in removed]
+    del g.node[:]
+    g.node.extend(kept + new_nodes)
+    _topological_sort(g)
+    del g.value_info[:]  # types changed; let the consumers re-infer them
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < FP16_SCALE_OPSET:
+            opset.version = FP16_SCALE_OPSET
+    return model
+
+
+def _fp32_tensor_names(model: Any) -> set[str]:
+    """Tensors typed float32 after the fp16 pass, from its own type records (re-inferring would clash
+    with the types it already wrote)."""
+    from onnx import TensorProto
+
+    g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    for n in g.node:
+        if n.op_type == "Cast":
+            types[n.output[0]] = next(a.i for a in n.attribute if a.name == "to")
+    return {name for name, t in types.items() if t == TensorProto.FLOAT}
+
+
+def _topological_sort(g: Any) -> None:
+    available = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending = list(g.node)
+    ordered = []
+    while pending:
+        progressed = []
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                progressed.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if not progressed:
+            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name}")
+        ordered += progressed
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)

@@ -1,0 +1,338 @@
+"""The `quantize` stage: fp32 ONNX towers → fp16 / int8 / int8-fp16 variants, each gated on held-out data.
+
+A variant that misses its gate is refused: no accepted variant is written, the figures are printed
+and recorded, and the command fails. int8 first tries to recover by itself, within a bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdeploy.calibration import dataset, sources
+from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
+from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
+from clipdeploy.precision import fp16, gate, int8, recovery
+from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
+
+log = logging.getLogger(__name__)
+
+QUANT_PRECISIONS = ("fp16", "int8", "int8-fp16")
+CALIB_BATCH = 8
+RANGE_SAMPLES = 64  # calibration samples the fp16 pass observes for value ranges
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything `clipdeploy quantize` takes. CLI, YAML and API all resolve through this."""
+
+    artifact: Path  # the artifact directory, made by `clipdeploy export`
+    precision: str  # fp16, int8 or int8-fp16
+    calib_images: list[Path] = field(default_factory=list)  # folders or .tar shards of real images
+    calib_texts: Path | None = None  # one caption per line; default: ImageNet classes x templates
+    method: str = "minmax"  # int8 activation calibration: minmax, entropy or percentile
+    samples: int = 300  # calibration samples per tower
+    holdout: int = 64  # held-out samples per tower for the gate, disjoint from calibration
+    min_samples: int = 32  # fewest calibration samples accepted
+    seed: int = 0  # picks the samples
+    gate_prompts: Path | None = None  # class prompts for top-1 agreement; default ImageNet "a photo of a {}."
+    min_cosine: float | None = None  # gate thresholds; None takes the precision's default
+    min_mean_cosine: float | None = None
+    min_top1: float | None = None
+    recover: bool = True  # int8: keep the most sensitive nodes in higher precision until the gate passes
+    max_fp32_fraction: float = 0.10  # recovery keeps at most this fraction of quantizable nodes unquantized
+    max_rounds: int = 5  # recovery rounds at most
+    threads: int | None = None  # ONNX Runtime threads for calibration and the gate
+    force: bool = False  # replace an existing variant of this precision
+
+    def thresholds(self) -> GateThresholds:
+        base = DEFAULT_THRESHOLDS[self.precision]
+        return GateThresholds(
+            min_cosine=self.min_cosine if self.min_cosine is not None else base.min_cosine,
+            min_mean_cosine=self.min_mean_cosine if self.min_mean_cosine is not None else base.min_mean_cosine,
+            min_top1=self.min_top1 if self.min_top1 is not None else base.min_top1,
+        )
+
+    def check(self) -> None:
+        if self.precision not in QUANT_PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(QUANT_PRECISIONS)}")
+        if self.method not in int8.METHODS:
+            raise UsageError(f"--method {self.method!r} is not one of {', '.join(int8.METHODS)}")
+        for name in ("samples", "holdout", "min_samples"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 1 or more")
+        if self.samples < self.min_samples:
+            raise UsageError(f"--samples {self.samples} is below --min-samples {self.min_samples}")
+        if not 0 <= self.max_fp32_fraction <= 1:
+            raise UsageError(f"--max-fp32-fraction {self.max_fp32_fraction} must be between 0 and 1")
+
+
+def _batches(x: np.ndarray, name: str, size: int = CALIB_BATCH) -> list[dict[str, np.ndarray]]:
+    return [{name: x[i : i + size]} for i in range(0, len(x), size)]
+
+
+def _ort_version() -> str:
+    try:
+        return metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        return metadata.version("onnxruntime-gpu")
+
+
+def _cache_path(root: Path, tower: str, fp32_sha: str, method: str, fingerprint: str) -> Path:
+    key = hashlib.sha256(f"{fp32_sha}|{method}|{fingerprint}|{_ort_version()}".encode()).hexdigest()[:20]
+    return root / "calibration" / f"{tower}.{method}.{key}.json"
+
+
+class _Stage:
+    """One run of the stage; holds the data so that recovery rounds reuse it."""
+
+    def __init__(self, cfg: QuantizeConfig) -> None:
+        from clipdeploy.runtime.session import load
+
+        self.cfg = cfg
+        self.root = Path(cfg.artifact)
+        self.manifest = read_manifest(self.root)
+        existing = [v for v in variants(self.manifest) if v.precision == cfg.precision and v.format == "onnx"]
+        if existing and not cfg.force:
+            raise UsageError(
+                f"{self.root} already has a {cfg.precision} variant ({existing[0].file}); pass --force to replace it"
+            )
+        self.session = load(self.root, backend="onnxruntime", precision="fp32", intra_op_num_threads=cfg.threads)
+        self.towers = list(self.session.variants)
+        self.fp32 = self.session.variants
+        self.options = self.session.runners[self.towers[0]].options  # same settings for every model we run
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def load_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.calib_images:
+            raise CalibrationError(
+                "quantize needs real images to calibrate and gate on: pass --calib-images FOLDER or SHARD.tar "
+                "(a few hundred photos of the kind you will embed)"
+            )
+        self.images = dataset.image_set(
+            sources.list_images(cfg.calib_images), self.session.preprocess,
+            calibration=cfg.samples, held_out=cfg.holdout, seed=cfg.seed, min_calibration=cfg.min_samples,
+        )
+        texts = sources.read_texts(cfg.calib_texts) if cfg.calib_texts else sources.builtin_texts()
+        self.texts = dataset.text_set(
+            texts, self.session.tokenize,
+            calibration=cfg.samples, held_out=cfg.holdout, seed=cfg.seed, min_calibration=cfg.min_samples,
+        )
+        prompts = sources.read_texts(cfg.gate_prompts) if cfg.gate_prompts else sources.imagenet_prompts()
+        if len(prompts) < 2:
+            raise CalibrationError(f"--gate-prompts has {len(prompts)} prompt; top-1 needs at least 2 classes")
+        self.prompt_ids = self.session.tokenize(prompts)
+        self.prompt_source = str(cfg.gate_prompts) if cfg.gate_prompts else "imagenet-1k 'a photo of a {}.'"
+        self.sets = {"image": self.images, "text": self.texts}
+        self.held_out = {t: self.sets[t].held_out for t in self.towers}
+        runners = self.session.runners
+        self.reference = Reference(
+            image=gate.run(runners["image"], self.images.held_out),
+            text=gate.run(runners["text"], self.texts.held_out),
+            prompts=gate.run(runners["text"], self.prompt_ids),
+        )
+        self.enforce_top1 = self.manifest["model"].get("random_init_seed") is None
+
+    def feeds(self, tower: str, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+        runner = self.session.runners[tower]
+        x = self.sets[tower].calibration[:limit]
+        return _batches(x, runner.inputs[0].name)
+
+    # ---- building ----------------------------------------------------------------------------
+
+    def prepared(self, tower: str, work: Path) -> Path:
+        path = work / f"{tower}.prepared.onnx"
+        if not path.exists():
+            int8.prepare(self.root / self.fp32[tower].file, path)
+        return path
+
+    def build(self, tower: str, work: Path, exclude: list[str], suffix: str = "") -> tuple[Path, dict[str, Any]]:
+        cfg = self.cfg
+        src = self.root / self.fp32[tower].file
+        out = work / f"{tower}.{cfg.precision}{suffix}.onnx"
+        for stale in work.glob(out.name + "*"):
+            stale.unlink()
+        info: dict[str, Any] = {}
+        if cfg.precision == "fp16":
+            info["fp16"] = fp16.convert(src, out, self.feeds(tower, RANGE_SAMPLES))
+            return out, info
+        prepared = self.prepared(tower, work)
+        cache = _cache_path(self.root, tower, self.fp32[tower].sha256, cfg.method, self.sets[tower].fingerprint)
+        cache.parent.mkdir(exist_ok=True)
+        info["calibration_cache"] = {"file": cache.relative_to(self.root).as_posix(), "reused": cache.exists()}
+        qdq = out if cfg.precision == "int8" else work / f"{tower}.qdq{suffix}.onnx"
+        int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=cache, exclude=exclude)
+        if cfg.precision == "int8-fp16":
+            keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
+            tmp = work / f"{tower}.fp16pass{suffix}.onnx"
+            info["fp16"] = fp16.convert(qdq, tmp, self.feeds(tower, RANGE_SAMPLES), keep_fp32_ops=keep)
+            from clipdeploy.precision import graph
+
+            graph.save(int8.fold_qdq_into_fp16(graph.load(tmp)), out)
+        return out, info
+
+    def runner(self, path: Path) -> Any:
+        from clipdeploy.runtime.backends.onnxruntime import OrtRunner
+
+        return OrtRunner(path, self.options)
+
+    def evaluate(self, paths: dict[str, Path]) -> dict[str, Any]:
+        runners = {t: self.runner(p) for t, p in paths.items()}
+        return gate.evaluate(
+            self.reference, runners, self.held_out, self.prompt_ids, self.cfg.thresholds(),
+            enforce_top1=self.enforce_top1,
+        )
+
+    def latency(self, path: Path, tower: str, iters: int = 5) -> float:
+        """Median seconds of one held-out batch of 8, for the recovery's speed report."""
+        runner = self.runner(path)
+        x = self.held_out[tower][:CALIB_BATCH]
+        feed = {runner.inputs[0].name: x}
+        runner.infer(feed)
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            runner.infer(feed)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    # ---- recovery ----------------------------------------------------------------------------
+
+    def recover(self, work: Path, paths: dict[str, Path], report: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
+        cfg = self.cfg
+        failing = [t for t in self.towers if any(f.startswith(t) for f in report["failures"])]
+        if not failing or any(f.startswith("top-1") for f in report["failures"]):
+            failing = sorted(set(failing) | set(self.towers))
+        ranked: dict[str, list[tuple[str, float]]] = {}
+        bounds: dict[str, int] = {}
+        for tower in failing:
+            qdq = paths[tower] if cfg.precision == "int8" else work / f"{tower}.qdq.onnx"
+            ranked[tower] = recovery.rank_nodes(qdq, self.prepared(tower, work), self.feeds(tower, 2 * CALIB_BATCH))
+            from clipdeploy.precision import graph
+
+            bounds[tower] = recovery.bound_for(len(int8.quantizable_nodes(graph.load(self.prepared(tower, work)))),
+                                               cfg.max_fp32_fraction)
+        rounds: list[dict[str, Any]] = []
+        steps = recovery.schedule(max(bounds.values(), default=0), cfg.max_rounds)
+        for k in steps:
+            current = dict(paths)
+            for tower in failing:
+                keep = [name for name, _ in ranked[tower][: min(k, bounds[tower])]]
+                current[tower], _ = self.build(tower, work, keep, suffix=f".r{k}")
+            result = self.evaluate(current)
+            rounds.append({
+                "kept_per_tower": {t: min(k, bounds[t]) for t in failing},
+                "passed": result["passed"],
+                "failures": result["failures"],
+                **{t: result[t] for t in self.towers},
+                **({"top1_agreement": result["top1_agreement"]} if "top1_agreement" in result else {}),
+            })
+            log.info("recovery round keeping %d nodes: %s", k, "pass" if result["passed"] else result["failures"])
+            if result["passed"]:
+                kept = {t: recovery.describe(ranked[t], min(k, bounds[t])) for t in failing}
+                speed = {
+                    t: {"plain_int8_s": self.latency(paths[t], t), "recovered_s": self.latency(current[t], t)}
+                    for t in failing
+                }
+                for s in speed.values():
+                    s["slowdown"] = s["recovered_s"] / s["plain_int8_s"]
+                info = {"rounds": rounds, "kept_in_higher_precision": kept,
+                        "quantizable_nodes_bound": bounds, "speed_cost_batch8": speed}
+                return current, {**result, "recovery": info}
+        info = {"rounds": rounds, "quantizable_nodes_bound": bounds,
+                "exhausted": f"the gate still fails with up to {max(bounds.values(), default=0)} nodes "
+                f"({cfg.max_fp32_fraction:.0%} of quantizable) kept in higher precision"}
+        return paths, {**report, "recovery": info}
+
+    # ---- the whole stage ---------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.load_data()
+        work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=self.root))
+        try:
+            paths, infos = {}, {}
+            for tower in self.towers:
+                paths[tower], infos[tower] = self.build(tower, work, [])
+            report = self.evaluate(paths)
+            if not report["passed"] and cfg.precision != "fp16" and cfg.recover:
+                log.warning("%s misses its gate (%s); trying recovery", cfg.precision, "; ".join(report["failures"]))
+                paths, report = self.recover(work, paths, report)
+            report.update({
+                "reference": "fp32 onnx on onnxruntime CPU",
+                "method": cfg.method if cfg.precision != "fp16" else None,
+                "data": {"image": self.images.report(), "text": self.texts.report(), "seed": cfg.seed,
+                         "gate_prompts": self.prompt_source},
+                "build": infos,
+                "seconds": round(time.perf_counter() - start, 1),
+            })
+            self.record(work, paths, report)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if not report["passed"]:
+            raise AccuracyError(f"{cfg.precision} gate failed: " + "; ".join(report["failures"]), report=report)
+        return report
+
+    def record(self, work: Path, paths: dict[str, Path], report: dict[str, Any]) -> None:
+        """Move accepted files into the artifact and update the manifest; a failed gate records figures only."""
+        cfg = self.cfg
+        manifest = read_manifest(self.root)  # re-read: keep whatever another stage wrote meanwhile
+        manifest.setdefault("validation", {}).setdefault("quantize", {})[cfg.precision] = report
+        if report["passed"]:
+            entries = []
+            for tower, path in paths.items():
+                final = self.root / f"{tower}.{cfg.precision}.onnx"
+                side = sorted(p for p in path.parent.glob(path.name + ".data"))
+                moved_side = []
+                for p in side:
+                    target = self.root / (final.name + ".data")
+                    os.replace(p, target)
+                    moved_side.append(target)
+                os.replace(path, final)
+                entries.append({
+                    "tower": tower,
+                    "precision": cfg.precision,
+                    "format": "onnx",
+                    "file": final.name,
+                    "sha256": file_sha256(final),
+                    "bytes": final.stat().st_size + sum(p.stat().st_size for p in moved_side),
+                    "external_data": [{"file": p.name, "sha256": file_sha256(p)} for p in moved_side],
+                    "opset": _opset(final),
+                    "source": self.fp32[tower].file,
+                    "validation": {
+                        "reference": "fp32",
+                        "passed": True,
+                        **report[tower],
+                        **({"top1_agreement": report["top1_agreement"]} if "top1_agreement" in report else {}),
+                    },
+                })
+            manifest["variants"] = [
+                v for v in manifest["variants"] if not (v["precision"] == cfg.precision and v["format"] == "onnx")
+            ] + entries
+        write_manifest(self.root, manifest)
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def quantize(cfg: QuantizeConfig) -> dict[str, Any]:
+    """Make and gate the ``cfg.precision`` variant of both towers; returns the gate report."""
+    cfg.check()
+    return _Stage(cfg).run()

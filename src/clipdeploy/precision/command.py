@@ -50,7 +50,7 @@ def format_report(precision: str, report: dict[str, Any]) -> str:
     if rec and "kept_in_higher_precision" in rec:
         for tower, nodes in rec["kept_in_higher_precision"].items():
             speed = rec["speed_cost_batch8"][tower]["slowdown"]
-            names = ", ".join(n["node"] for n in nodes)
+            names = ", ".join(n["module"] or n["node"] for n in nodes)
             lines.append(f"  recovery kept {len(nodes)} {tower} node(s) unquantized ({names}); "
                          f"{speed:.2f}x the plain int8 latency at batch 8")
     elif rec:

@@ -60,6 +60,15 @@ def convert(
         node_block_list=kept,
         disable_shape_infer=not graph._fits(proto),
     )
+    # The converter records fp16 types for initializers it left in fp32 (LayerNorm's weights, say);
+    # an initializer carries its own type, so drop those records. The other records stay: without
+    # them ONNX Runtime 1.32's full optimization level crashes on some fp16 graphs.
+    initializers = {i.name for i in converted.graph.initializer}
+    records = [vi for vi in converted.graph.value_info if vi.name not in initializers]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(records)
+    graph.drop_fp16_round_trips(converted)
+    graph.toposort(converted.graph)  # the converter appends its Casts at the end
     side = graph.save(converted, dst)
     peak = max((v for v in ranges.values() if np.isfinite(v)), default=0.0)
     return {

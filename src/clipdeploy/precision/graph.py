@@ -45,6 +45,14 @@ def _fits(model: Any) -> bool:
         return False
 
 
+def check(path: Path) -> None:
+    """Full ONNX check, type inference included: a variant must be a valid model, not one only
+    ONNX Runtime tolerates."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
 def float_tensors(model: Any) -> dict[str, int]:
     """Every float tensor a node produces, with its element type, from ONNX shape inference."""
     import onnx
@@ -92,3 +100,73 @@ def abs_max(model_path: Path, feeds: Iterable[dict[str, np.ndarray]]) -> dict[st
             if v.dtype.kind == "f" and v.size:
                 result[name] = max(result.get(name, 0.0), float(np.nanmax(np.abs(v))))
     return result
+
+
+def fp32_tensors(model: Any) -> set[str]:
+    """Tensors typed float32, from the model's own type records and Cast targets (re-inferring types
+    can clash with the records a converter already wrote)."""
+    from onnx import TensorProto
+
+    g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    for n in g.node:
+        if n.op_type == "Cast":
+            types[n.output[0]] = next(a.i for a in n.attribute if a.name == "to")
+    return {name for name, t in types.items() if t == TensorProto.FLOAT}
+
+
+def drop_fp16_round_trips(model: Any) -> int:
+    """Remove Cast(fp32→fp16)→Cast(fp16→fp32) chains, so that fp32 values pass between two nodes kept
+    in fp32 without being squeezed through fp16 on the way (which overflows past 65504)."""
+    from onnx import TensorProto
+
+    g = model.graph
+    fp32 = fp32_tensors(model)
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def to(n: Any) -> int:
+        return next(a.i for a in n.attribute if a.name == "to")
+
+    outputs = {o.name for o in g.output}
+    removed: set[int] = set()
+    for down in g.node:
+        if down.op_type != "Cast" or to(down) != TensorProto.FLOAT16 or down.input[0] not in fp32:
+            continue
+        for up in consumers.get(down.output[0], []):
+            # A graph output keeps its name, so a chain that ends in one stays.
+            if up.op_type == "Cast" and to(up) == TensorProto.FLOAT and up.output[0] not in outputs:
+                for c in consumers.get(up.output[0], []):
+                    c.input[:] = [down.input[0] if i == up.output[0] else i for i in c.input]
+                removed.add(id(up))
+        if down.output[0] not in outputs and all(id(c) in removed for c in consumers.get(down.output[0], [])):
+            removed.add(id(down))
+    kept = [n for n in g.node if id(n) not in removed]
+    del g.node[:]
+    g.node.extend(kept)
+    return len(removed)
+
+
+def toposort(g: Any) -> None:
+    """Order nodes so each comes after the producers of its inputs, as the ONNX spec requires."""
+    available = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending = list(g.node)
+    ordered = []
+    while pending:
+        progressed = []
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                progressed.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if not progressed:
+            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name}")
+        ordered += progressed
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)

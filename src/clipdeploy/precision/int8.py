@@ -134,7 +134,7 @@ def fold_qdq_into_fp16(model: Any) -> Any:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     initializers = {i.name for i in g.initializer}
-    fp32_tensors = _fp32_tensor_names(model)
+    fp32_tensors = graph.fp32_tensors(model)
     new_nodes: list[Any] = []
     removed: set[int] = set()
     counter = 0
@@ -180,44 +180,9 @@ def fold_qdq_into_fp16(model: Any) -> Any:
     kept = [n for n in g.node if id(n) not in removed]
     del g.node[:]
     g.node.extend(kept + new_nodes)
-    _topological_sort(g)
+    graph.toposort(g)
     del g.value_info[:]  # types changed; let the consumers re-infer them
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version < FP16_SCALE_OPSET:
             opset.version = FP16_SCALE_OPSET
     return model
-
-
-def _fp32_tensor_names(model: Any) -> set[str]:
-    """Tensors typed float32 after the fp16 pass, from its own type records (re-inferring would clash
-    with the types it already wrote)."""
-    from onnx import TensorProto
-
-    g = model.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
-    types.update({i.name: i.data_type for i in g.initializer})
-    for n in g.node:
-        if n.op_type == "Cast":
-            types[n.output[0]] = next(a.i for a in n.attribute if a.name == "to")
-    return {name for name, t in types.items() if t == TensorProto.FLOAT}
-
-
-def _topological_sort(g: Any) -> None:
-    available = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    pending = list(g.node)
-    ordered = []
-    while pending:
-        progressed = []
-        rest = []
-        for n in pending:
-            if all(i in available for i in n.input):
-                progressed.append(n)
-                available.update(n.output)
-            else:
-                rest.append(n)
-        if not progressed:
-            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name}")
-        ordered += progressed
-        pending = rest
-    del g.node[:]
-    g.node.extend(ordered)

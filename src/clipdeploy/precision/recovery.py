@@ -1,16 +1,18 @@
 """Per-node int8 sensitivity, for the automatic recovery of a variant that misses its gate.
 
-A node's sensitivity is the relative error that quantizing its inputs introduces, measured on real
-calibration activations with the very scales the Q/DQ model uses: for activations
-``||x - dq(q(x))|| / ||x||`` with the per-tensor scale, for weights the same with the per-channel
-scales. Outlier channels in an activation, the classic int8 failure of trained transformers, blow
-up exactly this figure for the nodes that read them.
+A node's sensitivity is the relative error that quantizing its inputs causes in its own output,
+``||node(x, W) - node(q(x), q(W))|| / ||node(x, W)||``, measured on real calibration activations with
+the very scales the Q/DQ model uses. Each node runs alone, as a one-node ONNX model, so the measure
+works for any op (MatMul, Gemm, Conv) and ignores the error that reaches it from upstream.
+Outlier channels, the classic int8 failure of trained transformers, blow this figure up for exactly
+the nodes that read them: the per-tensor scale spans the outliers and crushes every other channel.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,59 +28,99 @@ def _fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarra
         shape = [1] * x.ndim
         shape[axis] = -1
         s = s.reshape(shape)
-    return np.clip(np.round(x / s), -128, 127) * s
+    return (np.clip(np.round(x / s), -128, 127) * s).astype(x.dtype)
 
 
-def _rel_err(x: np.ndarray, scale: np.ndarray, axis: int | None) -> float:
-    x = x.astype(np.float64)
-    norm = np.linalg.norm(x)
-    return float(np.linalg.norm(x - _fake_quant(x, scale, axis)) / norm) if norm > 0 else 0.0
+@dataclass
+class _QuantizedInput:
+    index: int  # position among the node's inputs
+    source: str  # the fp32 tensor the QuantizeLinear reads
+    scale: np.ndarray
+    axis: int | None
+    constant: bool  # a weight (initializer) rather than an activation
+
+
+def _quantized_nodes(model: Any) -> dict[str, tuple[Any, list[_QuantizedInput]]]:
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type not in OPS_TO_QUANTIZE:
+            continue
+        inputs = []
+        for k, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            axis = next((a.i for a in q.attribute if a.name == "axis"), None)
+            scale = numpy_helper.to_array(inits[q.input[1]])
+            inputs.append(_QuantizedInput(k, q.input[0], scale, axis if scale.size > 1 else None, q.input[0] in inits))
+        if inputs:
+            found[node.name] = (node, inputs)
+    return found
+
+
+def _single_node_model(node: Any, original: dict[str, Any], tensors: list[str]) -> bytes:
+    """``node`` alone, reading its activations as graph inputs and its constants as initializers."""
+    from onnx import helper
+
+    inputs = [helper.make_tensor_value_info(t, 1, None) for t in tensors]
+    inits = [original[name] for name in node.input if name in original]
+    copy = helper.make_node(node.op_type, list(node.input), ["y"], name=node.name)
+    copy.attribute.extend(node.attribute)
+    out = helper.make_tensor_value_info("y", 1, None)
+    g = helper.make_graph([copy], "single", inputs, [out], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model.SerializeToString()
 
 
 def rank_nodes(qdq_path: Path, fp32_path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
     """Quantized nodes of ``qdq_path``, most sensitive first, with their scores."""
+    import onnxruntime as ort
     from onnx import numpy_helper
 
-    model = graph.load(qdq_path)
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-
-    def array(name: str) -> np.ndarray:
-        return numpy_helper.to_array(inits[name])
-
-    weights: dict[str, float] = {}
-    activations: dict[str, list[tuple[str, np.ndarray]]] = {}  # tensor -> [(node, scale)]
-    for node in model.graph.node:
-        if node.op_type not in OPS_TO_QUANTIZE:
+    qdq = graph.load(qdq_path)
+    nodes = _quantized_nodes(qdq)
+    del qdq
+    fp32 = graph.load(fp32_path)
+    original = {i.name: i for i in fp32.graph.initializer}
+    fp32_nodes = {n.name: n for n in fp32.graph.node}
+    del fp32
+    wanted = sorted({qi.source for _, qis in nodes.values() for qi in qis if not qi.constant} |
+                    {i for name in nodes for i in fp32_nodes[name].input if i and i not in original})
+    observed: list[dict[str, np.ndarray]] = list(graph.observe(fp32_path, wanted, feeds))
+    scores: dict[str, float] = {}
+    for name, (_, qinputs) in nodes.items():
+        node = fp32_nodes.get(name)
+        if node is None:
             continue
-        for inp in node.input:
-            dq = producers.get(inp)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producers.get(dq.input[0])
-            axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
-            if q is None and dq.input[0] in inits:  # int8 weights stored directly
-                continue
-            if q is None or q.op_type != "QuantizeLinear":
-                continue
-            source, scale = q.input[0], array(q.input[1])
-            if source in inits:
-                w_err = _rel_err(array(source), scale, axis if axis is not None else 1)
-                weights[node.name] = weights.get(node.name, 0.0) + w_err
-            else:
-                activations.setdefault(source, []).append((node.name, scale))
-    del model
-    scores = dict(weights)
-    sums: dict[str, float] = {}
-    count = 0
-    for values in graph.observe(fp32_path, list(activations), feeds):
-        count += 1
-        for tensor, users in activations.items():
-            x = values[tensor]
-            for node_name, scale in users:
-                sums[node_name] = sums.get(node_name, 0.0) + _rel_err(x, scale, None)
-    for node_name, total in sums.items():
-        scores[node_name] = scores.get(node_name, 0.0) + total / max(count, 1)
+        activations = list(dict.fromkeys(i for i in node.input if i and i not in original))
+        session = ort.InferenceSession(_single_node_model(node, original, activations),
+                                       providers=["CPUExecutionProvider"])
+        quant = {qi.index: qi for qi in qinputs}
+        weights = {
+            node.input[k]: _fake_quant(numpy_helper.to_array(original[node.input[k]]), qi.scale, qi.axis)
+            for k, qi in quant.items() if qi.constant
+        }
+        fake = _single_node_model(node, {**original, **{k: numpy_helper.from_array(v, k) for k, v in weights.items()}},
+                                  activations)
+        fake_session = ort.InferenceSession(fake, providers=["CPUExecutionProvider"])
+        err = ref = 0.0
+        for values in observed:
+            feed = {a: values[a] for a in activations}
+            qfeed = dict(feed)
+            for k, qi in quant.items():
+                if not qi.constant:
+                    qfeed[node.input[k]] = _fake_quant(feed[node.input[k]], qi.scale, qi.axis)
+            (y,) = session.run(None, feed)
+            (yq,) = fake_session.run(None, qfeed)
+            err += float(np.sum((y.astype(np.float64) - yq) ** 2))
+            ref += float(np.sum(y.astype(np.float64) ** 2))
+        scores[name] = math.sqrt(err / ref) if ref > 0 else 0.0
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 
@@ -94,5 +136,27 @@ def bound_for(quantizable: int, fraction: float) -> int:
     return int(math.floor(quantizable * fraction + 1e-9))
 
 
-def describe(ranked: list[tuple[str, float]], kept: int) -> list[dict[str, Any]]:
-    return [{"node": name, "sensitivity": round(score, 6)} for name, score in ranked[:kept]]
+def module_scopes(fp32_path: Path) -> dict[str, str]:
+    """ONNX node name -> the PyTorch module it came from, as the dynamo exporter records it."""
+    import ast
+
+    import onnx
+
+    scopes = {}
+    for n in onnx.load(str(fp32_path), load_external_data=False).graph.node:
+        for prop in n.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                try:
+                    path = ast.literal_eval(prop.value)
+                except (ValueError, SyntaxError):
+                    continue
+                # The deepest module ("model.visual...mlp.c_fc"); the last entry names the op itself.
+                modules = [str(p) for p in path if str(p).startswith("model.")]
+                scopes[n.name] = modules[-1].removeprefix("model.") if modules else ""
+    return scopes
+
+
+def describe(ranked: list[tuple[str, float]], kept: int, scopes: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"node": name, "module": scopes.get(name, ""), "sensitivity": round(score, 6)} for name, score in ranked[:kept]
+    ]

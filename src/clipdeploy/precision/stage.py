@@ -22,7 +22,7 @@ import numpy as np
 from clipdeploy.calibration import dataset, sources
 from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
 from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
-from clipdeploy.precision import fp16, gate, int8, recovery
+from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ class _Stage:
         info: dict[str, Any] = {}
         if cfg.precision == "fp16":
             info["fp16"] = fp16.convert(src, out, self.feeds(tower, RANGE_SAMPLES))
+            graph.check(out)
             return out, info
         prepared = self.prepared(tower, work)
         cache = _cache_path(self.root, tower, self.fp32[tower].sha256, cfg.method, self.sets[tower].fingerprint)
@@ -178,9 +179,8 @@ class _Stage:
             keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
             tmp = work / f"{tower}.fp16pass{suffix}.onnx"
             info["fp16"] = fp16.convert(qdq, tmp, self.feeds(tower, RANGE_SAMPLES), keep_fp32_ops=keep)
-            from clipdeploy.precision import graph
-
             graph.save(int8.fold_qdq_into_fp16(graph.load(tmp)), out)
+        graph.check(out)
         return out, info
 
     def runner(self, path: Path) -> Any:
@@ -220,8 +220,6 @@ class _Stage:
         for tower in failing:
             qdq = paths[tower] if cfg.precision == "int8" else work / f"{tower}.qdq.onnx"
             ranked[tower] = recovery.rank_nodes(qdq, self.prepared(tower, work), self.feeds(tower, 2 * CALIB_BATCH))
-            from clipdeploy.precision import graph
-
             bounds[tower] = recovery.bound_for(len(int8.quantizable_nodes(graph.load(self.prepared(tower, work)))),
                                                cfg.max_fp32_fraction)
         rounds: list[dict[str, Any]] = []
@@ -241,7 +239,10 @@ class _Stage:
             })
             log.info("recovery round keeping %d nodes: %s", k, "pass" if result["passed"] else result["failures"])
             if result["passed"]:
-                kept = {t: recovery.describe(ranked[t], min(k, bounds[t])) for t in failing}
+                kept = {
+                    t: recovery.describe(ranked[t], min(k, bounds[t]), recovery.module_scopes(self.root / self.fp32[t].file))
+                    for t in failing
+                }
                 speed = {
                     t: {"plain_int8_s": self.latency(paths[t], t), "recovered_s": self.latency(current[t], t)}
                     for t in failing

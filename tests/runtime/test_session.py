@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import clipdeploy
-from clipdeploy.errors import ArtifactError, EngineError, InputError, UsageError
+from clipdeploy.errors import ArtifactError, InputError, UsageError
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION
 
 pytest.importorskip("onnxruntime")
@@ -147,7 +147,7 @@ def test_bad_inputs(session, tmp_path):
 def test_unknown_backend_precision_and_options(micro_artifact):
     with pytest.raises(UsageError, match="backend 'onnx'"):
         clipdeploy.load(micro_artifact.path, backend="onnx")
-    with pytest.raises(EngineError, match="TensorRT backend is not in this release"):
+    with pytest.raises(ArtifactError, match="no TensorRT engine of the image tower"):
         clipdeploy.load(micro_artifact.path, backend="tensorrt")
     with pytest.raises(ArtifactError, match=r"no int8 onnx variant of the image tower \(have: fp32\)"):
         clipdeploy.load(micro_artifact.path, precision="int8")

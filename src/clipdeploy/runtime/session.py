@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy.errors import ArtifactError, EngineError, InputError, UsageError
+from clipdeploy.errors import ArtifactError, InputError, UsageError
 from clipdeploy.manifest import (
     PRECISIONS,
     Variant,
@@ -134,15 +134,53 @@ class ClipSession:
         out = np.concatenate(parts).astype(np.float32, copy=False)
         return _l2_normalize(out) if normalize else out
 
-    def encode_pixels(self, pixels: Any, *, normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
-        """float32 NCHW pixels (already preprocessed) to ``[N, D]`` image embeddings."""
+    # ---- torch tensors (TensorRT addition, begin) ---------------------------------------------
+
+    def _run_torch(self, tower: str, x: Any, normalize: bool, batch_size: int | None, return_torch: bool) -> Any:
+        """Torch in and/or out. A CUDA tensor on a runner that reads device memory is never copied to the host."""
+        import torch
+
+        from clipdeploy.runtime.cuda import is_torch_tensor
+
+        runner = self._runners.get(tower)
+        if is_torch_tensor(x) and x.is_cuda and hasattr(runner, "run_torch"):
+            if x.is_floating_point() != (tower == "image"):
+                raise InputError(
+                    f"a {x.dtype} tensor cannot feed the {tower} tower; pass float32 pixels or integer ids"
+                )
+            out = runner.run_torch(x, batch_size).float()
+            out = torch.nn.functional.normalize(out, dim=-1) if normalize else out
+            return out if return_torch else out.cpu().numpy()
+        host = x.detach().cpu().numpy() if is_torch_tensor(x) else x
+        encode = self.encode_pixels if tower == "image" else self.encode_tokens
+        out = encode(host, normalize=normalize, batch_size=batch_size)
+        if not return_torch:
+            return out
+        return torch.from_numpy(out).to(x.device) if is_torch_tensor(x) else torch.from_numpy(out)
+
+    # ---- torch tensors (TensorRT addition, end) -----------------------------------------------
+
+    def encode_pixels(
+        self, pixels: Any, *, normalize: bool = True, batch_size: int | None = None, return_torch: bool = False
+    ) -> Any:
+        """float32 NCHW pixels (already preprocessed) to ``[N, D]`` image embeddings.
+
+        ``pixels`` may be a torch tensor: on the TensorRT backend a CUDA tensor is read in place
+        (zero-copy). ``return_torch=True`` returns a torch tensor, on the input's device.
+        """
+        if return_torch or type(pixels).__module__.startswith("torch"):
+            return self._run_torch("image", pixels, normalize, batch_size, return_torch)
         x = np.asarray(pixels)
         if not np.issubdtype(x.dtype, np.floating):
             raise InputError(f"pixels have dtype {x.dtype}; pass float32 NCHW pixels, e.g. from session.preprocess")
         return self._run("image", np.ascontiguousarray(x, dtype=np.float32), normalize, batch_size)
 
-    def encode_tokens(self, tokens: Any, *, normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
-        """Integer token ids ``[N, L]`` to ``[N, D]`` text embeddings."""
+    def encode_tokens(
+        self, tokens: Any, *, normalize: bool = True, batch_size: int | None = None, return_torch: bool = False
+    ) -> Any:
+        """Integer token ids ``[N, L]`` to ``[N, D]`` text embeddings. Torch tensors as for ``encode_pixels``."""
+        if return_torch or type(tokens).__module__.startswith("torch"):
+            return self._run_torch("text", tokens, normalize, batch_size, return_torch)
         x = np.asarray(tokens)
         if not np.issubdtype(x.dtype, np.integer):
             raise InputError(f"token ids have dtype {x.dtype}; pass integer ids, e.g. from session.tokenize")
@@ -246,31 +284,54 @@ def load(
     intra_op_num_threads: int | None = None,
     inter_op_num_threads: int | None = None,
     graph_optimization_level: str = "all",
+    device: int = 0,
+    cuda_graphs: bool = False,
+    engine_host_code_allowed: bool = False,
 ) -> ClipSession:
     """Open an artifact directory for embedding.
 
     ``precision=None`` picks the fastest variant that passed its gate for the backend, and logs which.
     ``verify`` checks each file's sha256 against the manifest before it is used.
+    ``backend="auto"`` runs TensorRT when the artifact has engines that fit this GPU and TensorRT
+    version and TensorRT and a GPU are present, else ONNX Runtime; it logs which and why.
+    ``device``, ``cuda_graphs`` and ``engine_host_code_allowed`` are TensorRT settings (see ``TrtOptions``).
     """
     from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
 
     if backend not in BACKENDS:
         raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "tensorrt":
-        raise EngineError(
-            "the TensorRT backend is not in this release yet; use backend='onnxruntime' "
-            "(with providers=['CUDAExecutionProvider'] for a GPU)"
-        )
     root = Path(path)
     manifest = read_manifest(root)
+    # ---- TensorRT dispatch (begin) ----
+    if backend in ("tensorrt", "auto"):
+        from clipdeploy.runtime.backends import tensorrt as trt_backend
+
+        trt_options = trt_backend.TrtOptions(
+            device=device, cuda_graphs=cuda_graphs, engine_host_code_allowed=engine_host_code_allowed
+        )
+        if backend == "auto":
+            reason = trt_backend.unavailable_reason(manifest, precision, trt_options, PREFERENCE["tensorrt"])
+            backend = "tensorrt" if reason is None else "onnxruntime"
+            log.info("clipdeploy: backend='auto' chose %s%s", backend, f" ({reason})" if reason else "")
+        if backend == "tensorrt":
+            chosen_trt, runners_trt = trt_backend.load_runners(
+                root, manifest, precision, trt_options, PREFERENCE["tensorrt"], verify=verify
+            )
+            if verify:
+                verify_files(root, sorted(manifest.get("files", {}).items()))
+            session = ClipSession(root, manifest, runners_trt, chosen_trt, "tensorrt")
+            log.info("clipdeploy: loaded %s", session.describe())
+            return session
+    # ---- TensorRT dispatch (end) ----
     options = OrtOptions(
         providers=tuple(providers or ("CPUExecutionProvider",)),
         intra_op_num_threads=intra_op_num_threads,
         inter_op_num_threads=inter_op_num_threads,
         graph_optimization_level=graph_optimization_level,
     )
-    device = "cpu" if options.providers[0] == "CPUExecutionProvider" else "cuda"
-    preference = PREFERENCE[f"onnxruntime-{device}"]
+    first = options.providers[0] if isinstance(options.providers[0], str) else options.providers[0][0]
+    ort_device = "cpu" if first == "CPUExecutionProvider" else "cuda"
+    preference = PREFERENCE[f"onnxruntime-{ort_device}"]
     chosen: dict[str, Variant] = {}
     runners: dict[str, Runner] = {}
     for tower in manifest["towers"]:

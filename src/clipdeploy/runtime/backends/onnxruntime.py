@@ -24,7 +24,8 @@ _OPT_LEVELS = ("disable", "basic", "extended", "all")
 class OrtOptions:
     """ONNX Runtime session settings. CLI, YAML and API all resolve through this."""
 
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # in order of preference
+    # In order of preference; a (name, options dict) pair passes provider options, e.g. a CUDA device_id.
+    providers: tuple[str | tuple[str, dict], ...] = ("CPUExecutionProvider",)
     intra_op_num_threads: int | None = None  # threads inside one op; None lets ONNX Runtime choose
     inter_op_num_threads: int | None = None  # threads across independent ops
     graph_optimization_level: str = "all"  # one of disable, basic, extended, all
@@ -59,7 +60,8 @@ class OrtRunner(Runner):
     def __init__(self, path: Path, options: OrtOptions) -> None:
         ort = import_onnxruntime()
         available = ort.get_available_providers()
-        missing = [p for p in options.providers if p not in available]
+        names = [p if isinstance(p, str) else p[0] for p in options.providers]
+        missing = [p for p in names if p not in available]
         if missing:
             raise DependencyError(
                 f"ONNX Runtime provider(s) {', '.join(missing)} are not available (this install has "
@@ -87,9 +89,9 @@ class OrtRunner(Runner):
             ) from e
         # ONNX Runtime drops to CPU when a provider fails to initialise; we refuse to do that silently.
         active = self.session.get_providers()
-        if active[0] != options.providers[0]:
+        if active[0] != names[0]:
             raise DependencyError(
-                f"ONNX Runtime could not start {options.providers[0]} (active: {', '.join(active)}); "
+                f"ONNX Runtime could not start {names[0]} (active: {', '.join(active)}); "
                 "check the CUDA install, or ask for CPUExecutionProvider explicitly"
             )
         self.inputs = [self._io(i) for i in self.session.get_inputs()]

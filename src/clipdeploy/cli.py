@@ -273,10 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipdeploy {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from clipdeploy.benchmarks.command import add_bench
     from clipdeploy.build.command import add_build, add_validate
     from clipdeploy.precision.command import add_quantize
 
-    for add in (add_export, add_quantize, add_build, add_validate, add_embed, add_inspect, add_models):
+    for add in (add_export, add_quantize, add_build, add_validate, add_embed, add_inspect, add_models, add_bench):
         add(sub)
     return parser
 

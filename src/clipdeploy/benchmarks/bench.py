@@ -1,0 +1,412 @@
+"""Run a benchmark: discover contenders, make the inputs once, measure each contender, compare.
+
+The figures of every contender are compared with PyTorch eager fp32 at the full context length on
+the same rows: the cosine of each embedding, and the speed-up of the median latency.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdeploy.benchmarks import environment
+from clipdeploy.benchmarks.contenders import (
+    BACKENDS,
+    DEVICES,
+    ContenderSpec,
+    OpenOptions,
+    Skipped,
+    discover,
+)
+from clipdeploy.benchmarks.harness import TimingConfig
+from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynamic
+from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
+from clipdeploy.errors import UsageError
+from clipdeploy.manifest import TOWERS, read_manifest
+from clipdeploy.validation import cosine_rows
+
+REPORT_SCHEMA = "clipdeploy-bench/1"
+DEFAULT_BATCHES = (1, 8, 32)
+# Below this cosine against PyTorch fp32, the fp32 variant and the reference cannot share weights.
+_SAME_WEIGHTS_COSINE = 0.999
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+# A case whose p90 exceeds its p50 by this factor was disturbed while it was timed.
+_NOISY_SPREAD = 1.5
+
+
+@dataclass
+class BenchConfig:
+    """Everything `clipdeploy bench` takes. CLI and API both resolve through this."""
+
+    artifact: Path  # the artifact directory to measure
+    output: Path | None = None  # directory for bench.json, bench.md and bench.png; None writes nothing
+    backends: tuple[str, ...] = BACKENDS  # which of torch, onnxruntime, tensorrt to run
+    precisions: tuple[str, ...] | None = None  # variant precisions; None: those the runtime would pick here
+    batches: tuple[int, ...] = DEFAULT_BATCHES  # batch sizes, each measured on its own
+    towers: tuple[str, ...] = TOWERS  # image and/or text
+    timing: TimingConfig = field(default_factory=TimingConfig)  # iterations, warm-up, time budget
+    threads: int | None = None  # intra-op threads for every contender; None: the cores available
+    device: str = "auto"  # cpu, cuda, or auto (cuda when nvidia-smi sees a GPU)
+    checkpoint: Path | None = None  # the checkpoint the artifact came from, for the PyTorch reference
+    graph_optimization_level: str = "all"  # ONNX Runtime graph optimizations: disable, basic, extended, all
+    prompt_length: int | None = None  # the short text length; None: the longest bundled prompt
+    isolate: bool = True  # measure each contender in a fresh process
+    progress: bool = True  # show a progress bar (tqdm) on stderr
+    machine: str | None = None  # a name for the machine in reports; None: CPU model, cores, memory, GPU
+
+    def check(self) -> None:
+        if not self.batches:
+            raise UsageError("--batch is empty; pass batch sizes such as 1,8,32")
+        bad = [b for b in self.batches if b < 1]
+        if bad:
+            raise UsageError(f"--batch {bad[0]} must be 1 or more")
+        if not self.towers:
+            raise UsageError("--towers is empty; pass image, text or image,text")
+        for t in self.towers:
+            if t not in TOWERS:
+                raise UsageError(f"tower {t!r} is not one of {', '.join(TOWERS)}; e.g. --towers image,text")
+        if not self.backends:
+            raise UsageError("--backends is empty; pass e.g. torch,onnxruntime")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads {self.threads} must be 1 or more")
+        if self.device not in DEVICES:
+            raise UsageError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise UsageError(
+                f"--graph-optimization-level {self.graph_optimization_level!r} is not one of {', '.join(_OPT_LEVELS)}"
+            )
+        if self.prompt_length is not None and self.prompt_length < 2:
+            raise UsageError(f"--prompt-length {self.prompt_length} must be 2 or more (start and end tokens)")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if environment.gpus() else "cpu"
+
+
+def text_lengths(manifest: dict[str, Any], inputs: BenchInputs, prompt_length: int | None) -> tuple[int, ...]:
+    """Full context length, then the short length where the text input's sequence axis is dynamic."""
+    full = inputs.context_length
+    short = min(prompt_length or inputs.prompt_length, full)
+    return (full, short) if text_is_dynamic(manifest) and short < full else (full,)
+
+
+def plan_cases(spec: ContenderSpec, batches: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[Case, ...]:
+    cases = []
+    for tower in spec.towers:
+        if tower == "image":
+            cases += [Case("image", b) for b in batches]
+        else:
+            cases += [Case("text", b, n) for n in lengths for b in batches]
+    return tuple(cases)
+
+
+# ---- running contenders ---------------------------------------------------------------------------
+
+
+def _worker_env(threads: int) -> dict[str, str]:
+    import clipdeploy
+
+    env = dict(os.environ)
+    src = str(Path(clipdeploy.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = str(threads)  # torch's OpenMP pool, before torch reads it
+    return env
+
+
+def _run_isolated(job: WorkerJob, work: Path, name: str, on_event: Callable[[dict[str, Any]], None]) -> WorkerResult:
+    job_path = work / f"{name}.job.json"
+    job_path.write_text(job.to_json(), encoding="utf-8")
+    prefix = work / f"{name}.result"
+    stderr_path = work / f"{name}.stderr.txt"
+    with open(stderr_path, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clipdeploy.benchmarks.worker", str(job_path), str(prefix)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=_worker_env(job.options.threads),
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(EVENT_PREFIX):
+                on_event(json.loads(line[len(EVENT_PREFIX) :]))
+        code = proc.wait()
+    if code != 0 or not Path(f"{prefix}.json").is_file():
+        lines = [ln for ln in stderr_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        tail = lines[-1].strip() if lines else "no output"
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        return WorkerResult("", [], {}, error=f"the measuring process failed ({how}): {tail[:300]}")
+    return load_result(prefix)
+
+
+class _Progress:
+    """A tqdm bar over all cases when tqdm is installed and wanted; otherwise a line per contender."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
+        self.enabled = enabled
+        self.label = ""
+
+    def contender(self, label: str) -> None:
+        self.label = label
+        if self.bar is not None:
+            self.bar.set_description(label)
+        elif self.enabled:
+            _say(f"measuring {label} ...")
+
+    def event(self, event: dict[str, Any]) -> None:
+        case = event["case"]
+        where = f"{case['tower']} b{case['batch']}" + (f" L{case['seq_len']}" if case.get("seq_len") else "")
+        if self.bar is not None:
+            if event["event"] == "start":
+                self.bar.set_postfix_str(where)
+            else:
+                self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- assembling the report ------------------------------------------------------------------------
+
+
+_STAT_KEYS = ("iters", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms", "items_per_s")
+
+
+def _record(
+    spec: ContenderSpec,
+    r: dict[str, Any],
+    emb: np.ndarray,
+    ref: tuple[dict[str, Any], np.ndarray] | None,
+) -> dict[str, Any]:
+    """One report record: a case's figures, with cosine and speed-up against PyTorch fp32 at full length."""
+    cos = cosine_rows(emb, ref[1]) if ref is not None and ref[1].shape == emb.shape else None
+    return {
+        "tower": r["tower"],
+        "backend": spec.backend,
+        "precision": spec.precision,
+        "device": spec.device,
+        "role": spec.role,
+        "batch": r["batch"],
+        "seq_len": r["seq_len"],
+        **{k: r[k] for k in _STAT_KEYS},
+        "cos_min": float(cos.min()) if cos is not None else None,
+        "cos_mean": float(cos.mean()) if cos is not None else None,
+        "speedup_vs_torch_fp32": ref[0]["p50_ms"] / r["p50_ms"] if ref is not None else None,
+        "peak_rss_mb": r["peak_rss_mb"],
+        "gpu_mem_mb": r["gpu_mem_mb"],
+        "input_sha256": r["input_sha256"],
+    }
+
+
+def _records(
+    results: list[tuple[ContenderSpec, WorkerResult]], context_length: int
+) -> tuple[list[dict[str, Any]], list[Skipped], list[str]]:
+    reference: dict[tuple[str, int], tuple[dict[str, Any], np.ndarray]] = {}
+    for spec, res in results:
+        if spec.role == "reference":
+            for r in res.results:
+                if "skipped" not in r and r["seq_len"] in (None, context_length):
+                    reference[(r["tower"], r["batch"])] = (
+                        r,
+                        res.embeddings[Case(r["tower"], r["batch"], r["seq_len"]).key],
+                    )
+    records, skipped, notes = [], [], []
+    for spec, res in results:
+        if res.error:
+            skipped.append(Skipped(spec.backend, spec.precision, res.error))
+            continue
+        for r in res.results:
+            if "skipped" in r:
+                skipped.append(
+                    Skipped(spec.backend, spec.precision, r["skipped"], r["tower"], r["batch"], r["seq_len"])
+                )
+                continue
+            ref = reference.get((r["tower"], r["batch"]))
+            emb = res.embeddings[Case(r["tower"], r["batch"], r["seq_len"]).key]
+            records.append(_record(spec, r, emb, ref))
+    for rec in records:
+        if rec["backend"] == "onnxruntime" and rec["precision"] == "fp32" and rec["cos_min"] is not None:
+            if rec["cos_min"] < _SAME_WEIGHTS_COSINE:
+                notes.append(
+                    f"the fp32 {rec['tower']} variant agrees with the PyTorch reference only to cosine "
+                    f"{rec['cos_min']:.4f}: the reference was not rebuilt with the artifact's weights, so the "
+                    "cosine figures compare different models (speeds are still valid)"
+                )
+                break
+    if not reference and records:
+        notes.append(
+            "PyTorch fp32 was not measured, so there is no cosine or speed-up to report; add torch to --backends"
+        )
+    return records, skipped, notes
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every contender for ``cfg`` and return the report; write it when ``cfg.output`` is set."""
+    from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
+
+    cfg.check()
+    root = Path(cfg.artifact)
+    manifest = read_manifest(root)
+    threads = cfg.threads or environment.available_cores()
+    device = resolve_device(cfg.device)
+    missing = [t for t in cfg.towers if t not in manifest["towers"]]
+    if len(missing) == len(cfg.towers):
+        raise UsageError(
+            f"the artifact has no {' or '.join(missing)} tower (it has {', '.join(manifest['towers']) or 'none'}); "
+            "pass --towers with one of those"
+        )
+    env = environment.collect(threads, device)
+    specs, skipped = discover(
+        manifest, backends=cfg.backends, towers=cfg.towers, device=device, precisions=cfg.precisions
+    )
+    for s in skipped:
+        _say(f"skipping {s.describe()}")
+    if not specs:
+        raise UsageError(
+            f"nothing to measure in {str(root)!r} with --backends {','.join(cfg.backends)}"
+            + (f" and --precisions {','.join(cfg.precisions)}" if cfg.precisions else "")
+            + "; see the reasons above, or add torch to --backends"
+        )
+    if any(s.role == "reference" for s in specs):
+        check_reference_weights(manifest, cfg.checkpoint)
+
+    inputs = make_inputs(root, manifest, max(cfg.batches))
+    lengths = text_lengths(manifest, inputs, cfg.prompt_length)
+    options = OpenOptions(threads, cfg.graph_optimization_level, Path(cfg.checkpoint) if cfg.checkpoint else None)
+    plans = [(spec, plan_cases(spec, cfg.batches, lengths)) for spec in specs]
+    progress = _Progress(sum(len(c) for _, c in plans), cfg.progress)
+    results: list[tuple[ContenderSpec, WorkerResult]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="clipdeploy-bench-") as tmp:
+            work = Path(tmp)
+            inputs_path = work / "inputs.npz"
+            inputs.save(inputs_path)
+            for i, (spec, cases) in enumerate(plans):
+                progress.contender(spec.label)
+                job = WorkerJob(root, spec, inputs_path, cases, cfg.timing, options)
+                if cfg.isolate:
+                    res = _run_isolated(job, work, f"c{i}", progress.event)
+                else:
+                    res = run_job(job, progress.event)
+                    gc.collect()
+                if res.error:
+                    _say(f"skipping {spec.label}: {res.error}")
+                results.append((spec, res))
+    finally:
+        progress.close()
+
+    records, more_skipped, notes = _records(results, inputs.context_length)
+    skipped += more_skipped
+    env["load_average_end"] = environment.load_average()
+    noisy = [r for r in records if r["iters"] >= 5 and r["p90_ms"] > _NOISY_SPREAD * r["p50_ms"]]
+    if noisy:
+        notes.append(
+            f"{len(noisy)} of {len(records)} cases have p90 more than {_NOISY_SPREAD:g}x their p50: the timings were "
+            "disturbed (other processes, CPU frequency); rerun on a quiet machine before trusting them"
+        )
+    notes = _general_notes(cfg, manifest, env, lengths, inputs, results) + notes
+    report = {
+        "schema": REPORT_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": cfg.machine or environment.describe_machine(env),
+        "artifact": {
+            "path": str(root),
+            "model": manifest["model"]["name"],
+            "weights": weights_source(manifest),
+            "text_input_shape": manifest["towers"].get("text", {}).get("inputs", [{}])[0].get("shape"),
+        },
+        "config": {
+            "backends": list(cfg.backends),
+            "precisions": list(cfg.precisions) if cfg.precisions else None,
+            "batches": list(cfg.batches),
+            "towers": list(cfg.towers),
+            "text_lengths": list(lengths) if "text" in cfg.towers else [],
+            **asdict(cfg.timing),
+            "threads": threads,
+            "device": device,
+            "graph_optimization_level": cfg.graph_optimization_level,
+            "isolated": cfg.isolate,
+        },
+        "environment": env,
+        "inputs": {
+            "images": list(inputs.images),
+            "prompts": len(inputs.prompts),
+            "context_length": inputs.context_length,
+            "prompt_length": inputs.prompt_length,
+        },
+        "contenders": [{**spec.to_dict(), "label": spec.label, "describe": res.describe} for spec, res in results],
+        "records": records,
+        "skipped": [s.to_dict() for s in skipped],
+        "notes": notes,
+    }
+    if cfg.output is not None:
+        from clipdeploy.benchmarks.report import write_reports
+
+        report["files"] = write_reports(report, Path(cfg.output))
+    return report
+
+
+def _general_notes(
+    cfg: BenchConfig,
+    manifest: dict[str, Any],
+    env: dict[str, Any],
+    lengths: tuple[int, ...],
+    inputs: BenchInputs,
+    results: list[tuple[ContenderSpec, WorkerResult]],
+) -> list[str]:
+    notes = []
+    cores = env.get("logical_cores") or 1  # the load average counts the whole machine
+    load = env.get("load_average_start")
+    if load is not None and load > 0.5 * cores:
+        notes.append(
+            f"the machine was busy when the run started (1-minute load {load} on {cores} cores): "
+            "figures may be slower and noisier than on a quiet machine; do not publish them"
+        )
+    if "text" in cfg.towers and "text" in manifest["towers"]:
+        if len(lengths) > 1:
+            notes.append(
+                f"text is measured at the full context length ({lengths[0]} tokens: the prompts padded as open_clip "
+                f"pads them, what its users run; for the runtime, the cost of a batch whose longest text fills the "
+                f"context) and at {lengths[1]} tokens, the longest bundled prompt, as the runtime pads a batch of "
+                "these prompts; PyTorch at the short length runs open_clip's encode_text with the positional "
+                "embedding and causal mask cut to that length (stock encode_text takes only full length)"
+            )
+        else:
+            notes.append(
+                f"text is measured at the full context length ({lengths[0]} tokens) only: the artifact's text "
+                f"input has a fixed length ({manifest['towers']['text']['inputs'][0]['shape']})"
+            )
+    if cfg.timing.iters < 100:
+        notes.append(f"p99 from {cfg.timing.iters} or fewer timed calls is close to the slowest call")
+    if cfg.timing.max_seconds is not None:
+        notes.append(
+            f"each case was timed for at most {cfg.timing.max_seconds:g} s (at least {cfg.timing.min_iters} calls); "
+            "the iters column gives the calls actually timed"
+        )
+    return notes

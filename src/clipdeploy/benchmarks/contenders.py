@@ -1,0 +1,377 @@
+"""Who is measured: every variant in the manifest that a backend here can run, and the PyTorch reference.
+
+Discovery reads only the manifest, so new precisions and formats (fp16, int8, TensorRT plans) are
+picked up as they appear. A contender is opened only inside the process that measures it.
+Compiled variants run through the public runtime (``clipdeploy.load`` and the session's
+``encode_pixels`` / ``encode_tokens``): numpy in, numpy out, as users call it. PyTorch gets the same
+contract: host arrays in, host arrays out, so every contender pays for the same copies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from clipdeploy.benchmarks.harness import Timer, perf_counter_timer
+from clipdeploy.benchmarks.inputs import text_is_dynamic
+from clipdeploy.errors import ArtifactError, UsageError
+from clipdeploy.manifest import variants
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
+# What the session prefers on each device when it picks for itself; other precisions are measured
+# only when asked for by name (fp16 on ONNX Runtime CPU is emulated and slow).
+_DEFAULT_ORT_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16", "int8", "int8-fp16")}
+_FORMAT = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
+
+
+@dataclass(frozen=True)
+class ContenderSpec:
+    """One thing to measure: a backend running one precision on one device."""
+
+    backend: str  # "torch", "torch.compile", "onnxruntime" or "tensorrt"
+    precision: str  # a variant precision; for PyTorch "fp32" or "fp16-autocast"
+    device: str  # "cpu" or "cuda"
+    towers: tuple[str, ...]  # the towers it runs, in order
+    role: str  # "reference" (PyTorch eager fp32), "peer" (other PyTorch modes) or "clipdeploy"
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+    @property
+    def is_torch(self) -> bool:
+        return self.backend.startswith("torch")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "towers": list(self.towers)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ContenderSpec:
+        return cls(d["backend"], d["precision"], d["device"], tuple(d["towers"]), d["role"])
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A contender (or one tower or case of it) that was not measured, and why."""
+
+    backend: str
+    precision: str
+    reason: str  # one line: what is missing and how to get it
+    tower: str | None = None  # None: every tower
+    batch: int | None = None  # None: every batch
+    seq_len: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        where = " ".join(
+            x
+            for x in (
+                self.tower or "",
+                f"batch {self.batch}" if self.batch else "",
+                f"length {self.seq_len}" if self.seq_len else "",
+            )
+            if x
+        )
+        return f"{self.backend} {self.precision}" + (f" ({where})" if where else "") + f": {self.reason}"
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def discover(
+    manifest: dict[str, Any],
+    *,
+    backends: tuple[str, ...],
+    towers: tuple[str, ...],
+    device: str,
+    precisions: tuple[str, ...] | None = None,
+) -> tuple[list[ContenderSpec], list[Skipped]]:
+    """Contenders for the requested backends, towers and precisions, and what was left out and why.
+
+    ``precisions`` filters the compiled variants only; PyTorch always runs eager fp32 (the
+    reference), and on a GPU also fp16 autocast and ``torch.compile`` (peers).
+    """
+    for b in backends:
+        if b not in BACKENDS:
+            raise UsageError(f"backend {b!r} is not one of {', '.join(BACKENDS)}; e.g. --backends torch,onnxruntime")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device {device!r} is not cpu or cuda")
+    towers = tuple(t for t in towers if t in manifest["towers"])
+    specs: list[ContenderSpec] = []
+    skipped: list[Skipped] = []
+
+    if "torch" in backends:
+        if not (has_module("torch") and has_module("open_clip")):
+            skipped.append(
+                Skipped("torch", "fp32", "PyTorch or open_clip is not installed; pip install 'clipdeploy[export]'")
+            )
+        else:
+            specs.append(ContenderSpec("torch", "fp32", device, towers, "reference"))
+            if device == "cuda":
+                specs.append(ContenderSpec("torch", "fp16-autocast", device, towers, "peer"))
+                specs.append(ContenderSpec("torch.compile", "fp32", device, towers, "peer"))
+
+    for backend in ("onnxruntime", "tensorrt"):
+        if backend not in backends:
+            continue
+        found, why = _variant_contenders(manifest, backend, towers, device, precisions)
+        specs += found
+        skipped += why
+    return specs, skipped
+
+
+def _unavailable(backend: str, device: str) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here; None when it can."""
+    if backend == "tensorrt":
+        if device != "cuda":
+            return "needs an NVIDIA GPU, and none was found (nvidia-smi); run the benchmark on a GPU machine"
+        if not has_module("tensorrt"):
+            return "TensorRT is not installed; pip install 'clipdeploy[tensorrt]'"
+        return None
+    if not has_module("onnxruntime"):
+        return "ONNX Runtime is not installed; pip install 'clipdeploy[cpu]' or 'clipdeploy[gpu]'"
+    if device == "cuda" and "CUDAExecutionProvider" not in _ort_providers():
+        return "this ONNX Runtime has no CUDAExecutionProvider; pip install 'clipdeploy[gpu]' (instead of [cpu])"
+    return None
+
+
+def _variant_contenders(
+    manifest: dict[str, Any],
+    backend: str,
+    towers: tuple[str, ...],
+    device: str,
+    precisions: tuple[str, ...] | None,
+) -> tuple[list[ContenderSpec], list[Skipped]]:
+    fmt = _FORMAT[backend]
+    by_precision: dict[str, dict[str, bool]] = defaultdict(dict)
+    for v in variants(manifest):
+        if v.format == fmt and v.tower in towers:
+            # Several engines of one precision (one per GPU) are one contender: the runtime picks.
+            by_precision[v.precision][v.tower] = by_precision[v.precision].get(v.tower, False) or v.accepted
+    wanted = sorted(by_precision) if precisions is None else [p for p in precisions if p in by_precision]
+    # A backend that cannot run here is one reason, whatever the artifact holds.
+    reason = _unavailable(backend, device)
+    if reason:
+        return [], [Skipped(backend, p, reason) for p in wanted or ["-"]]
+    skipped = []
+    if precisions is not None:
+        make = "clipdeploy quantize" if fmt == "onnx" else "clipdeploy build"
+        skipped = [
+            Skipped(backend, p, f"the artifact has no {p} {fmt} variant; make one with `{make} DIR --precision {p}`")
+            for p in precisions
+            if p not in by_precision
+        ]
+    by_precision = defaultdict(dict, {p: by_precision[p] for p in wanted})
+    if not by_precision:
+        if precisions is None:
+            hint = "`clipdeploy build DIR`" if fmt == "tensorrt" else "`clipdeploy export`"
+            skipped.append(Skipped(backend, "-", f"the artifact has no {fmt} variants; make them with {hint}"))
+        return [], skipped
+
+    specs = []
+    order = {p: i for i, p in enumerate(("fp32", "fp16", "int8", "int8-fp16"))}
+    for precision in sorted(by_precision, key=lambda p: (order.get(p, 99), p)):
+        tower_ok = by_precision[precision]
+        if backend == "onnxruntime" and precisions is None and precision not in _DEFAULT_ORT_PRECISIONS[device]:
+            skipped.append(
+                Skipped(
+                    backend,
+                    precision,
+                    f"{precision} is slow on ONNX Runtime {device.upper()} and not what "
+                    f"the runtime picks there; pass --precisions {precision} to measure it anyway",
+                )
+            )
+            continue
+        run = tuple(t for t in towers if tower_ok.get(t))
+        for t in towers:
+            if t in tower_ok and not tower_ok[t] and backend == "onnxruntime":
+                skipped.append(
+                    Skipped(
+                        backend,
+                        precision,
+                        "the variant did not pass its accuracy gate; re-run `clipdeploy quantize`",
+                        tower=t,
+                    )
+                )
+        if backend == "tensorrt":
+            run = tuple(t for t in towers if t in tower_ok)  # the runtime decides which engine loads
+        if run:
+            specs.append(ContenderSpec(backend, precision, device, run, "clipdeploy"))
+    return specs, skipped
+
+
+# ---- opened contenders (inside the measuring process) ------------------------------------------
+
+
+class Contender(Protocol):
+    """An opened contender: numpy in, numpy out, one call per batch."""
+
+    spec: ContenderSpec
+    timer: Timer
+
+    def unsupported(self, tower: str, seq_len: int | None, context_length: int) -> str | None:
+        """Why this case cannot run; None when it can."""
+
+    def encode(self, tower: str, x: np.ndarray) -> np.ndarray:
+        """Un-normalized embeddings of one batch, as a host float32 array."""
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """Settings every contender opens with."""
+
+    threads: int  # intra-op threads for ONNX Runtime and PyTorch alike; inter-op threads are 1
+    graph_optimization_level: str = "all"  # ONNX Runtime graph optimizations
+    checkpoint: Path | None = None  # the checkpoint the artifact was exported from, for PyTorch
+
+
+class RuntimeContender:
+    """A compiled variant, run through ``clipdeploy.load`` like any user would."""
+
+    timer: Timer = staticmethod(perf_counter_timer)  # the session returns host arrays: synchronous
+
+    def __init__(self, spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> None:
+        import clipdeploy
+
+        self.spec = spec
+        self.dynamic_text = text_is_dynamic(manifest)
+        # A dynamic-length session trims ids to the batch's longest text before it runs them.
+        self.trims_text = (manifest["towers"].get("text") or {}).get("padding") == "longest"
+        self.context_length = int(
+            (manifest["towers"].get("text") or {}).get("context_length")
+            or manifest.get("tokenizer", {}).get("context_length")
+            or 0
+        )
+        kwargs: dict[str, Any] = {}
+        if spec.backend == "onnxruntime":
+            kwargs = {
+                "intra_op_num_threads": options.threads,
+                "inter_op_num_threads": 1,
+                "graph_optimization_level": options.graph_optimization_level,
+                "providers": ["CUDAExecutionProvider"] if spec.device == "cuda" else ["CPUExecutionProvider"],
+            }
+        try:
+            self.session = clipdeploy.load(root, backend=spec.backend, precision=spec.precision, **kwargs)
+        except ArtifactError:
+            # load() opens every tower; when only some towers have this precision, open those alone.
+            if spec.backend != "onnxruntime" or set(spec.towers) == set(manifest["towers"]):
+                raise
+            self.session = _partial_ort_session(root, manifest, spec, kwargs)
+
+    def unsupported(self, tower: str, seq_len: int | None, context_length: int) -> str | None:
+        if tower == "text" and seq_len is not None and seq_len != context_length and not self.dynamic_text:
+            return "the artifact's text input has a fixed length"
+        return None
+
+    def encode(self, tower: str, x: np.ndarray) -> np.ndarray:
+        if tower == "image":
+            return self.session.encode_pixels(x, normalize=False)
+        if self.trims_text and x.shape[1] == self.context_length:
+            # Full length on a dynamic-length artifact: the session would trim these padded ids to the
+            # prompt length, so run all columns on the runner, as a batch whose longest text fills the
+            # context would. The embeddings are the same (a causal tower ignores what follows the end).
+            return self._run_runner("text", x)
+        return self.session.encode_tokens(x, normalize=False)
+
+    def _run_runner(self, tower: str, x: np.ndarray) -> np.ndarray:
+        runners = getattr(self.session, "runners", None) or self.session._runners  # before `runners` existed
+        runner = runners[tower]
+        (spec,) = runner.inputs
+        (out,) = runner.outputs
+        runner.check_feed({spec.name: x})
+        step = runner.max_batch or len(x)
+        parts = [runner.infer({spec.name: x[i : i + step]})[out.name] for i in range(0, len(x), step)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def describe(self) -> str:
+        return self.session.describe()
+
+
+def _partial_ort_session(root: Path, manifest: dict[str, Any], spec: ContenderSpec, kwargs: dict[str, Any]) -> Any:
+    from clipdeploy.manifest import variant_files, verify_files
+    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+    from clipdeploy.runtime.session import ClipSession
+
+    options = OrtOptions(
+        providers=tuple(kwargs["providers"]),
+        intra_op_num_threads=kwargs["intra_op_num_threads"],
+        inter_op_num_threads=kwargs["inter_op_num_threads"],
+        graph_optimization_level=kwargs["graph_optimization_level"],
+    )
+    chosen: dict[str, Any] = {}
+    runners: dict[str, Any] = {}
+    for v in variants(manifest):
+        if v.format == "onnx" and v.precision == spec.precision and v.tower in spec.towers and v.accepted:
+            verify_files(root, variant_files(v))
+            chosen[v.tower] = v
+            runners[v.tower] = OrtRunner(root / v.file, options)
+    return ClipSession(root, manifest, runners, chosen, "onnxruntime")
+
+
+class TorchContender:
+    """The open_clip model under ``torch.inference_mode``: eager fp32, fp16 autocast or ``torch.compile``."""
+
+    def __init__(self, spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> None:
+        import torch
+
+        from clipdeploy.benchmarks.harness import cuda_event_timer
+        from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_text_encoder
+        from clipdeploy.export.specs import context_length
+
+        self.spec = spec
+        self._torch = torch
+        torch.set_num_threads(options.threads)
+        self.device = torch.device(spec.device)
+        self.model = build_reference_model(manifest, options.checkpoint).to(self.device)
+        self._context_length = context_length(self.model)
+        prefix, self.prefix_reason = prefix_text_encoder(self.model)
+        fns = {"image": self.model.encode_image, "text": self.model.encode_text, "text-prefix": prefix}
+        if spec.backend == "torch.compile":
+            fns = {k: (torch.compile(f, dynamic=False) if f is not None else None) for k, f in fns.items()}
+        self._fns = fns
+        self._autocast = spec.precision == "fp16-autocast"
+        self.timer = cuda_event_timer(torch) if self.device.type == "cuda" else perf_counter_timer
+
+    def unsupported(self, tower: str, seq_len: int | None, context_length: int) -> str | None:
+        if tower == "text" and seq_len is not None and seq_len != context_length and self._fns["text-prefix"] is None:
+            return f"open_clip's encode_text takes only full-length ids, and {self.prefix_reason}"
+        return None
+
+    def encode(self, tower: str, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        fn = self._fns[tower]
+        if tower == "text" and x.shape[1] != self._context_length:
+            fn = self._fns["text-prefix"]
+        t = torch.from_numpy(x).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self._autocast):
+            y = fn(t)
+        return y.float().cpu().numpy()
+
+    def describe(self) -> str:
+        return f"open_clip {type(self.model).__name__} on {self.device} ({self.spec.backend} {self.spec.precision})"
+
+
+def open_contender(spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> Contender:
+    if spec.is_torch:
+        return TorchContender(spec, root, manifest, options)
+    return RuntimeContender(spec, root, manifest, options)

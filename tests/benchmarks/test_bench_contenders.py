@@ -1,0 +1,112 @@
+"""Contender discovery from manifests: every runnable variant, and a reason for each one left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipdeploy.benchmarks import contenders as contenders_mod
+from clipdeploy.benchmarks.contenders import ContenderSpec, discover
+from clipdeploy.errors import UsageError
+
+
+def _variant(tower, precision, fmt="onnx", passed=True):
+    return {
+        "tower": tower,
+        "precision": precision,
+        "format": fmt,
+        "file": f"{tower}.{precision}.{fmt}",
+        "sha256": "0" * 64,
+        "validation": {"passed": passed},
+    }
+
+
+def _manifest(*variants):
+    return {"towers": {"image": {}, "text": {}}, "variants": list(variants)}
+
+
+def _labels(specs):
+    return [(s.backend, s.precision, s.towers) for s in specs]
+
+
+@pytest.fixture(autouse=True)
+def _everything_installed(monkeypatch):
+    monkeypatch.setattr(contenders_mod, "has_module", lambda name: True)
+    monkeypatch.setattr(contenders_mod, "_ort_providers", lambda: ["CPUExecutionProvider"])
+
+
+def test_cpu_defaults_fp32_and_int8_and_explain_the_rest():
+    m = _manifest(
+        *(_variant(t, p) for t in ("image", "text") for p in ("fp32", "fp16", "int8")),
+        _variant("image", "fp16", "tensorrt"),
+    )
+    specs, skipped = discover(m, backends=("torch", "onnxruntime", "tensorrt"), towers=("image", "text"), device="cpu")
+    assert _labels(specs) == [
+        ("torch", "fp32", ("image", "text")),
+        ("onnxruntime", "fp32", ("image", "text")),
+        ("onnxruntime", "int8", ("image", "text")),
+    ]
+    assert specs[0].role == "reference" and specs[1].role == "clipdeploy"
+    reasons = {(s.backend, s.precision): s.reason for s in skipped}
+    assert "--precisions fp16" in reasons[("onnxruntime", "fp16")]
+    assert "NVIDIA GPU" in reasons[("tensorrt", "fp16")]
+
+
+def test_explicit_precisions_and_missing_ones():
+    m = _manifest(*(_variant(t, p) for t in ("image", "text") for p in ("fp32", "fp16")))
+    specs, skipped = discover(
+        m, backends=("onnxruntime",), towers=("image", "text"), device="cpu", precisions=("fp16", "int8")
+    )
+    assert _labels(specs) == [("onnxruntime", "fp16", ("image", "text"))]
+    (missing,) = skipped
+    assert missing.precision == "int8" and "clipdeploy quantize DIR --precision int8" in missing.reason
+
+
+def test_a_tower_that_failed_its_gate_is_left_out_alone():
+    m = _manifest(
+        _variant("image", "fp32"),
+        _variant("text", "fp32"),
+        _variant("image", "int8"),
+        _variant("text", "int8", passed=False),
+    )
+    specs, skipped = discover(m, backends=("onnxruntime",), towers=("image", "text"), device="cpu")
+    assert _labels(specs) == [("onnxruntime", "fp32", ("image", "text")), ("onnxruntime", "int8", ("image",))]
+    (gate,) = skipped
+    assert gate.tower == "text" and "accuracy gate" in gate.reason
+
+
+def test_gpu_runs_pytorch_peers_and_tensorrt():
+    m = _manifest(
+        _variant("image", "fp32"), _variant("image", "fp16", "tensorrt"), _variant("text", "fp16", "tensorrt")
+    )
+    specs, skipped = discover(m, backends=("torch", "onnxruntime", "tensorrt"), towers=("image", "text"), device="cuda")
+    labels = _labels(specs)
+    assert ("torch", "fp32", ("image", "text")) in labels
+    assert ("torch", "fp16-autocast", ("image", "text")) in labels
+    assert ("torch.compile", "fp32", ("image", "text")) in labels
+    assert ("tensorrt", "fp16", ("image", "text")) in labels
+    assert [s.role for s in specs if s.backend.startswith("torch")] == ["reference", "peer", "peer"]
+    # This ONNX Runtime has no CUDA provider: said, not silently run on CPU.
+    assert any(s.backend == "onnxruntime" and "CUDAExecutionProvider" in s.reason for s in skipped)
+
+
+def test_missing_packages_are_reasons(monkeypatch):
+    monkeypatch.setattr(contenders_mod, "has_module", lambda name: name not in ("torch", "tensorrt"))
+    m = _manifest(_variant("image", "fp32"), _variant("image", "int8", "tensorrt"))
+    specs, skipped = discover(m, backends=("torch", "onnxruntime", "tensorrt"), towers=("image",), device="cuda")
+    assert _labels(specs) == []  # no CUDA provider for the fp32 ONNX either
+    text = " ".join(s.reason for s in skipped)
+    assert "clipdeploy[export]" in text and "clipdeploy[tensorrt]" in text
+
+
+def test_towers_filter_and_unknown_backend():
+    m = _manifest(_variant("image", "fp32"), _variant("text", "fp32"))
+    specs, _ = discover(m, backends=("onnxruntime",), towers=("text",), device="cpu")
+    assert _labels(specs) == [("onnxruntime", "fp32", ("text",))]
+    with pytest.raises(UsageError, match="'openvino' is not one of"):
+        discover(m, backends=("openvino",), towers=("text",), device="cpu")
+
+
+def test_spec_round_trips():
+    spec = ContenderSpec("onnxruntime", "int8", "cpu", ("image", "text"), "clipdeploy")
+    assert ContenderSpec.from_dict(spec.to_dict()) == spec
+    assert spec.label == "onnxruntime int8"

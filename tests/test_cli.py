@@ -13,7 +13,7 @@ import pytest
 import clipdeploy
 from clipdeploy.cli import main
 
-from conftest import MICRO_CONFIG
+from testdata import MICRO_CONFIG
 
 SAMPLES = sorted((Path(clipdeploy.__file__).parent / "data" / "images").glob("*.jpg"))
 

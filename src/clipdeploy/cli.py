@@ -44,6 +44,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         force=args.force,
         seed=args.seed,
+        tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None,
     )
     manifest = export_model(cfg)
     report = manifest["validation"]["export"]
@@ -54,11 +55,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"  {tower:5s} min cosine {r['min_cosine']:.7f}  max abs err {r['max_abs_err']:.2e} "
             f"({r['abs_err_rel']:.1e} of max)  vs PyTorch at batch {', '.join(map(str, report['batches']))}"
         )
-    print(
-        f"  runtime preprocessing max diff {report['preprocess']['max_abs_diff']:.1e}; "
-        f"tokenizer identical on {report['tokenizer']['texts'] - report['tokenizer']['mismatched']}"
-        f"/{report['tokenizer']['texts']} prompts"
+    missing = manifest["tokenizer"].get("missing")
+    tok_note = (
+        f"tokenizer MISSING ({missing.get('hf_tokenizer_name')}): encode_text will refuse; {missing.get('fix')}"
+        if missing
+        else f"tokenizer identical on {report['tokenizer']['texts'] - report['tokenizer']['mismatched']}"
+        f"/{report['tokenizer']['texts']} texts"
     )
+    print(f"  runtime preprocessing max diff {report['preprocess']['max_abs_diff']:.1e}; {tok_note}")
+    text = manifest["towers"].get("text", {})
+    if text.get("padding"):
+        print(f"  text: {text.get('pooling')} pooling, padding {text['padding']} (context {text.get('context_length')})")
     if manifest["model"].get("random_init_seed") is not None:
         print("  note: random weights (no --pretrained or --checkpoint): the embeddings carry no meaning")
     return 0
@@ -83,6 +90,13 @@ def add_export(sub: Any) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or higher (default: 18)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
+    p.add_argument(
+        "--tokenizer-dir",
+        metavar="DIR",
+        help="folder with the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json) for models "
+        "whose tokenizer open_clip fetches from the hub (SigLIP, CLIPA, roberta, mt5, nllb, ...); save it with "
+        "AutoTokenizer.from_pretrained(NAME).save_pretrained(DIR)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -275,9 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from clipdeploy.benchmarks.command import add_bench
     from clipdeploy.build.command import add_build, add_validate
+    from clipdeploy.export.coverage import add_coverage
     from clipdeploy.precision.command import add_quantize
 
-    for add in (add_export, add_quantize, add_build, add_validate, add_embed, add_inspect, add_models, add_bench):
+    for add in (
+        add_export, add_quantize, add_build, add_validate, add_embed, add_inspect, add_models, add_bench,
+        add_coverage,
+    ):
         add(sub)
     return parser
 

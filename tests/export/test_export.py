@@ -13,7 +13,7 @@ from clipdeploy.errors import AccuracyError, CheckpointError, UsageError
 from clipdeploy.manifest import MANIFEST_NAME, file_sha256, read_manifest
 from clipdeploy.validation import cosine_rows
 
-from conftest import HELD_OUT_TEXTS, MICRO_CONFIG, Exported
+from testdata import HELD_OUT_TEXTS, MICRO_CONFIG, Exported
 
 pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
@@ -59,7 +59,11 @@ def test_manifest_records_the_contract(fixture, request):
     assert m["model"]["logit_scale"] == pytest.approx(float(exp.model.logit_scale.detach().exp()), rel=1e-6)
     assert m["model"]["logit_bias"] is None
     assert m["towers"]["image"]["inputs"][0]["shape"][0] == "batch"
-    assert m["towers"]["text"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", 77]}
+    # A causal text tower takes a dynamic length: each batch is padded only to its longest text.
+    text = m["towers"]["text"]
+    assert text["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
+    assert text["padding"] == "longest" and text["pooling"] == "argmax" and text["causal"] is True
+    assert text["context_length"] == 77 and text["sequence"] == {"min": 1, "max": 77}
     assert m["preprocess"]["size"] == [224, 224]
     assert m["tokenizer"]["kind"] == "openclip-bpe"
     export = m["validation"]["export"]
@@ -90,6 +94,7 @@ def test_onnx_graph_keeps_layernorm_whole_and_ids_integer(vit_b_32_artifact):
     (inp,) = text.graph.input
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert inp.type.tensor_type.shape.dim[1].dim_param == "sequence"
     # The pooling argmax reads the int64 ids directly: no Cast of the ids to a float type.
     casts_of_ids = [n for n in text.graph.node if n.op_type == "Cast" and inp.name in n.input]
     assert not casts_of_ids

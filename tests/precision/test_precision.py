@@ -255,7 +255,7 @@ def test_failed_gate_writes_no_variant_and_records_figures(trained, shapes, tmp_
 
 
 def test_random_weights_record_top1_without_enforcing_it(shapes, tmp_path):
-    from conftest import MICRO_CONFIG
+    from testdata import MICRO_CONFIG
 
     artifact = tmp_path / "random"
     export_model(ExportConfig(model="micro-vit", output=artifact, model_config=MICRO_CONFIG))  # no weights given

@@ -138,8 +138,13 @@ def test_bad_inputs(session, tmp_path):
         session.encode_pixels(np.zeros((1, 3, 64, 64), np.int64))
     with pytest.raises(InputError, match="dtype"):
         session.encode_tokens(np.zeros((1, 77), np.float32))
-    with pytest.raises(InputError, match=r"shape \[1, 10\]"):
-        session.encode_tokens(np.zeros((1, 10), np.int64))
+    # The causal text tower takes any length up to the context length (dynamic "sequence" axis).
+    too_long = np.zeros((1, 80), np.int64)
+    too_long[0, 79] = 49407
+    with pytest.raises(InputError, match=r"position 80, past the context length 77"):
+        session.encode_tokens(too_long)
+    with pytest.raises(InputError, match=r"shape \[10\]"):
+        session.encode_tokens(np.zeros(10, np.int64))
     with pytest.raises(UsageError, match="output="):
         session.similarity(np.ones((1, 64)), np.ones((1, 64)), output="nope")
 

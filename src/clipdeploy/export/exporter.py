@@ -25,7 +25,7 @@ from clipdeploy import __version__
 from clipdeploy.errors import UsageError
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
-from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, detect_family
+from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, context_length, detect_family
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, write_manifest
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
@@ -49,6 +49,13 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET  # ONNX opset; 17 or higher
     force: bool = False  # replace an existing artifact at `output`
     seed: int = 0  # seeds random weights when no pretrained/checkpoint is given
+    # A folder with the Hugging Face tokenizer files (tokenizer.json, ...) for models whose tokenizer
+    # open_clip fetches from the hub; without it, and without the hub, the artifact records the
+    # tokenizer as missing (encode_tokens works, encode_text refuses).
+    tokenizer_dir: Path | None = None
+    # Reduced-depth proof of a giant that cannot fit at full size: at most this many transformer
+    # blocks per tower, random weights only; recorded in the manifest as model.reduced_depth.
+    depth: int | None = None
 
 
 def sample_images() -> list[Path]:
@@ -85,8 +92,17 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
+# Extra texts for the text tower's length sweep: the shortest text (SOT, EOT) and one that fills the
+# whole context, so a dynamic axis is checked at its two ends as well as at every prompt's length.
+LENGTH_PROBES = ("", "a photo of " + "a very large and very fluffy orange cat, " * 20)
+
+
 def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[str]]:
-    """Pixels and token ids made by open_clip itself: the reference path users run today."""
+    """Pixels and token ids made by open_clip itself: the reference path users run today.
+
+    Without a tokenizer (hub-only, not supplied), the ids are synthetic ones: valid ids of the
+    tower's vocabulary, SOT/EOT-shaped, so the tower is still checked.
+    """
     import torch
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
@@ -95,14 +111,52 @@ def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[s
     images = sample_images()
     prompts = sample_prompts()
     pixels = torch.stack([transform(Image.open(p)) for p in images])
-    tokens = loaded.tokenizer(prompts)
+    texts = prompts + list(LENGTH_PROBES)
+    if loaded.tokenizer is not None:
+        tokens = loaded.tokenizer(texts)
+    else:
+        tokens = _synthetic_ids(loaded.model, len(texts))
     return pixels, tokens, images, prompts
 
 
+def _synthetic_ids(model: Any, rows: int) -> Any:
+    """Token ids of varied lengths, valid for the tower's vocabulary, padded as the tokenizer would."""
+    import torch
+
+    from clipdeploy.export.text_towers import text_layout
+
+    layout = text_layout(model)
+    length = context_length(model)
+    vocab = int(getattr(model, "vocab_size", 0) or getattr(getattr(model, "text", None), "vocab_size", 0) or 1000)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.full((rows, length), layout.pad_id or 0, dtype=torch.int64)
+    for i in range(rows):
+        n = 2 + (i * 5) % (length - 1)
+        ids[i, :n] = torch.randint(3, max(vocab - 1, 4), (n,), generator=g)
+        if layout.eos_id is not None:
+            ids[i, n - 1] = layout.eos_id  # "eos" pooling reads the first eos: put it where a tokenizer would
+    return ids
+
+
+def _gate(name: str, comps: list[Any], tol: Any) -> tuple[Any, list[str]]:
+    worst = merge(comps)
+    return worst, gate_failures(name, worst, min_cosine=tol.min_cosine, max_abs_rel=tol.max_abs_rel)
+
+
 def _check_towers(
-    loaded: LoadedModel, exported: dict[str, ExportedTower], pixels: Any, tokens: Any
+    model: Any,
+    exported: dict[str, ExportedTower],
+    pixels: Any,
+    tokens: Any,
+    *,
+    original: Any = None,
 ) -> tuple[dict[str, Any], list[str], dict[str, int]]:
-    """ONNX Runtime CPU against PyTorch, at each parity batch size, per tower; also the embedding widths."""
+    """ONNX Runtime CPU against PyTorch, at each parity batch size, per tower; also the embedding widths.
+
+    A dynamic-length text tower is also run on the same ids trimmed to each batch's longest text
+    and to each text's own length, all against PyTorch on the full-length ids. ``original`` is the
+    model before ``FamilySpec.prepare`` (reparameterization); the ONNX is checked against it too.
+    """
     import onnxruntime as ort
     import torch
 
@@ -112,31 +166,71 @@ def _check_towers(
     dims: dict[str, int] = {}
     for tower, ex in exported.items():
         session = ort.InferenceSession(str(ex.path), providers=["CPUExecutionProvider"])
-        method = getattr(loaded.model, ex.spec.method)
-        per_batch = {}
-        comps = []
+        run = lambda x: session.run([ex.spec.output_name], {ex.spec.input_name: x})[0]  # noqa: E731
+        refs = {"prepared": model} if original is None else {"prepared": model, "original": original}
+        full = inputs[tower]
+        with torch.inference_mode():
+            ref_all = {k: getattr(m, ex.spec.method)(full).float().numpy() for k, m in refs.items()}
+        ref = ref_all["prepared"]
+        dims[tower] = int(ref.shape[-1])
+        per_batch, comps = {}, []
         for batch in PARITY_BATCHES:
-            x = inputs[tower][:batch]
+            x = full[:batch]
             if len(x) < batch:
                 raise UsageError(f"parity data has {len(x)} {tower} samples, fewer than the batch {batch}")
             with torch.inference_mode():
-                ref = method(x).float().numpy()
-            (out,) = session.run([ex.spec.output_name], {ex.spec.input_name: x.numpy()})
-            c = compare(out, ref)
+                ref_b = getattr(model, ex.spec.method)(x).float().numpy()
+            c = compare(run(x.numpy()), ref_b)
             per_batch[str(batch)] = c.to_dict()
             comps.append(c)
-            dims[tower] = int(ref.shape[-1])
-        worst = merge(comps)
+        entry: dict[str, Any] = {"batches": per_batch}
+        if ex.spec.dynamic_sequence(model):
+            lengths, length_comps = _length_sweep(model, run, full.numpy(), ref)
+            entry["lengths"] = lengths
+            comps += length_comps
         tol = ex.spec.tolerance
-        tower_failures = gate_failures(f"{tower} tower", worst, min_cosine=tol.min_cosine, max_abs_rel=tol.max_abs_rel)
+        worst, tower_failures = _gate(f"{tower} tower", comps, tol)
+        if original is not None:
+            c = compare(run(full.numpy()), ref_all["original"])
+            entry["original"] = c.to_dict()
+            tower_failures += _gate(f"{tower} tower vs the original (unprepared) model", [c], tol)[1]
         failures += tower_failures
         report[tower] = {
             **worst.to_dict(),
-            "batches": per_batch,
+            **entry,
             "tolerance": {"min_cosine": tol.min_cosine, "max_abs_rel": tol.max_abs_rel},
             "passed": not tower_failures,
         }
     return report, failures, dims
+
+
+def _length_sweep(model: Any, run: Any, ids: np.ndarray, ref: np.ndarray) -> tuple[dict[str, Any], list[Any]]:
+    """A dynamic text tower on trimmed ids, against PyTorch on the full-length ids.
+
+    Each text alone at its own length (from SOT+EOT up to the whole context), and batches of 8 and
+    of all texts padded only to their longest text.
+    """
+    from clipdeploy.export.text_towers import text_layout
+    from clipdeploy.runtime.padding import trim_to_pooled
+
+    layout = text_layout(model)
+    trim = lambda x: trim_to_pooled(x, layout.pooling, layout.eos_id)  # noqa: E731
+    own = [trim(ids[i : i + 1]) for i in range(len(ids))]
+    each = compare(np.concatenate([run(x) for x in own]), ref)
+    batches = {}
+    comps = [each]
+    for rows in (8, len(ids)):
+        x = trim(ids[:rows])
+        c = compare(run(x), ref[:rows])
+        batches[f"batch {rows} at length {x.shape[1]}"] = c.to_dict()
+        comps.append(c)
+    report = {
+        "reference": f"PyTorch encode_text on ids padded to {ids.shape[1]}",
+        "own_lengths": sorted({int(x.shape[1]) for x in own}),
+        "each_text_at_its_own_length": each.to_dict(),
+        **batches,
+    }
+    return report, comps
 
 
 def _check_runtime_inputs(
@@ -151,23 +245,45 @@ def _check_runtime_inputs(
     pixel_diff = float(np.abs(ours - pixels.numpy()).max())
     if not pixel_diff <= 1e-5:
         failures.append(f"runtime preprocessing differs from open_clip by {pixel_diff:.3e} > 1e-5")
-    ids = load_tokenizer(manifest["tokenizer"], artifact_dir)(prompts)
-    mismatched = int((ids != tokens.numpy()).any(axis=1).sum())
-    if mismatched:
-        failures.append(f"runtime tokenizer differs from open_clip on {mismatched} of {len(prompts)} prompts")
-    report = {
+    report: dict[str, Any] = {
         "preprocess": {"images": len(images), "max_abs_diff": pixel_diff, "passed": pixel_diff <= 1e-5},
-        "tokenizer": {"texts": len(prompts), "mismatched": mismatched, "passed": mismatched == 0},
     }
+    if manifest["tokenizer"].get("missing"):
+        report["tokenizer"] = {"texts": 0, "mismatched": 0, "passed": None, "missing": True}
+        return report, failures
+    texts = prompts + list(LENGTH_PROBES)
+    ids = load_tokenizer(manifest["tokenizer"], artifact_dir)(texts)
+    ref = tokens.numpy()
+    mismatched = len(texts) if ids.shape != ref.shape else int((ids != ref).any(axis=1).sum())
+    if mismatched:
+        failures.append(f"runtime tokenizer differs from open_clip on {mismatched} of {len(texts)} texts")
+    report["tokenizer"] = {"texts": len(texts), "mismatched": mismatched, "passed": mismatched == 0}
     return report, failures
 
 
 def _tower_entry(spec: TowerSpec, model: Any, embed_dim: int) -> dict[str, Any]:
-    return {
+    entry: dict[str, Any] = {
         "inputs": [spec.input_spec(model).to_dict()],
         "outputs": [spec.output_spec(model, embed_dim).to_dict()],
         "embed_dim": embed_dim,
     }
+    if spec.tower == "text":
+        from clipdeploy.export.specs import MIN_SEQUENCE
+        from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
+
+        dynamic = spec.dynamic_sequence(model)
+        length = context_length(model)
+        entry.update(
+            {
+                # "longest": pad each batch to its longest text (the runtime trims after the pooled
+                # position); "max_length": pad every text to the context length, as trained.
+                "padding": PADDING_LONGEST if dynamic else PADDING_MAX_LENGTH,
+                **text_layout(model).to_dict(),
+                "context_length": length,
+                "sequence": {"min": MIN_SEQUENCE, "max": length} if dynamic else {"min": length, "max": length},
+            }
+        )
+    return entry
 
 
 def _variant_entry(ex: ExportedTower, root: Path, opset: int, validation: dict[str, Any]) -> dict[str, Any]:
@@ -199,21 +315,32 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
     from clipdeploy.export.tokenizer_assets import describe_tokenizer
 
     loaded = load_model(
-        cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, model_config=cfg.model_config, seed=cfg.seed
+        cfg.model,
+        pretrained=cfg.pretrained,
+        checkpoint=cfg.checkpoint,
+        model_config=cfg.model_config,
+        seed=cfg.seed,
+        tokenizer_dir=cfg.tokenizer_dir,
+        depth=cfg.depth,
     )
     family: FamilySpec = detect_family(loaded.model)
+    model, original = loaded.model, None
     if family.prepare is not None:
-        family.prepare(loaded.model)
+        model, original = family.prepare(loaded.model), loaded.model
     # Describe the tokenizer first: an unsupported kind should fail before minutes of tracing.
-    tokenizer_entry = describe_tokenizer(loaded.tokenizer, work)
+    tokenizer_entry = describe_tokenizer(
+        loaded.tokenizer, work, missing=loaded.tokenizer_missing, context_length=context_length(model)
+    )
+    if loaded.hf_tokenizer_name and tokenizer_entry["kind"] != "openclip-bpe":
+        tokenizer_entry["hf_tokenizer_name"] = loaded.hf_tokenizer_name
     preprocess_entry = describe_preprocess(loaded.model)
 
     exported = {
-        spec.tower: export_tower(spec, loaded.model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
+        spec.tower: export_tower(spec, model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
         for spec in family.towers
     }
     pixels, tokens, images, prompts = _reference_inputs(loaded)
-    tower_report, failures, dims = _check_towers(loaded, exported, pixels, tokens)
+    tower_report, failures, dims = _check_towers(model, exported, pixels, tokens, original=original)
     logit_scale, logit_bias = _logit_terms(loaded.model)
     source = {k: v for k, v in loaded.source.items() if k != "model_config"}
     manifest: dict[str, Any] = {
@@ -224,15 +351,15 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
             **source,
             "model_config": loaded.source.get("model_config"),
             "family": family.name,
+            "prepared": family.prepare.__name__ if family.prepare is not None else None,
+            "reduced_depth": cfg.depth,
             "embed_dim": dims["image"],
             # logit_scale is the multiplier (exp already applied); logit_bias is None except for SigLIP.
             "logit_scale": logit_scale,
             "logit_bias": logit_bias,
             "parameters": sum(p.numel() for p in loaded.model.parameters()),
         },
-        "towers": {
-            spec.tower: _tower_entry(spec, loaded.model, dims[spec.tower]) for spec in family.towers
-        },
+        "towers": {spec.tower: _tower_entry(spec, model, dims[spec.tower]) for spec in family.towers},
         "preprocess": preprocess_entry,
         "tokenizer": tokenizer_entry,
         "variants": [],

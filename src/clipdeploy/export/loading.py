@@ -6,11 +6,13 @@ to do. Checkpoints load with ``weights_only=True``, so a checkpoint cannot run c
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,12 @@ class LoadedModel:
     """An eval-mode open_clip model with what the artifact needs to describe where it came from."""
 
     model: Any
-    tokenizer: Any
+    tokenizer: Any  # open_clip's tokenizer; None when it needs hub files that could not be had
     name: str
     source: dict[str, Any]  # how the weights were chosen: pretrained tag, checkpoint sha256, config
+    # Set when the tokenizer is missing: which one, why, and how to supply it (recorded in the manifest).
+    tokenizer_missing: dict[str, Any] | None = None
+    hf_tokenizer_name: str | None = None  # the hub name of a Hugging Face tokenizer, from the model config
 
 
 def import_open_clip() -> Any:
@@ -128,10 +133,17 @@ def load_model(
     checkpoint: str | Path | None = None,
     model_config: str | Path | None = None,
     seed: int = 0,
+    tokenizer_dir: str | Path | None = None,
+    depth: int | None = None,
 ) -> LoadedModel:
     """Build ``name`` in eval mode on CPU, in fp32, with the weights asked for.
 
     With neither ``pretrained`` nor ``checkpoint`` the weights are random, seeded by ``seed``.
+    A Hugging Face text tower is built from a bundled config (no hub needed). A Hugging Face
+    tokenizer comes from ``tokenizer_dir`` when given, else from the hub; when neither works the
+    model still loads, with ``tokenizer=None`` and ``tokenizer_missing`` saying how to supply it.
+    ``depth`` builds the architecture with fewer transformer blocks per tower (reduced-depth proofs
+    of the giants only; never with weights).
     """
     open_clip = import_open_clip()
     import torch
@@ -156,8 +168,16 @@ def load_model(
     torch.manual_seed(seed)
     if pretrained is None and checkpoint is None and not name.startswith(_SCHEMAS):
         source["random_init_seed"] = seed
+    overrides = _hf_text_overrides(open_clip, name)
+    if depth is not None:
+        if pretrained or checkpoint is not None:
+            raise UsageError("a reduced depth applies to random weights only; drop --pretrained/--checkpoint")
+        overrides = reduced_depth_overrides(open_clip, name, depth, overrides)
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, device="cpu", precision="fp32")
+        with _timm_depth(depth):
+            model = open_clip.create_model(
+                name, pretrained=pretrained, device="cpu", precision="fp32", pretrained_text=False, **overrides
+            )
     except RuntimeError as e:
         if pretrained and "download" in str(e).lower():
             raise CheckpointError(
@@ -168,11 +188,135 @@ def load_model(
     if ckpt_path is not None:
         _load_checkpoint(open_clip, model, name, ckpt_path)
     model.eval()
+    if overrides.get("text_cfg", {}).get("hf_model_name"):
+        source["hf_text_config"] = "bundled"
+    tokenizer, missing = load_tokenizer(open_clip, name, tokenizer_dir)
+    if type(getattr(model, "text", None)).__name__ == "HFTextEncoder":
+        # An HF tower reports max_position_embeddings (514 for roberta) as its context length; the ids
+        # it gets are the tokenizer's, padded to the text_cfg context length (77 by default).
+        length = tokenizer.context_length if tokenizer is not None else _text_cfg(open_clip, name).get("context_length")
+        model.clipdeploy_context_length = int(length or 77)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        source=source,
+        tokenizer_missing=missing,
+        hf_tokenizer_name=_text_cfg(open_clip, name).get("hf_tokenizer_name"),
+    )
+
+
+def _text_cfg(open_clip: Any, name: str) -> dict[str, Any]:
+    cfg = open_clip.get_model_config(name) if not name.startswith(_SCHEMAS) else None
+    return dict((cfg or {}).get("text_cfg") or {})
+
+
+def load_tokenizer(open_clip: Any, name: str, tokenizer_dir: str | Path | None) -> tuple[Any, dict[str, Any] | None]:
+    """open_clip's tokenizer for ``name``; a Hugging Face one from ``tokenizer_dir`` when given.
+
+    Returns (tokenizer, None), or (None, what is missing) when the hub cannot be reached.
+    """
+    text_cfg = _text_cfg(open_clip, name)
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir)
+        if not hf_name:
+            raise UsageError(
+                f"--tokenizer-dir was given, but {name} uses open_clip's built-in BPE tokenizer; drop --tokenizer-dir"
+            )
+        if not tokenizer_dir.is_dir():
+            raise UsageError(
+                f"--tokenizer-dir {str(tokenizer_dir)!r} is not a directory; pass a folder holding the "
+                f"{hf_name} tokenizer files (tokenizer.json, tokenizer_config.json)"
+            )
+        from open_clip.tokenizer import HFTokenizer
+
+        # The arguments open_clip.get_tokenizer passes, with the local folder as the source.
+        try:
+            return (
+                HFTokenizer(
+                    str(tokenizer_dir),
+                    context_length=text_cfg.get("context_length", 77),
+                    tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                    **text_cfg.get("tokenizer_kwargs", {}),
+                ),
+                None,
+            )
+        except Exception as e:
+            raise UsageError(
+                f"could not build the {hf_name} tokenizer from --tokenizer-dir {str(tokenizer_dir)!r} "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); pass a folder saved by "
+                "AutoTokenizer.save_pretrained"
+            ) from e
     try:
-        tokenizer = open_clip.get_tokenizer(name)
+        return open_clip.get_tokenizer(name), None
     except Exception as e:  # HF tokenizers reach for the hub
-        raise UsageError(
-            f"could not build the tokenizer of {name} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-            "this model's tokenizer needs files from the Hugging Face hub"
-        ) from e
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
+        if not hf_name:
+            raise UsageError(
+                f"could not build the tokenizer of {name} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from e
+        log.warning(
+            "the %s tokenizer of %s could not be fetched (%s); the artifact will record it as missing; "
+            "pass --tokenizer-dir DIR to include it",
+            hf_name, name, " ".join(str(e).split())[:160],
+        )
+        return None, {
+            "hf_tokenizer_name": hf_name,
+            "reason": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}",
+            "fix": f"save the {hf_name} tokenizer on a machine with the hub "
+            f"(AutoTokenizer.from_pretrained({hf_name!r}).save_pretrained(DIR)) and re-export with --tokenizer-dir DIR",
+        }
+
+
+def _hf_text_overrides(open_clip: Any, name: str) -> dict[str, Any]:
+    """A Hugging Face text tower built from the bundled config, so no hub is needed to build it."""
+    from clipdeploy.export.hf_configs import bundled_config_dir
+
+    text_cfg = _text_cfg(open_clip, name)
+    hf_model = text_cfg.get("hf_model_name")
+    if not hf_model:
+        return {}
+    local = bundled_config_dir(hf_model)
+    if local is None:
+        return {}
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(local), "hf_model_pretrained": False}}
+
+
+@contextlib.contextmanager
+def _timm_depth(depth: int | None) -> Iterator[None]:
+    """While building, timm towers get ``depth`` blocks (open_clip's TimmModel passes no such option)."""
+    if depth is None:
+        yield
+        return
+    import timm
+
+    create = timm.create_model
+
+    def shallow(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return create(*args, **{**kwargs, "depth": depth})
+        except TypeError as e:  # staged towers (ConvNeXt, Swin) take blocks per stage instead
+            if "depth" not in str(e):
+                raise
+            return create(*args, **{**kwargs, "depths": (depth,) * 4})
+
+    timm.create_model = shallow
+    try:
+        yield
+    finally:
+        timm.create_model = create
+
+
+def reduced_depth_overrides(open_clip: Any, name: str, depth: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The same architecture with at most ``depth`` blocks in each tower (for giants that cannot fit)."""
+    cfg = open_clip.get_model_config(name) or {}
+    out = dict(overrides)
+    vision = dict(cfg.get("vision_cfg") or {})
+    if isinstance(vision.get("layers"), int):
+        vision["layers"] = min(vision["layers"], depth)
+    out["vision_cfg"] = vision  # a timm tower gets its depth from _timm_depth at build time
+    text = dict(out.get("text_cfg") or cfg.get("text_cfg") or {})
+    if isinstance(text.get("layers"), int):
+        text["layers"] = min(text["layers"], depth)
+    out["text_cfg"] = text
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import ExportError
-from clipdeploy.export.specs import BATCH, TowerSpec
+from clipdeploy.export.specs import BATCH, MIN_SEQUENCE, SEQUENCE, TowerSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,43 @@ def tower_parameters(model: Any, tower: str) -> list[Any]:
     return [p for p in model.parameters() if id(p) not in visual and id(p) not in skip]
 
 
+# The example length of a dynamic text axis: not 0, 1 or the maximum, which torch.export specializes on.
+EXAMPLE_SEQUENCE = 8
+
+
 def example_input(spec: TowerSpec, model: Any, batch: int = 2) -> Any:
     """A traceable example. Values do not matter for tracing; shapes and dtypes do."""
     import torch
 
-    shape = [batch if d == BATCH else d for d in spec.input_spec(model).shape]
+    sizes = {BATCH: batch, SEQUENCE: EXAMPLE_SEQUENCE}
+    shape = [sizes.get(d, d) if isinstance(d, str) else d for d in spec.input_spec(model).shape]
     if spec.input_dtype == "int64":
-        # SOT, a few word ids, EOT, then zero padding: the argmax pooling sees a realistic sequence.
+        # SOT, a few word ids, EOT, then padding, in range for any vocabulary: the pooling sees a
+        # realistic sequence. Values below 5 exist in every vocabulary the families use.
+        vocab = int(getattr(model, "vocab_size", 0) or getattr(getattr(model, "text", None), "vocab_size", 0) or 49408)
         ids = torch.zeros(shape, dtype=torch.int64)
-        ids[:, 0] = 49406
-        ids[:, 1:4] = torch.tensor([320, 1125, 539])
-        ids[:, 4] = 49407
+        ids[:, 0] = min(49406, vocab - 2)
+        ids[:, 1:4] = torch.tensor([320, 1125, 539]) % max(vocab - 2, 1)
+        ids[:, 4] = min(49407, vocab - 1)
         return ids
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def dynamic_axes(spec: TowerSpec, model: Any) -> dict[int, Any]:
+    """torch.export dims for the named axes of the tower's input, from the one TensorSpec."""
+    import torch
+
+    dims = {
+        BATCH: torch.export.Dim(BATCH, min=1, max=MAX_EXPORT_BATCH),
+        SEQUENCE: torch.export.Dim(SEQUENCE, min=MIN_SEQUENCE, max=_max_sequence(model)),
+    }
+    return {i: dims[d] for i, d in enumerate(spec.input_spec(model).shape) if isinstance(d, str)}
+
+
+def _max_sequence(model: Any) -> int:
+    from clipdeploy.export.specs import context_length
+
+    return context_length(model)
 
 
 def export_tower(spec: TowerSpec, model: Any, path: Path, *, opset: int) -> ExportedTower:
@@ -65,7 +89,7 @@ def export_tower(spec: TowerSpec, model: Any, path: Path, *, opset: int) -> Expo
     example = example_input(spec, model)
     weight_bytes = sum(p.numel() * p.element_size() for p in tower_parameters(model, spec.tower))
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    batch = torch.export.Dim(BATCH, min=1, max=MAX_EXPORT_BATCH)
+    axes = dynamic_axes(spec, model)
     start = time.perf_counter()
     # torch.onnx prints its progress to stdout; keep it for --verbose, and out of JSON-printing commands.
     chatter = io.StringIO()
@@ -77,7 +101,7 @@ def export_tower(spec: TowerSpec, model: Any, path: Path, *, opset: int) -> Expo
                 (example,),
                 input_names=[spec.input_name],
                 output_names=[spec.output_name],
-                dynamic_shapes={"x": {0: batch}},
+                dynamic_shapes=(axes,),
                 opset_version=opset,
                 dynamo=True,
                 verbose=False,

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from clipdeploy.errors import UsageError
+from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, causal_text_wrapper, text_layout
 
 if TYPE_CHECKING:
     import torch
 
 # Named dynamic axes. The names end up in the ONNX graph and in the manifest, from this one place.
 BATCH = "batch"
+SEQUENCE = "sequence"  # text length, on causal text towers only (see export/text_towers.py)
+# The shortest text the dynamic axis accepts: one id. A real text has at least SOT and EOT, but a
+# caller's own ids may be shorter, and the causal wrapper is exact at any length.
+MIN_SEQUENCE = 1
 
 # Opset 18: LayerNormalization is a single node from opset 17 on (the fp16 pass keeps it in fp32 by
 # op type), and 18 is the dynamo exporter's native opset, so no version conversion runs after export.
@@ -60,20 +65,35 @@ class TowerSpec:
     input_dtype: str
     tolerance: Tolerance = FP32_TOLERANCE
     opset: int = DEFAULT_OPSET
+    # Text only. "longest": export a dynamic SEQUENCE axis when the model's text tower is causal with
+    # id-based pooling (checked on the model; else it falls back to "max_length"). "max_length": ids
+    # padded to the context length, as the tower was trained (SigLIP, HF towers, CoCa, bidirectional).
+    padding: str = PADDING_MAX_LENGTH
+
+    def dynamic_sequence(self, model: Any) -> bool:
+        """Whether this tower is exported with a dynamic sequence axis for ``model``."""
+        return self.tower == "text" and self.padding == PADDING_LONGEST and text_layout(model).dynamic
 
     def input_spec(self, model: Any) -> TensorSpec:
         if self.tower == "image":
             height, width = image_size(model)
             return TensorSpec(self.input_name, self.input_dtype, (BATCH, 3, height, width))
-        return TensorSpec(self.input_name, self.input_dtype, (BATCH, context_length(model)))
+        length: int | str = SEQUENCE if self.dynamic_sequence(model) else context_length(model)
+        return TensorSpec(self.input_name, self.input_dtype, (BATCH, length))
 
     def output_spec(self, model: Any, embed_dim: int) -> TensorSpec:
         return TensorSpec(self.output_name, "float32", (BATCH, embed_dim))
 
     def wrap(self, model: Any) -> torch.nn.Module:
-        """A tiny module whose forward is the public open_clip method, so ONNX sees the user's API."""
+        """A tiny module whose forward is the public open_clip method, so ONNX sees the user's API.
+
+        A dynamic-length text tower is the exception: ``encode_text`` adds the full-length positional
+        embedding, so its wrapper performs the same steps sliced to the input length.
+        """
         import torch
 
+        if self.dynamic_sequence(model):
+            return causal_text_wrapper(model)
         method = getattr(model, self.method)
 
         class TowerWrapper(torch.nn.Module):
@@ -96,6 +116,7 @@ IMAGE_TOWER = TowerSpec(
     input_dtype="float32",
 )
 # Token ids stay int64 end to end: in fp16, 49406 and 49407 (SOT and EOT) are the same number.
+# Padded to the context length, as trained: SigLIP, HF text towers, CoCa, bidirectional towers.
 TEXT_TOWER = TowerSpec(
     tower="text",
     method="encode_text",
@@ -103,6 +124,8 @@ TEXT_TOWER = TowerSpec(
     output_name="text_embeds",
     input_dtype="int64",
 )
+# Causal towers with EOT/eos pooling: a dynamic sequence axis, each batch padded to its longest text.
+CAUSAL_TEXT_TOWER = replace(TEXT_TOWER, padding=PADDING_LONGEST)
 
 
 @dataclass(frozen=True)
@@ -112,11 +135,13 @@ class FamilySpec:
     name: str
     description: str
     matches: Callable[[Any], bool]
-    towers: tuple[TowerSpec, ...] = (IMAGE_TOWER, TEXT_TOWER)
-    # Runs on the model before export, e.g. to reparameterize; must keep the outputs identical.
+    towers: tuple[TowerSpec, ...] = (IMAGE_TOWER, CAUSAL_TEXT_TOWER)
+    # Runs on the model before export and returns the model to export (e.g. reparameterized); the
+    # exporter then checks the ONNX against both the original and the prepared model.
     prepare: Callable[[Any], Any] | None = None
     priority: int = 0  # higher is tried first; the catch-all family has the lowest
     tested: bool = True  # False: exports go through the parity gate but have no family test yet
+    representative: str | None = None  # the architecture CI exports for this family
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -168,9 +193,12 @@ def image_size(model: Any) -> tuple[int, int]:
 
 
 def context_length(model: Any) -> int:
-    length = getattr(model, "context_length", None)
+    """The length of the ids the text tower takes: the tokenizer's context length."""
+    length = getattr(model, "clipdeploy_context_length", None)  # set by load_model for HF text towers
     if length is None:
-        length = getattr(model.text, "context_length", None)
+        length = getattr(model, "context_length", None)
+    if length is None:
+        length = getattr(getattr(model, "text", None), "context_length", None)
     if length is None:
         raise UsageError(
             f"cannot tell the text context length of {type(model).__name__}; "
@@ -183,19 +211,154 @@ def _visual_class(model: Any) -> str:
     return type(getattr(model, "visual", None)).__name__
 
 
+def _text_class(model: Any) -> str:
+    return type(getattr(model, "text", None)).__name__
+
+
 def _has_builtin_text(model: Any) -> bool:
     # CLIP keeps the text transformer on the model itself; CustomTextCLIP has `model.text`.
     text = getattr(model, "text", None)
     return text is None or type(text).__name__ == "TextTransformer"
 
 
+def timm_architecture(model: Any) -> str:
+    """The timm model name of a TimmModel image tower ('' for other towers)."""
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or "")
+
+
+def _timm(*prefixes: str, contains: str = "") -> Callable[[Any], bool]:
+    def match(model: Any) -> bool:
+        arch = timm_architecture(model)
+        return bool(arch) and arch.startswith(prefixes) and contains in arch
+
+    return match
+
+
+def reparameterize(model: Any) -> Any:
+    """MobileCLIP: fuse the train-time branches (MobileOne / RepMixer) into single convolutions.
+
+    Works on a copy, so the exporter can still check the ONNX against the original model.
+    """
+    import copy
+
+    from timm.utils import reparameterize_model
+
+    return reparameterize_model(copy.deepcopy(model)).eval()
+
+
+# ---- the families ------------------------------------------------------------------------------
+
+register_family(
+    FamilySpec(
+        name="coca",
+        description="CoCa: the contrastive image and text towers only (captioning is out of scope); the text "
+        "tower appends a CLS token and pads as trained",
+        matches=lambda m: type(m).__name__ == "CoCa",
+        towers=(IMAGE_TOWER, TEXT_TOWER),
+        priority=40,
+        representative="coca_ViT-B-32",
+        notes=("CoCa's encode_image/encode_text return normalized embeddings",),
+    )
+)
+register_family(
+    FamilySpec(
+        name="hf-text",
+        description="a Hugging Face text tower (roberta, xlm-roberta, mt5, nllb) with masked mean or CLS "
+        "pooling, padded to the context length; built offline from a bundled config",
+        matches=lambda m: _text_class(m) == "HFTextEncoder",
+        towers=(IMAGE_TOWER, TEXT_TOWER),
+        priority=35,
+        representative="roberta-ViT-B-32",
+    )
+)
+register_family(
+    FamilySpec(
+        name="mobileclip",
+        description="MobileCLIP / MobileCLIP2 FastViT-MCi and MCi-ViT image towers, reparameterized before "
+        "export and checked against both the original and the reparameterized model",
+        matches=_timm("fastvit_mci", "vit_base_mci"),
+        prepare=reparameterize,
+        priority=30,
+        representative="MobileCLIP-S1",
+    )
+)
+register_family(
+    FamilySpec(
+        name="siglip",
+        description="SigLIP / SigLIP2 (incl. i18n, SO400M, gopt): timm ViT image tower with MAP pooling, "
+        "bidirectional text tower with last-token pooling padded to max_length, and a logit bias",
+        matches=_timm("vit_", contains="siglip"),
+        towers=(IMAGE_TOWER, TEXT_TOWER),
+        priority=30,
+        representative="ViT-B-16-SigLIP",
+    )
+)
+register_family(
+    FamilySpec(
+        name="pe-core",
+        description="Perception Encoder PE-Core: timm ViT with rotary embeddings and attention pooling, "
+        "causal text tower (context 32 or 72)",
+        matches=_timm("vit_pe_core"),
+        priority=30,
+        representative="PE-Core-T-16-384",
+    )
+)
+register_family(
+    FamilySpec(
+        name="eva",
+        description="EVA01 / EVA02 timm image towers with a causal text tower",
+        matches=_timm("eva"),
+        priority=20,
+        representative="EVA02-B-16",
+    )
+)
+register_family(
+    FamilySpec(
+        name="convnext",
+        description="ConvNeXt timm image towers with a causal text tower",
+        matches=_timm("convnext"),
+        priority=20,
+        representative="convnext_tiny",
+    )
+)
+register_family(
+    FamilySpec(
+        name="vitamin",
+        description="ViTamin timm image towers (conv stem + ViT) with a causal text tower",
+        matches=_timm("vitamin"),
+        priority=20,
+        representative="ViTamin-S",
+    )
+)
+register_family(
+    FamilySpec(
+        name="swin",
+        description="Swin Transformer timm image towers with a causal text tower",
+        matches=_timm("swin"),
+        priority=20,
+        representative="swin_base_patch4_window7_224",
+    )
+)
+register_family(
+    FamilySpec(
+        name="timm-vit",
+        description="other timm ViT image towers (vit_relpos, vit_medium gap, MobileCLIP2-L-14's ViT-L) with "
+        "an open_clip text tower",
+        matches=_timm("vit_"),
+        priority=15,
+        representative="vit_relpos_medium_patch16_cls_224",
+    )
+)
 register_family(
     FamilySpec(
         name="vit",
-        description="open_clip VisionTransformer image tower with a causal text transformer "
-        "(OpenAI, LAION, DataComp, DFN, MetaCLIP, -quickgelu, -plus)",
+        description="open_clip VisionTransformer image tower with the built-in text transformer (OpenAI, "
+        "LAION, DataComp, DFN, MetaCLIP, CLIPA, -quickgelu, -plus, worldwide)",
         matches=lambda m: _visual_class(m) == "VisionTransformer" and _has_builtin_text(m),
         priority=10,
+        representative="ViT-B-32",
     )
 )
 register_family(
@@ -205,6 +368,7 @@ register_family(
         "text transformer",
         matches=lambda m: _visual_class(m) == "ModifiedResNet" and _has_builtin_text(m),
         priority=10,
+        representative="RN50",
     )
 )
 register_family(
@@ -213,6 +377,7 @@ register_family(
         description="any other open_clip model, exported through encode_image / encode_text; "
         "the parity gate decides whether the result is accepted",
         matches=lambda m: hasattr(m, "encode_image") and hasattr(m, "encode_text"),
+        towers=(IMAGE_TOWER, TEXT_TOWER),
         priority=-100,
         tested=False,
     )

@@ -15,12 +15,17 @@ from clipdeploy.errors import DependencyError, ExportError
 __all__ = ["describe_tokenizer"]
 
 TOKENIZER_DIR = "tokenizer"
+HF_KIND = "hf-tokenizers"
 
 
-def describe_tokenizer(tokenizer: Any, artifact_dir: Path) -> dict:
-    """Copy the tokenizer's vocab into ``artifact_dir/tokenizer/`` and return its manifest entry.
+def describe_tokenizer(
+    tokenizer: Any, artifact_dir: Path, *, missing: dict[str, Any] | None = None, context_length: int | None = None
+) -> dict:
+    """Copy the tokenizer's files into ``artifact_dir/tokenizer/`` and return its manifest entry.
 
-    Only open_clip's ``SimpleTokenizer`` (CLIP BPE) is supported; anything else raises ExportError.
+    open_clip's ``SimpleTokenizer`` (CLIP BPE) becomes kind ``openclip-bpe``; its ``HFTokenizer`` and
+    ``SigLipTokenizer`` become ``hf-tokenizers``. ``tokenizer=None`` with ``missing`` set records a
+    Hugging Face tokenizer that could not be fetched. Anything else raises ExportError.
     """
     try:
         from open_clip import tokenizer as oc_tok
@@ -30,12 +35,24 @@ def describe_tokenizer(tokenizer: Any, artifact_dir: Path) -> dict:
             "install it with `pip install 'clipdeploy[export]'`"
         ) from exc
 
+    if tokenizer is None:
+        if not missing:
+            raise ExportError("no tokenizer and no reason recorded; pass the model's tokenizer")
+        return {
+            "kind": HF_KIND,
+            "context_length": context_length,
+            "hf_tokenizer_name": missing.get("hf_tokenizer_name"),
+            "missing": missing,
+            "files": {},
+        }
     name = type(tokenizer).__name__
-    # Exact type, not isinstance: a subclass may override encode() and silently break parity.
+    # Exact types, not isinstance: a subclass may override __call__ and silently break parity.
+    if type(tokenizer) in (oc_tok.HFTokenizer, oc_tok.SigLipTokenizer):
+        return _describe_hf(tokenizer, Path(artifact_dir), oc_tok)
     if type(tokenizer) is not oc_tok.SimpleTokenizer:
         raise ExportError(
-            f"tokenizer kind {name} is not supported yet by the exporter; only open_clip's "
-            "SimpleTokenizer (CLIP BPE) is; support for Hugging Face tokenizers is planned"
+            f"tokenizer kind {name} is not supported by the exporter; expected open_clip's SimpleTokenizer "
+            "(CLIP BPE), HFTokenizer or SigLipTokenizer"
         )
 
     context_length = tokenizer.context_length
@@ -136,3 +153,55 @@ def _check_same_vocab(tokenizer: Any, dest: Path, entry: dict, src: Path) -> Non
             "expected a SimpleTokenizer built from the default vocab (a custom bpe_path cannot "
             "be detected); build it with the default bpe_path"
         )
+
+
+def _describe_hf(tokenizer: Any, artifact_dir: Path, oc_tok: Any) -> dict[str, Any]:
+    """Save the fast tokenizer's own ``tokenizers.Tokenizer`` and the settings transformers adds to it."""
+    name = type(tokenizer).__name__
+    if getattr(tokenizer, "tokenizer_mode", ""):
+        raise ExportError(
+            f"{name} tokenizer_mode {tokenizer.tokenizer_mode!r} is not supported; expected the standard mode "
+            "(no tokenizer_mode in the model config)"
+        )
+    hf = tokenizer.tokenizer
+    backend = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        raise ExportError(
+            f"the Hugging Face tokenizer {type(hf).__name__} has no fast (tokenizers) backend; expected a "
+            "tokenizer folder with tokenizer.json (save it with a fast tokenizer)"
+        )
+    if type(tokenizer) is oc_tok.SigLipTokenizer:
+        clean, strip_sep = "canonicalize", False
+    else:
+        clean, strip_sep = _clean_mode(tokenizer.clean_fn, oc_tok), bool(tokenizer.strip_sep_token)
+    context_length = tokenizer.context_length
+    if type(context_length) is not int or context_length < 1:
+        raise ExportError(f"tokenizer context_length is {context_length!r}; expected a positive int")
+    pad_id = hf.pad_token_id
+    if pad_id is None:
+        raise ExportError(
+            f"the Hugging Face tokenizer {type(hf).__name__} has no pad token, but open_clip pads to "
+            "max_length; give the tokenizer a pad token"
+        )
+    dest_dir = artifact_dir / TOKENIZER_DIR
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / "tokenizer.json"
+    # The backend as transformers configured it; padding/truncation are set per call at runtime.
+    saved = backend.__class__.from_str(backend.to_str())
+    saved.no_padding()
+    saved.no_truncation()
+    dest.write_text(saved.to_str(), encoding="utf-8")
+    return {
+        "kind": HF_KIND,
+        "context_length": context_length,
+        "clean": clean,
+        "files": {"tokenizer_json": dest.relative_to(artifact_dir).as_posix()},
+        "hf_tokenizer_class": type(hf).__name__,
+        "hf_tokenizer_name": str(getattr(hf, "name_or_path", "") or ""),
+        "pad_token_id": int(pad_id),
+        "pad_token": str(hf.pad_token) if hf.pad_token is not None else None,
+        "padding_side": str(getattr(hf, "padding_side", "right")),
+        "truncation_side": str(getattr(hf, "truncation_side", "right")),
+        "strip_sep_token": strip_sep,
+        "sep_token_id": int(hf.sep_token_id) if strip_sep else None,
+    }

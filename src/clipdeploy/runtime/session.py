@@ -113,9 +113,30 @@ class ClipSession:
                 self._tokenizer = load_tokenizer(self.manifest["tokenizer"], self.root)
             return self._tokenizer
 
-    def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
-        """Strings to int64 token ids, the same ids open_clip's tokenizer gives."""
-        return self.tokenizer(texts)
+    def tokenize(self, texts: Sequence[str] | str, *, padding: str = "max_length") -> np.ndarray:
+        """Strings to int64 token ids, the same ids open_clip's tokenizer gives.
+
+        ``padding="max_length"`` (default) pads to the context length, exactly as open_clip does.
+        ``padding="longest"`` pads only to the batch's longest text (EOT included), for artifacts
+        whose text tower takes a dynamic length (``manifest["towers"]["text"]["padding"]``).
+        """
+        from clipdeploy.runtime.padding import PADDINGS, trim_to_pooled
+
+        if padding not in PADDINGS:
+            raise UsageError(f"padding={padding!r} must be one of {', '.join(PADDINGS)}")
+        ids = self.tokenizer(texts)
+        if padding == "max_length":
+            return ids
+        text = self._text_entry()
+        if text.get("padding") != "longest":
+            raise UsageError(
+                f"padding='longest' needs a dynamic-length text tower, and {self.model_name}'s takes ids padded "
+                f"to {ids.shape[1]}; use padding='max_length'"
+            )
+        return trim_to_pooled(ids, text["pooling"], text.get("eos_token_id"))
+
+    def _text_entry(self) -> dict[str, Any]:
+        return dict(self.manifest.get("towers", {}).get("text") or {})
 
     # ---- encoders --------------------------------------------------------------------------
 
@@ -178,12 +199,28 @@ class ClipSession:
     def encode_tokens(
         self, tokens: Any, *, normalize: bool = True, batch_size: int | None = None, return_torch: bool = False
     ) -> Any:
-        """Integer token ids ``[N, L]`` to ``[N, D]`` text embeddings. Torch tensors as for ``encode_pixels``."""
+        """Integer token ids ``[N, L]`` to ``[N, D]`` text embeddings. Torch tensors as for ``encode_pixels``.
+
+        On a dynamic-length text tower, full-length and trimmed ids alike are cut after the latest
+        pooled position (EOT/eos) of the batch, which cannot change the result of a causal tower.
+        """
         if return_torch or type(tokens).__module__.startswith("torch"):
             return self._run_torch("text", tokens, normalize, batch_size, return_torch)
         x = np.asarray(tokens)
         if not np.issubdtype(x.dtype, np.integer):
             raise InputError(f"token ids have dtype {x.dtype}; pass integer ids, e.g. from session.tokenize")
+        text = self._text_entry()
+        if text.get("padding") == "longest" and x.ndim == 2:
+            from clipdeploy.runtime.padding import trim_to_pooled
+
+            # Full-length or trimmed ids alike: nothing after the latest pooled position matters.
+            x = trim_to_pooled(x, text["pooling"], text.get("eos_token_id"))
+            limit = int(text.get("context_length") or x.shape[1])
+            if x.shape[1] > limit:
+                raise InputError(
+                    f"token ids reach position {x.shape[1]}, past the context length {limit}; "
+                    f"truncate them to {limit} tokens, as session.tokenize does"
+                )
         return self._run("text", np.ascontiguousarray(x, dtype=np.int64), normalize, batch_size)
 
     def encode_image(
@@ -198,10 +235,11 @@ class ClipSession:
         return np.concatenate(parts)
 
     def encode_text(self, texts: Sequence[str] | str, *, normalize: bool = True, batch_size: int = 256) -> np.ndarray:
-        """Strings to ``[N, D]`` embeddings."""
+        """Strings to ``[N, D]`` embeddings; a dynamic-length text tower gets each batch padded to its longest text."""
         items = _as_list(texts, "text")
+        padding = "longest" if self._text_entry().get("padding") == "longest" else "max_length"
         parts = [
-            self.encode_tokens(self.tokenize(items[s]), normalize=normalize)
+            self.encode_tokens(self.tokenize(items[s], padding=padding), normalize=normalize)
             for s in _chunks(len(items), max(1, batch_size))
         ]
         return np.concatenate(parts)

@@ -29,7 +29,7 @@ __all__ = [
 
 DEFAULT_CONTEXT_LENGTH = 77
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")
-SUPPORTED_KINDS = ("openclip-bpe",)
+SUPPORTED_KINDS = ("openclip-bpe", "hf-tokenizers")
 # open_clip keeps every BPE result forever; a server tokenizing arbitrary text must not.
 _BPE_CACHE_SIZE = 1 << 16
 _DEFAULT_SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
@@ -329,8 +329,12 @@ def _as_text_list(texts: Any) -> list[str]:
     return texts
 
 
-def load_tokenizer(cfg: dict, root: Path) -> BpeTokenizer:
-    """Build the tokenizer described by a manifest's tokenizer entry; files are relative to root."""
+def load_tokenizer(cfg: dict, root: Path) -> Any:
+    """Build the tokenizer described by a manifest's tokenizer entry; files are relative to root.
+
+    ``openclip-bpe``: a BpeTokenizer; ``hf-tokenizers``: an HfTokenizer (see runtime/hf_tokenizer.py),
+    or an ArtifactError saying how to supply the files when the export could not fetch them.
+    """
     if not isinstance(cfg, dict):
         raise ArtifactError(
             f"manifest tokenizer entry is {type(cfg).__name__}, expected a mapping; "
@@ -342,6 +346,10 @@ def load_tokenizer(cfg: dict, root: Path) -> BpeTokenizer:
             f"manifest tokenizer kind is {kind!r}; this runtime supports "
             f"{', '.join(SUPPORTED_KINDS)}; upgrade clipdeploy or re-export the artifact"
         )
+    if kind == "hf-tokenizers":
+        from clipdeploy.runtime.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(cfg, Path(root), _resolve_file)
     reduction = cfg.get("reduction_mask")
     if reduction:
         raise ArtifactError(

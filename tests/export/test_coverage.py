@@ -1,0 +1,64 @@
+"""The coverage command: model selection, a resumable cache, and the Markdown report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("open_clip")
+
+from clipdeploy.export import coverage  # noqa: E402
+
+MODELS = ["RN50", "RN50-quickgelu", "RN50x4", "ViT-B-32", "ViT-B-32-256", "EVA02-E-14"]
+
+
+def test_select_exact_glob_and_substring():
+    assert coverage.select(MODELS, ["RN50"]) == ["RN50"]  # an exact name is just that one
+    assert coverage.select(MODELS, ["RN50*"]) == ["RN50", "RN50-quickgelu", "RN50x4"]
+    assert coverage.select(MODELS, ["b-32"]) == ["ViT-B-32", "ViT-B-32-256"]
+    assert coverage.select(MODELS, None) == MODELS
+
+
+def _row(model, status="passed"):
+    tower = {"passed": status == "passed", "min_cosine": 0.99999999, "max_abs_err": 1e-6, "abs_err_rel": 1e-7}
+    return {"model": model, "status": status, "family": "vit", "size": "full size", "seconds": 1.0,
+            "export_seconds": 1.0, "towers": {"image": tower, "text": tower}, "onnx_bytes": {"image": 4e8, "text": 2.5e8},
+            "tokenizer": {"kind": "openclip-bpe"}, "pooling": "argmax", "padding": "longest", "peak_rss_gb": 2.0}
+
+
+def test_sweep_is_resumable_and_writes_the_report(tmp_path, monkeypatch):
+    ran = []
+
+    def fake(model, reduced_depth, timeout):
+        ran.append(model)
+        return _row(model, "failed" if model == "RN50x4" else "passed")
+
+    monkeypatch.setattr(coverage, "_run_in_subprocess", fake)
+    monkeypatch.setattr(coverage, "list_architectures", lambda: MODELS)
+    cache, report = tmp_path / "c.json", tmp_path / "c.md"
+    coverage.sweep(["RN50", "RN50x4"], cache_path=cache, report_path=report, reduced_depth=False, rerun=False, timeout=9)
+    coverage.sweep(["RN50", "ViT-B-32"], cache_path=cache, report_path=report, reduced_depth=False, rerun=False,
+                   timeout=9)
+    assert ran == ["RN50", "RN50x4", "ViT-B-32"]  # RN50 came from the cache the second time
+    assert set(json.loads(cache.read_text())["rows"]) == {"RN50", "RN50x4", "ViT-B-32"}
+    md = report.read_text()
+    assert "run so far: **3**; not run yet: **3**" in md
+    assert "both towers within tolerance: **2**" in md and "failed the gate: **1**" in md
+    assert "| RN50 | vit | passed | pass | 1 - 1e-08 |" in md
+    assert "| EVA02-E-14 | | not run |" in md
+    assert md.count("\n| ") == len(MODELS) + 1  # one row per architecture, plus the header
+
+
+def test_report_only_from_the_cli(tmp_path, monkeypatch, capsys):
+    from clipdeploy.cli import main
+
+    monkeypatch.setattr(coverage, "list_architectures", lambda: MODELS)
+    cache = tmp_path / "c.json"
+    cache.write_text(json.dumps({"rows": {"ViT-B-32": _row("ViT-B-32")}}))
+    assert main(["coverage", "--report-only", "--cache", str(cache), "--report", str(tmp_path / "r.md")]) == 0
+    assert "| ViT-B-32 | vit | passed |" in (tmp_path / "r.md").read_text()
+
+
+def test_reduced_depth_is_only_for_the_giants():
+    assert set(coverage.GIANTS) == {"EVA02-E-14", "EVA02-E-14-plus", "ViT-e-14"}

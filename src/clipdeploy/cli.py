@@ -290,11 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     from clipdeploy.benchmarks.command import add_bench
     from clipdeploy.build.command import add_build, add_validate
     from clipdeploy.export.coverage import add_coverage
+    from clipdeploy.pipeline.command import add_run
     from clipdeploy.precision.command import add_quantize
+    from clipdeploy.triton.command import add_triton
 
     for add in (
-        add_export, add_quantize, add_build, add_validate, add_embed, add_inspect, add_models, add_bench,
-        add_coverage,
+        add_export, add_quantize, add_build, add_validate, add_embed, add_inspect, add_models, add_bench, add_run,
+        add_triton, add_coverage,
     ):
         add(sub)
     return parser

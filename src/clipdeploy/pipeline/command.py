@@ -1,0 +1,50 @@
+"""`clipdeploy run CONFIG.yaml`: parse, load the config, run, print the table. Imports nothing heavy."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+STAGE_CHOICES = ("export", "quantize", "build", "validate", "bench")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from clipdeploy.pipeline.config import load_config
+    from clipdeploy.pipeline.runner import RunOptions, run_pipeline
+    from clipdeploy.pipeline.summary import table
+
+    options = RunOptions(force=args.force, only=args.only, fail_fast=args.fail_fast, models=tuple(args.model or ()))
+    options.check()
+    config = load_config(args.config, output=args.output)
+    summary = run_pipeline(config, options)
+    print(table(summary))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0 if summary["ok"] else 1
+
+
+def add_run(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="export, quantize, build, validate and benchmark every model in a YAML file, incrementally",
+        description="Run the pipeline described by a YAML file (defaults plus one entry per model): export, "
+        "quantize, build, validate and bench. Each stage's outputs are keyed by a hash of its inputs (weights, "
+        "config values, calibration data, tool versions, GPU and TensorRT version), so a re-run skips what is "
+        "current and says so. One model failing does not stop the others. Stages that cannot run here "
+        "(build and validate without TensorRT or a GPU) are skipped with the reason. Prints a summary table, "
+        "writes OUTPUT/summary.json, and exits 1 if anything failed.",
+    )
+    p.add_argument("config", help="pipeline YAML file, e.g. configs/quickstart.yaml")
+    p.add_argument("-o", "--output", metavar="DIR", help="output root (default: the file's `output:`)")
+    p.add_argument("--force", action="store_true", help="re-run every selected stage, even if current")
+    p.add_argument("--only", choices=STAGE_CHOICES, help="run only this stage; the others are checked, not run")
+    p.add_argument("--fail-fast", action="store_true", help="stop everything at the first failure")
+    p.add_argument("--model", action="append", metavar="NAME", help="run only this model entry (repeatable)")
+    p.add_argument("--json", metavar="FILE", help="also write the summary JSON here")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,21 @@
+"""`clipdeploy triton`: a Triton Inference Server model repository from artifact directories.
+
+``build_repository(TritonConfig(artifacts=[...], output=...))`` writes it; see
+:mod:`clipdeploy.triton.repository`. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clipdeploy.triton.repository import TritonConfig
+
+__all__ = ["build_repository"]
+
+
+def build_repository(cfg: TritonConfig) -> dict[str, Any]:
+    """Write the repository; see :func:`clipdeploy.triton.repository.build_repository`."""
+    from clipdeploy.triton.repository import build_repository as _build
+
+    return _build(cfg)

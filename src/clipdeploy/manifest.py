@@ -73,19 +73,42 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see either the old content or the whole new one."""
+def atomic_write_bytes(path: Path, data: Any) -> None:
+    """Write a file (bytes or any buffer) so that readers see either the old content or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def swap_directory(work: Path, output: Path) -> None:
+    """Move a finished ``work`` directory to ``output``, replacing what was there only once the new
+    one is in place; if the move fails, the previous directory is put back."""
+    import shutil
+
+    if not output.exists():
+        os.replace(work, output)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    old.rmdir()
+    os.replace(output, old)
+    try:
+        os.replace(work, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -8,8 +8,6 @@ version, so engines for several GPUs and versions live side by side in one artif
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 from clipdeploy.build.config import BuildConfig, Range
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
 from clipdeploy.manifest import (
+    atomic_write_bytes,
     Variant,
     file_sha256,
     read_manifest,
@@ -41,21 +40,6 @@ def plan_name(
     """e.g. ``image.fp16.sm90.trt11.4.0.plan``; portable plans say so in the name."""
     target = "ampere-plus" if hardware_compat == "ampere-plus" else gpu.sm
     return f"{tower}.{precision}.{target}.trt{base_version(version)}{'-vc' if version_compat else ''}.plan"
-
-
-def atomic_write_bytes(path: Path, data: Any) -> None:
-    """Write ``data`` (bytes or any buffer) so that readers see either no file or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- inputs -------------------------------------------------------------------------------------

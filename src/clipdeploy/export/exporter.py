@@ -8,7 +8,6 @@ artifact untouched.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from clipdeploy.errors import UsageError
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
 from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, context_length, detect_family
-from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, write_manifest
+from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)
@@ -396,21 +395,6 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
     return manifest
 
 
-def _swap_into_place(work: Path, output: Path) -> None:
-    if not output.exists():
-        os.replace(work, output)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-    old.rmdir()
-    os.replace(output, old)
-    try:
-        os.replace(work, output)
-    except BaseException:
-        os.replace(old, output)  # put the previous artifact back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_model(cfg: ExportConfig) -> dict[str, Any]:
     """Export both towers of ``cfg.model`` to validated fp32 ONNX in ``cfg.output``; returns the manifest."""
     output = Path(cfg.output)
@@ -423,7 +407,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         manifest = _build(cfg, work)
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         write_manifest(work, manifest)
-        _swap_into_place(work, output)
+        swap_directory(work, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest

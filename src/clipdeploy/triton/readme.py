@@ -11,18 +11,18 @@ from clipdeploy.triton import releases
 PYTHON_PACKAGES = ("pillow", "ftfy", "regex")
 
 
-def release_line(trt: dict[str, Any]) -> tuple[str, str]:
+def release_line(engine_info: dict[str, Any]) -> tuple[str, str]:
     """(a sentence on which release to use, the image to put in the commands)."""
-    if not trt:
+    if not engine_info:
         newest = releases.RELEASES[-1].name
         return (
             f"The repository holds ONNX models only: any recent Triton release serves it (e.g. {newest}).",
             releases.image(newest),
         )
-    version = trt["engines_tensorrt"]
-    matching = trt.get("matching_releases") or []
-    if trt.get("target_release"):
-        release = trt["target_release"]
+    version = engine_info["engines_tensorrt"]
+    matching = engine_info.get("matching_releases") or []
+    if engine_info.get("target_release"):
+        release = engine_info["target_release"]
     elif matching:
         release = matching[-1]["release"]
     else:
@@ -30,7 +30,7 @@ def release_line(trt: dict[str, Any]) -> tuple[str, str]:
     names = ", ".join(f"{m['release']}{'' if m['verified'] else ' (unverified)'}" for m in matching)
     compat = (
         " (version-compatible plans: that release or a later one of the same TensorRT major)"
-        if trt.get("version_compatible")
+        if engine_info.get("version_compatible")
         else ""
     )
     text = (
@@ -41,10 +41,10 @@ def release_line(trt: dict[str, Any]) -> tuple[str, str]:
 
 
 def readme(summary: dict[str, Any], output: Path) -> str:
-    trt = summary.get("tensorrt") or {}
-    which, image = release_line(trt)
-    gpus = "--gpus all " if trt else ""
-    flags = " --backend-config=tensorrt,version-compatible=true" if trt.get("version_compatible") else ""
+    engine_info = summary.get("tensorrt") or {}
+    which, image = release_line(engine_info)
+    gpus = "--gpus all " if engine_info else ""
+    flags = " --backend-config=tensorrt,version-compatible=true" if engine_info.get("version_compatible") else ""
     lines = [
         "# Triton model repository",
         "",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -35,6 +34,7 @@ from clipdeploy.manifest import (
     PRECISIONS,
     Variant,
     read_manifest,
+    swap_directory,
     variant_files,
     variants,
     verify_files,
@@ -644,21 +644,6 @@ def _check_output(output: Path, force: bool) -> None:
         )
 
 
-def _swap(work: Path, output: Path) -> None:
-    if not output.exists():
-        os.replace(work, output)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-    old.rmdir()
-    os.replace(output, old)
-    try:
-        os.replace(work, output)
-    except BaseException:
-        os.replace(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_repository(cfg: TritonConfig) -> dict[str, Any]:
     """Write a Triton model repository for ``cfg.artifacts``; returns what was written, with warnings."""
     from clipdeploy.triton.readme import readme
@@ -685,7 +670,7 @@ def build_repository(cfg: TritonConfig) -> dict[str, Any]:
         (work / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (work / "README.md").write_text(readme(summary, output), encoding="utf-8")
         work.chmod(0o755)  # mkdtemp makes it private; the server (often another user in a container) reads it
-        _swap(work, output)
+        swap_directory(work, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for w in warnings:

@@ -1,8 +1,9 @@
 """int8 explicit quantization: TensorRT-compatible QuantizeLinear/DequantizeLinear pairs in the graph.
 
 Symmetric int8, zero-point 0, per-channel weights on the output-channel axis, activations calibrated
-on real data; no bias quantization and no Q/DQ on outputs. Only the inputs of MatMul, Gemm and Conv
-are quantized, so Softmax and LayerNorm stay unquantized. ``int8-fp16`` then converts what is left
+on real data; no bias quantization and no Q/DQ on outputs. The inputs of MatMul, Gemm and Conv are
+quantized; Softmax stays unquantized, and so does LayerNorm except where it reads a Conv's output
+(ConvNeXt: Conv → Transpose → LayerNorm), as TensorRT's placement rules have it. ``int8-fp16`` then converts what is left
 to fp16, with fp16 scales (opset 19) so each DequantizeLinear feeds its fp16 consumer directly, the
 form TensorRT's strongly typed builder fuses.
 """
@@ -82,8 +83,8 @@ def quantize(
     method: str,
     cache: Path,
     exclude: Sequence[str] = (),
-) -> None:
-    """Write the int8 Q/DQ model. Activation ranges come from ``cache`` when it exists, else from
+) -> list[str]:
+    """Write the int8 Q/DQ model; returns the LayerNorms quantized after a Conv. Activation ranges come from ``cache`` when it exists, else from
     calibrating on ``feeds`` (and are then saved there), so recovery rounds calibrate once."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -108,6 +109,81 @@ def quantize(
         extra_options=dict(QDQ_OPTIONS),
         calibration_cache_path=str(cache),
     )
+    model = graph.load(dst)
+    layernorms = quantize_layernorm_after_conv(model, calibrated_ranges(cache), exclude)
+    if layernorms:
+        graph.save(model, dst)
+    return layernorms
+
+
+# Ops that only move values around: a LayerNorm behind them still reads the Conv's output values.
+LAYOUT_OPS = ("Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def calibrated_ranges(cache: Path) -> dict[str, tuple[float, float]]:
+    """(lowest, highest) per tensor from ONNX Runtime's calibration cache (its TensorsData JSON)."""
+    import json
+
+    data = json.loads(cache.read_text(encoding="utf-8")).get("data", {})
+    return {
+        name: (float(np.min(t["lowest"]["data"])), float(np.max(t["highest"]["data"])))
+        for name, t in data.items()
+        if isinstance(t, dict) and "lowest" in t and "highest" in t
+    }
+
+
+def conv_fed_layernorms(model: Any) -> dict[str, tuple[str, str]]:
+    """LayerNorm name → (its Conv's name, the Conv output tensor) for each LayerNorm whose input is a
+    Conv output, directly or through layout ops only."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization":
+            continue
+        src = producers.get(node.input[0])
+        while src is not None and src.op_type in LAYOUT_OPS:
+            src = producers.get(src.input[0])
+        if src is not None and src.op_type == "Conv":
+            found[node.name] = (src.name, src.output[0])
+    return found
+
+
+def quantize_layernorm_after_conv(
+    model: Any, ranges: dict[str, tuple[float, float]], exclude: Sequence[str] = ()
+) -> list[str]:
+    """Put a symmetric int8 Q/DQ pair on the input of each LayerNorm fed by a Conv, so TensorRT can
+    let the Conv write int8. Its scale is the Conv output's calibrated range (layout ops keep the
+    values); gamma, beta and the output stay fp32. Skipped where recovery keeps that Conv in fp32.
+    Returns the LayerNorms it quantized."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    excluded = set(exclude)
+    done = []
+    for ln_name, (conv, conv_out) in conv_fed_layernorms(model).items():
+        if conv in excluded or conv_out not in ranges:
+            continue
+        lo, hi = ranges[conv_out]
+        amax = max(abs(lo), abs(hi))
+        if not np.isfinite(amax) or amax <= 0:
+            continue
+        ln = next(n for n in g.node if n.name == ln_name)
+        x = ln.input[0]
+        scale, zero = f"{ln_name}_input_scale", f"{ln_name}_input_zero_point"
+        g.initializer.extend([
+            numpy_helper.from_array(np.array(amax / 127.0, dtype=np.float32), scale),
+            numpy_helper.from_array(np.array(0, dtype=np.int8), zero),
+        ])
+        q, dq = f"{x}_{ln_name}_QuantizeLinear", f"{x}_{ln_name}_DequantizeLinear"
+        g.node.extend([
+            helper.make_node("QuantizeLinear", [x, scale, zero], [q + "_Output"], name=q),
+            helper.make_node("DequantizeLinear", [q + "_Output", scale, zero], [dq + "_Output"], name=dq),
+        ])
+        ln.input[0] = dq + "_Output"
+        done.append(ln_name)
+    if done:
+        graph.toposort(g)
+    return done
 
 
 # ---- int8 with fp16 elsewhere -----------------------------------------------------------------

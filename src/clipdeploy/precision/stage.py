@@ -174,7 +174,8 @@ class _Stage:
         cache.parent.mkdir(exist_ok=True)
         info["calibration_cache"] = {"file": cache.relative_to(self.root).as_posix(), "reused": cache.exists()}
         qdq = out if cfg.precision == "int8" else work / f"{tower}.qdq{suffix}.onnx"
-        int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=cache, exclude=exclude)
+        layernorms = int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=cache, exclude=exclude)
+        info["layernorm_after_conv_quantized"] = len(layernorms)
         if cfg.precision == "int8-fp16":
             keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
             tmp = work / f"{tower}.fp16pass{suffix}.onnx"

@@ -1,0 +1,120 @@
+"""TensorRT's int8 placement for a LayerNorm that reads a Conv output (ConvNeXt's Conv → Transpose →
+LayerNorm): a symmetric Q/DQ on its input, scaled by the Conv output's calibrated range, with gamma
+and beta left in float; a LayerNorm fed by anything else stays unquantized."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from clipdeploy.precision import graph, int8  # noqa: E402
+from clipdeploy.validation import cosine_rows  # noqa: E402
+
+
+def _model(path):
+    """x → Conv → Transpose → LN_conv → MatMul → LN_matmul → y, with seeded weights."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(6, 4, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "conv_b"),
+        numpy_helper.from_array((1 + 0.1 * rng.normal(size=6)).astype(np.float32), "g1"),
+        numpy_helper.from_array((0.1 * rng.normal(size=6)).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(size=(6, 6)).astype(np.float32), "mm_w"),
+        numpy_helper.from_array(np.ones(6, np.float32), "g2"),
+        numpy_helper.from_array(np.zeros(6, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["conv_out"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("LayerNormalization", ["nhwc", "g1", "b1"], ["ln1"], name="ln_conv", axis=-1),
+        helper.make_node("MatMul", ["ln1", "mm_w"], ["mm"], name="matmul"),
+        helper.make_node("LayerNormalization", ["mm", "g2", "b2"], ["y"], name="ln_matmul", axis=-1),
+    ]
+    g = helper.make_graph(
+        nodes, "convnext_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 8, 6])],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _feeds(n: int = 16):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.normal(size=(2, 4, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _quantized(tmp_path, exclude=()):
+    src = _model(tmp_path / "m.onnx")
+    prepared = tmp_path / "m.prepared.onnx"
+    int8.prepare(src, prepared)
+    dst = tmp_path / "m.int8.onnx"
+    done = int8.quantize(prepared, dst, _feeds(), method="minmax", cache=tmp_path / "cache.json", exclude=exclude)
+    model = graph.load(dst)
+    return src, dst, model, done
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def test_layernorm_after_conv_gets_input_qdq_scaled_by_the_conv_range(tmp_path):
+    src, dst, model, done = _quantized(tmp_path)
+    assert done == ["ln_conv"]
+    producers = _producers(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+
+    dq = producers[nodes["ln_conv"].input[0]]
+    assert dq.op_type == "DequantizeLinear"
+    q = producers[dq.input[0]]
+    assert q.op_type == "QuantizeLinear" and producers[q.input[0]].op_type == "Transpose"
+    assert inits[q.input[2]].dtype == np.int8 and inits[q.input[2]] == 0, "symmetric int8, zero-point 0"
+    # The scale is the Conv output's max |value| over the calibration feeds / 127, measured here
+    # independently on the fp32 model.
+    fp32 = onnx.load(str(src))
+    fp32.graph.output.append(helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = max(float(np.abs(sess.run(["conv_out"], f)[0]).max()) for f in _feeds())
+    assert float(inits[q.input[1]]) == pytest.approx(amax / 127.0, rel=1e-5)
+    # gamma and beta stay float initializers; the LayerNorm's own output gets no Q/DQ of its own
+    # (the one after it belongs to the MatMul's input).
+    assert all(name in inits and inits[name].dtype == np.float32 for name in nodes["ln_conv"].input[1:])
+    assert producers[nodes["ln_matmul"].input[0]].op_type == "MatMul", "a LayerNorm after a MatMul stays unquantized"
+
+    onnx.checker.check_model(str(dst), full_check=True)
+    feed = _feeds(1)[0]
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert cosine_rows(got.reshape(-1, 6), ref.reshape(-1, 6)).min() > 0.95
+
+
+def test_layernorm_stays_float_when_recovery_keeps_its_conv(tmp_path):
+    _, _, model, done = _quantized(tmp_path, exclude=["conv"])
+    assert done == []
+    ln = next(n for n in model.graph.node if n.name == "ln_conv")
+    assert _producers(model)[ln.input[0]].op_type == "Transpose"
+
+
+def test_int8_fp16_folds_the_layernorm_qdq(tmp_path):
+    """int8-fp16: the LayerNorm's Q/DQ takes an fp16 scale like the others and the graph still checks."""
+    from clipdeploy.precision import fp16
+
+    _, qdq, _, _ = _quantized(tmp_path)
+    tmp = tmp_path / "m.fp16pass.onnx"
+    fp16.convert(qdq, tmp, _feeds(4), keep_fp32_ops=fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear"))
+    model = int8.fold_qdq_into_fp16(graph.load(tmp))
+    out = tmp_path / "m.int8-fp16.onnx"
+    graph.save(model, out)
+    graph.check(out)
+    inits = {i.name: i for i in model.graph.initializer}
+    assert inits["ln_conv_input_scale"].data_type == TensorProto.FLOAT16
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, _feeds(1)[0])[0]
+    assert np.isfinite(y).all()

@@ -50,6 +50,48 @@ def test_sweep_is_resumable_and_writes_the_report(tmp_path, monkeypatch):
     assert md.count("\n| ") == len(MODELS) + 1  # one row per architecture, plus the header
 
 
+def test_parallel_jobs_keep_every_row_and_run_heavy_models_alone(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    running, peak, heavy_beside = [], [0], []
+    guard = threading.Lock()
+
+    def fake(model, reduced_depth, timeout):
+        with guard:
+            running.append(model)
+            peak[0] = max(peak[0], len(running))
+            if coverage.is_heavy(model) and len(running) > 1:
+                heavy_beside.append(model)
+        time.sleep(0.05)
+        with guard:
+            running.remove(model)
+        return _row(model)
+
+    monkeypatch.setattr(coverage, "_run_in_subprocess", fake)
+    monkeypatch.setattr(coverage, "list_architectures", lambda: MODELS + ["ViT-H-14"])
+    cache, report = tmp_path / "c.json", tmp_path / "c.md"
+    models = ["RN50", "RN50-quickgelu", "RN50x4", "ViT-B-32", "ViT-H-14"]
+    coverage.sweep(models, cache_path=cache, report_path=report, reduced_depth=False, rerun=False, timeout=9, jobs=2)
+    rows = json.loads(cache.read_text())["rows"]
+    assert set(rows) == set(models)
+    assert peak[0] == 2 and heavy_beside == []
+    assert rows["RN50"]["concurrent_exports"] == 2 and rows["ViT-H-14"]["concurrent_exports"] == 1
+    assert "| RN50 | vit | passed |" in report.read_text() and " † |" in report.read_text()
+
+
+def test_two_sweeps_on_one_cache_keep_each_others_rows(tmp_path, monkeypatch):
+    """A second sweep that loaded the cache earlier must not overwrite rows the first one added since."""
+    monkeypatch.setattr(coverage, "list_architectures", lambda: MODELS)
+    cache = tmp_path / "c.json"
+    coverage.record_row(cache, _row("RN50"))
+    stale = coverage.load_cache(cache)  # what a second sweep read at its start
+    coverage.record_row(cache, _row("RN50x4"))
+    merged = coverage.record_row(cache, _row("ViT-B-32"))
+    assert set(stale["rows"]) == {"RN50"}
+    assert set(merged["rows"]) == {"RN50", "RN50x4", "ViT-B-32"}
+
+
 def test_report_only_from_the_cli(tmp_path, monkeypatch, capsys):
     from clipdeploy.cli import main
 

@@ -175,6 +175,23 @@ def save_cache(path: Path, cache: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
 
+def record_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """Add one row to the cache on disk and return the whole cache. Reads, merges and writes under a
+    file lock, so parallel workers, and several sweeps at once, never drop each other's rows."""
+    import fcntl
+    from importlib import metadata
+
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        cache = load_cache(path)
+        cache.setdefault("rows", {})[row["model"]] = row
+        cache["open_clip"] = metadata.version("open_clip_torch")
+        cache["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+        save_cache(path, cache)
+    return cache
+
+
 def _run_in_subprocess(model: str, reduced_depth: bool, timeout: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="clipdeploy-coverage-") as tmp:
         result = Path(tmp) / "row.json"
@@ -195,25 +212,53 @@ def _run_in_subprocess(model: str, reduced_depth: bool, timeout: int) -> dict[st
                 "seconds": round(time.perf_counter() - start, 1)}
 
 
+# Size ranks (in _SIZES) from which an export takes most of the machine's memory: with --jobs these
+# run one at a time, after the lighter ones.
+HEAVY_FROM = _SIZES.index("-H")
+
+
+def is_heavy(model: str) -> bool:
+    return any(word in model for word in _SIZES[HEAVY_FROM:]) or model in GIANTS
+
+
 def sweep(
-    models: list[str], *, cache_path: Path, report_path: Path, reduced_depth: bool, rerun: bool, timeout: int
+    models: list[str], *, cache_path: Path, report_path: Path, reduced_depth: bool, rerun: bool, timeout: int,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Export each model not yet cached (or all with ``rerun``), saving the cache and report after each."""
-    from importlib import metadata
+    """Export each model not yet cached (or all with ``rerun``), saving the cache and report after each.
+
+    With ``jobs`` > 1 the lighter architectures run that many at a time (tracing is mostly one
+    thread, so two exports share two cores well); the heavy ones still run alone. Each row records
+    how many exports ran beside it, since that stretches its wall time.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     cache = load_cache(cache_path)
-    rows = cache.setdefault("rows", {})
-    for i, model in enumerate(models, 1):
-        if model in rows and not rerun:
-            continue
-        print(f"[{i}/{len(models)}] {model} ...", flush=True)
+    todo = [m for m in models if rerun or m not in cache.get("rows", {})]
+    lock = threading.Lock()
+    count = iter(range(1, len(todo) + 1))
+
+    def one(model: str, concurrent: int) -> None:
+        nonlocal cache
+        with lock:
+            print(f"[{next(count)}/{len(todo)}] {model} ...", flush=True)
         row = _run_in_subprocess(model, reduced_depth, timeout)
-        rows[model] = row
-        cache["open_clip"] = metadata.version("open_clip_torch")
-        cache["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
-        save_cache(cache_path, cache)
-        write_report(cache, report_path)
-        print(f"    {row['status']} in {row.get('seconds', 0):.0f}s {row.get('error', '')[:160]}", flush=True)
+        row["concurrent_exports"] = concurrent
+        with lock:
+            cache = record_row(cache_path, row)
+            write_report(cache, report_path)
+            print(f"    {model}: {row['status']} in {row.get('seconds', 0):.0f}s {row.get('error', '')[:160]}", flush=True)
+
+    light = [m for m in todo if not is_heavy(m)] if jobs > 1 else []
+    if light:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for future in [pool.submit(one, m, jobs) for m in light]:
+                future.result()
+    for model in todo:
+        if model not in light:
+            one(model, 1)
+    cache = load_cache(cache_path)
     write_report(cache, report_path)
     return cache
 
@@ -278,9 +323,11 @@ def render(cache: dict[str, Any], architectures: list[str]) -> str:
         "",
         "Regenerate with `python -m clipdeploy.export.coverage` (resumable: results are cached in "
         "`docs/coverage.json`; `--models PATTERN...` to pick, `--rerun` to redo, `--reduced-depth` for the giants, "
-        "`--report-only` to rewrite this file). Each row is one export with random seeded weights, checked against "
+        "`--report-only` to rewrite this file, `--jobs 2` to run the lighter ones two at a time). Each row is one export with random seeded weights, checked against "
         "PyTorch on ONNX Runtime CPU by the export gate (min cosine >= 0.99999, max abs err <= 1e-4 of the largest "
-        "reference value), at batch 1 and 8 and, for dynamic-length text towers, at every prompt's own length.",
+        "reference value), at batch 1 and 8 and, for dynamic-length text towers, at every prompt's own length. "
+        "Export seconds are wall time, including the parity check; † marks a row that shared the machine with "
+        "another export (`--jobs`).",
         "",
         f"open_clip {cache.get('open_clip', '?')}, machine: {cache.get('machine', '?')}. The hub is not reachable here: "
         "Hugging Face tokenizers that open_clip fetches from it are recorded as missing, and those text towers are "
@@ -314,6 +361,8 @@ def render(cache: dict[str, Any], architectures: list[str]) -> str:
         onnx = f"{_fmt_mb(size.get('image'))} / {_fmt_mb(size.get('text'))}" + (" (ext. data)" if r.get("external_data") else "")
         pool = f"{r.get('pooling') or '-'} / {r.get('padding') or '-'}"
         secs = r.get("export_seconds") or r.get("seconds")
+        if (r.get("concurrent_exports") or 1) > 1 and secs is not None:
+            secs = f"{secs} †"
         status = r.get("status", "?")
         if status != "passed" and r.get("error"):
             status += ": " + " ".join(str(r["error"]).split())[:120].replace("|", "/")
@@ -345,6 +394,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds per architecture")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the cache")
     p.add_argument("--order", choices=("name", "size"), default="name", help="run order (size: small models first)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="exports at a time for the lighter architectures (the heavy ones always run alone)")
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
@@ -362,12 +413,15 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         models = size_order(models)
     if args.skip_giants and not args.reduced_depth:
         models = [m for m in models if m not in GIANTS]
+    if args.jobs < 1:
+        print(f"--jobs {args.jobs} must be at least 1", file=sys.stderr)
+        return 2
     if not models:
         print(f"no architecture matches {args.models}; see `clipdeploy models`", file=sys.stderr)
         return 2
     cache = sweep(
         models, cache_path=args.cache, report_path=args.report, reduced_depth=args.reduced_depth,
-        rerun=args.rerun, timeout=args.timeout,
+        rerun=args.rerun, timeout=args.timeout, jobs=args.jobs,
     )
     rows = [cache["rows"][m] for m in models if m in cache["rows"]]
     ok = sum(r.get("status") == "passed" for r in rows)

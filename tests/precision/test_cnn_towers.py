@@ -1,0 +1,104 @@
+"""The precision stage on convolutional image towers: a micro ModifiedResNet and a micro ConvNeXt
+(timm's convnext_atto), calibrated and gated on crops of real photographs.
+
+Random weights: the cosine gates are enforced, top-1 is recorded only (it means nothing untrained).
+The trained-model and recovery cases are in test_precision.py; full-size RN50 and convnext_base runs
+are in the README's figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("open_clip")
+pytest.importorskip("timm")
+onnx = pytest.importorskip("onnx")
+Image = pytest.importorskip("PIL.Image")
+
+import clipdeploy  # noqa: E402
+from clipdeploy.export.exporter import ExportConfig, export_model, sample_images  # noqa: E402
+from clipdeploy.manifest import read_manifest  # noqa: E402
+from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
+
+TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+CONFIGS = {
+    "micro-resnet": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+        "text_cfg": TEXT,
+    },
+    "micro-convnext": {
+        "embed_dim": 64,
+        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 64},
+        "text_cfg": TEXT,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    """160 random crops of the bundled photographs, at several scales."""
+    root = tmp_path_factory.mktemp("crops")
+    rng = np.random.default_rng(0)
+    photos = [Image.open(p).convert("RGB") for p in sample_images()]
+    for i in range(160):
+        img = photos[i % len(photos)]
+        side = int(rng.integers(48, min(img.size) + 1))
+        x, y = (int(rng.integers(0, d - side + 1)) for d in img.size)
+        img.crop((x, y, x + side, y + side)).save(root / f"{i:03d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def artifact(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    config = tmp / f"{request.param}.json"
+    config.write_text(json.dumps(CONFIGS[request.param]))
+    out = tmp / "artifact"
+    export_model(ExportConfig(model=request.param, output=out, model_config=config, seed=0))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-fp16"])
+def test_cnn_variant_passes_its_gate_on_photos(artifact, crops, precision):
+    report = quantize(QuantizeConfig(artifact=artifact, precision=precision, calib_images=[crops],
+                                     samples=96, holdout=48, threads=2, force=True))
+    assert report["passed"], report["failures"]
+    assert report["top1_enforced"] is False  # random weights
+    floor = 0.999 if precision == "fp16" else 0.99
+    assert report["image"]["min_cosine" if precision == "fp16" else "mean_cosine"] >= floor
+    variants = {(v["tower"], v["precision"]): v for v in read_manifest(artifact)["variants"]}
+    image = variants[("image", precision)]
+    assert image["validation"]["passed"] is True
+
+    if precision != "fp16":
+        model = onnx.load(str(artifact / image["file"]))
+        ops = {n.op_type for n in model.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        producers = {o: n for n in model.graph.node for o in n.output}
+        lns = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+
+        def source(name):  # int8-fp16 casts the fp16 DequantizeLinear output up for the fp32 LayerNorm
+            node = producers[name]
+            return producers[node.input[0]] if node.op_type == "Cast" else node
+
+        conv_fed = [n for n in lns if source(n.input[0]).op_type == "DequantizeLinear"]
+        if "convnext" in artifact.parent.name:
+            assert conv_fed, "ConvNeXt's LayerNorms after a Conv carry Q/DQ on their input"
+        else:
+            assert not conv_fed
+
+    session = clipdeploy.load(artifact, precision=precision)
+    emb = session.encode_image(sorted(crops.glob("*.jpg"))[:4])
+    ref = clipdeploy.load(artifact, precision="fp32").encode_image(sorted(crops.glob("*.jpg"))[:4])
+    assert emb.dtype == np.float32 and emb.shape == ref.shape
+    assert float(np.min(np.sum(emb * ref, axis=1))) > 0.98  # embeddings are L2-normalized
+
+
+def test_cnn_families_are_what_the_test_claims(artifact):
+    family = json.loads((Path(artifact) / "manifest.json").read_text())["model"]["family"]
+    assert family in ("modified-resnet", "convnext")

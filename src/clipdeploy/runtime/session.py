@@ -340,7 +340,7 @@ def load(
         raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     root = Path(path)
     manifest = read_manifest(root)
-    # ---- TensorRT dispatch (begin) ----
+    # TensorRT first when asked for (or when 'auto' finds a usable engine); else ONNX Runtime below.
     if backend in ("tensorrt", "auto"):
         from clipdeploy.runtime.backends import tensorrt as trt_backend
 
@@ -360,7 +360,6 @@ def load(
             session = ClipSession(root, manifest, runners_trt, chosen_trt, "tensorrt")
             log.info("clipdeploy: loaded %s", session.describe())
             return session
-    # ---- TensorRT dispatch (end) ----
     options = OrtOptions(
         providers=tuple(providers or ("CPUExecutionProvider",)),
         intra_op_num_threads=intra_op_num_threads,

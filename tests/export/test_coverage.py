@@ -80,6 +80,14 @@ def test_parallel_jobs_keep_every_row_and_run_heavy_models_alone(tmp_path, monke
     assert "| RN50 | vit | passed |" in report.read_text() and " † |" in report.read_text()
 
 
+def test_heavy_models_are_told_by_name_or_config():
+    # by name (ViT-H and up) and by config: NLLB-1.3B text, ViTamin-XL, a SigLIP2 large text tower
+    for model in ("ViT-H-14", "ViT-bigG-14", "EVA02-E-14", "nllb-clip-large", "ViTamin-XL-256", "ViT-L-16-SigLIP2-512"):
+        assert coverage.is_heavy(model), model
+    for model in ("RN50", "ViT-B-32", "ViT-L-14", "convnext_base", "mt5-base-ViT-B-32"):
+        assert not coverage.is_heavy(model), model
+
+
 def test_two_sweeps_on_one_cache_keep_each_others_rows(tmp_path, monkeypatch):
     """A second sweep that loaded the cache earlier must not overwrite rows the first one added since."""
     monkeypatch.setattr(coverage, "list_architectures", lambda: MODELS)

@@ -217,8 +217,38 @@ def _run_in_subprocess(model: str, reduced_depth: bool, timeout: int) -> dict[st
 HEAVY_FROM = _SIZES.index("-H")
 
 
+HEAVY_PARAMETERS = 0.6e9  # an estimate from the config above this takes 10 GB or more to export
+
+
 def is_heavy(model: str) -> bool:
-    return any(word in model for word in _SIZES[HEAVY_FROM:]) or model in GIANTS
+    """Whether exporting ``model`` needs most of a 24 GB machine: by its name, else by its config."""
+    if any(word in model for word in _SIZES[HEAVY_FROM:]) or model in GIANTS:
+        return True
+    try:
+        from clipdeploy.export.loading import import_open_clip
+
+        cfg = import_open_clip().get_model_config(model) or {}
+    except Exception:
+        return False
+    return estimated_parameters(cfg) >= HEAVY_PARAMETERS
+
+
+def estimated_parameters(cfg: dict[str, Any]) -> float:
+    """A rough parameter count from an open_clip config: 12·layers·width² per transformer, the token
+    embedding, and sizes read from the names of timm and Hugging Face towers."""
+    named = {"xlarge": 0.7e9, "1.3B": 1.0e9, "-xl": 1.2e9, "large": 0.3e9, "so400m": 0.4e9}
+    total = 0.0
+    for tower in (cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}):
+        layers, width = tower.get("layers"), tower.get("width")
+        if isinstance(layers, int) and isinstance(width, int):
+            total += 12 * layers * width**2
+        elif isinstance(layers, list) and isinstance(width, int):  # ModifiedResNet: stages of bottlenecks
+            total += sum(layers) * 17 * (width * 4) ** 2 / 4
+        if isinstance(tower.get("vocab_size"), int) and isinstance(width, int):
+            total += tower["vocab_size"] * width  # the worldwide models' 900k-token embedding is 0.7B alone
+        name = str(tower.get("timm_model_name") or tower.get("hf_model_name") or "").lower()
+        total += next((n for word, n in named.items() if word.lower() in name), 0.0)
+    return total
 
 
 def sweep(

@@ -85,6 +85,9 @@ def test_variant_passes_its_gate_on_a_trained_model(trained, shapes, precision):
     assert {v["tower"] for v in entries} == {"image", "text"}
     assert all(v["validation"]["passed"] for v in entries)
     assert m["validation"]["quantize"][precision]["data"]["image"]["calibration"] == 200
+    # A dynamic-length text tower is gated as the runtime runs it: prompts padded to the longest one.
+    assert m["towers"]["text"]["padding"] == "longest"
+    assert m["validation"]["quantize"][precision]["data"]["gate_text_length"] < m["towers"]["text"]["context_length"]
     # The runtime runs it with the same feeds and output types as fp32.
     fp32 = clipdeploy.load(trained, precision="fp32")
     variant = clipdeploy.load(trained, precision=precision)

@@ -278,7 +278,8 @@ def sweep(
         with lock:
             cache = record_row(cache_path, row)
             write_report(cache, report_path)
-            print(f"    {model}: {row['status']} in {row.get('seconds', 0):.0f}s {row.get('error', '')[:160]}", flush=True)
+            status = f"{row['status']} in {row.get('seconds', 0):.0f}s {row.get('error', '')[:160]}"
+            print(f"    {model}: {status}", flush=True)
 
     light = [m for m in todo if not is_heavy(m)] if jobs > 1 else []
     if light:
@@ -353,7 +354,8 @@ def render(cache: dict[str, Any], architectures: list[str]) -> str:
         "",
         "Regenerate with `python -m clipdeploy.export.coverage` (resumable: results are cached in "
         "`docs/coverage.json`; `--models PATTERN...` to pick, `--rerun` to redo, `--reduced-depth` for the giants, "
-        "`--report-only` to rewrite this file, `--jobs 2` to run the lighter ones two at a time). Each row is one export with random seeded weights, checked against "
+        "`--report-only` to rewrite this file, `--jobs 2` to run the lighter ones two at a time). "
+        "Each row is one export with random seeded weights, checked against "
         "PyTorch on ONNX Runtime CPU by the export gate (min cosine >= 0.99999, max abs err <= 1e-4 of the largest "
         "reference value), at batch 1 and 8 and, for dynamic-length text towers, at every prompt's own length. "
         "Export seconds are wall time, including the parity check; † marks a row that shared the machine with "

@@ -97,7 +97,9 @@ def abs_max(model_path: Path, feeds: Iterable[dict[str, np.ndarray]]) -> dict[st
     result: dict[str, float] = {}
     # One sample per run: with every intermediate an output, ONNX Runtime can reuse no buffer, and a
     # batch of 8 through ConvNeXt-B would hold about 17 GB at once.
-    singles = ({k: v[i : i + 1] for k, v in feed.items()} for feed in feeds for i in range(len(next(iter(feed.values())))))
+    singles = (
+        {k: v[i : i + 1] for k, v in feed.items()} for feed in feeds for i in range(len(next(iter(feed.values()))))
+    )
     for values in observe(model_path, names, singles):
         for name, v in values.items():
             if v.dtype.kind == "f" and v.size:

@@ -3,9 +3,9 @@
 Symmetric int8, zero-point 0, per-channel weights on the output-channel axis, activations calibrated
 on real data; no bias quantization and no Q/DQ on outputs. The inputs of MatMul, Gemm and Conv are
 quantized; Softmax stays unquantized, and so does LayerNorm except where it reads a Conv's output
-(ConvNeXt: Conv → Transpose → LayerNorm), as TensorRT's placement rules have it. ``int8-fp16`` then converts what is left
-to fp16, with fp16 scales (opset 19) so each DequantizeLinear feeds its fp16 consumer directly, the
-form TensorRT's strongly typed builder fuses.
+(ConvNeXt: Conv → Transpose → LayerNorm), as TensorRT's placement rules have it. ``int8-fp16``
+then converts what is left to fp16, with fp16 scales (opset 19) so each DequantizeLinear feeds its
+fp16 consumer directly, the form TensorRT's strongly typed builder fuses.
 """
 
 from __future__ import annotations
@@ -84,8 +84,10 @@ def quantize(
     cache: Path,
     exclude: Sequence[str] = (),
 ) -> list[str]:
-    """Write the int8 Q/DQ model; returns the LayerNorms quantized after a Conv. Activation ranges come from ``cache`` when it exists, else from
-    calibrating on ``feeds`` (and are then saved there), so recovery rounds calibrate once."""
+    """Write the int8 Q/DQ model; returns the LayerNorms it quantized after a Conv.
+
+    Activation ranges come from ``cache`` when it exists, else from calibrating on ``feeds`` (and are
+    then saved there), so recovery rounds calibrate once."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate_method = {

@@ -80,12 +80,38 @@ def test_parallel_jobs_keep_every_row_and_run_heavy_models_alone(tmp_path, monke
     assert "| RN50 | vit | passed |" in report.read_text() and " † |" in report.read_text()
 
 
+def test_a_broken_worker_is_an_error_row_and_ctrl_c_records_nothing(tmp_path, monkeypatch):
+    ran = []
+
+    def fake(model, reduced_depth, timeout):
+        ran.append(model)
+        if model == "RN50x4":
+            raise ValueError("row.json is not JSON")
+        if model == "ViT-B-32":
+            raise KeyboardInterrupt
+        return _row(model)
+
+    monkeypatch.setattr(coverage, "_run_in_subprocess", fake)
+    monkeypatch.setattr(coverage, "list_architectures", lambda: MODELS)
+    cache, report = tmp_path / "c.json", tmp_path / "c.md"
+    models = ["RN50", "RN50x4", "ViT-B-32", "ViT-B-32-256"]
+    with pytest.raises(KeyboardInterrupt):
+        coverage.sweep(models, cache_path=cache, report_path=report, reduced_depth=False, rerun=False, timeout=9,
+                       jobs=1)
+    rows = json.loads(cache.read_text())["rows"]
+    assert rows["RN50"]["status"] == "passed"
+    assert rows["RN50x4"]["status"] == "error" and "not JSON" in rows["RN50x4"]["error"]
+    assert "ViT-B-32" not in rows, "an interrupted export is not recorded, so a resume runs it again"
+    assert "ViT-B-32-256" not in ran
+
+
 def test_heavy_models_are_told_by_name_or_config():
     # by name (ViT-H and up) and by config: NLLB-1.3B text, ViTamin-XL, a SigLIP2 large text tower
     for model in ("ViT-H-14", "ViT-bigG-14", "EVA02-E-14", "nllb-clip-large", "ViTamin-XL-256", "ViT-L-16-SigLIP2-512"):
         assert coverage.is_heavy(model), model
     for model in ("RN50", "ViT-B-32", "ViT-L-14", "convnext_base", "mt5-base-ViT-B-32"):
         assert not coverage.is_heavy(model), model
+    assert coverage.is_heavy("no-such-architecture"), "an unknown size runs alone"
 
 
 def test_two_sweeps_on_one_cache_keep_each_others_rows(tmp_path, monkeypatch):

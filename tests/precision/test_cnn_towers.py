@@ -89,8 +89,6 @@ def test_cnn_variant_passes_its_gate_on_photos(artifact, crops, precision):
         conv_fed = [n for n in lns if source(n.input[0]).op_type == "DequantizeLinear"]
         if "convnext" in artifact.parent.name:
             assert conv_fed, "ConvNeXt's LayerNorms after a Conv carry Q/DQ on their input"
-        else:
-            assert not conv_fed
 
     session = clipdeploy.load(artifact, precision=precision)
     emb = session.encode_image(sorted(crops.glob("*.jpg"))[:4])

@@ -15,17 +15,20 @@ from clipdeploy.precision import graph, int8  # noqa: E402
 from clipdeploy.validation import cosine_rows  # noqa: E402
 
 
-def _model(path):
+C = 64  # channels: large enough that weights go to a side file when external data is asked for
+
+
+def _model(path, named=True):
     """x → Conv → Transpose → LN_conv → MatMul → LN_matmul → y, with seeded weights."""
     rng = np.random.default_rng(0)
     inits = [
-        numpy_helper.from_array(rng.normal(size=(6, 4, 3, 3)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "conv_b"),
-        numpy_helper.from_array((1 + 0.1 * rng.normal(size=6)).astype(np.float32), "g1"),
-        numpy_helper.from_array((0.1 * rng.normal(size=6)).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.normal(size=(6, 6)).astype(np.float32), "mm_w"),
-        numpy_helper.from_array(np.ones(6, np.float32), "g2"),
-        numpy_helper.from_array(np.zeros(6, np.float32), "b2"),
+        numpy_helper.from_array(rng.normal(size=(C, 4, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(size=C).astype(np.float32), "conv_b"),
+        numpy_helper.from_array((1 + 0.1 * rng.normal(size=C)).astype(np.float32), "g1"),
+        numpy_helper.from_array((0.1 * rng.normal(size=C)).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.normal(size=(C, C)) / 8).astype(np.float32), "mm_w"),
+        numpy_helper.from_array(np.ones(C, np.float32), "g2"),
+        numpy_helper.from_array(np.zeros(C, np.float32), "b2"),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
@@ -34,10 +37,13 @@ def _model(path):
         helper.make_node("MatMul", ["ln1", "mm_w"], ["mm"], name="matmul"),
         helper.make_node("LayerNormalization", ["mm", "g2", "b2"], ["y"], name="ln_matmul", axis=-1),
     ]
+    if not named:
+        for n in nodes:
+            n.name = ""
     g = helper.make_graph(
         nodes, "convnext_block",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 8, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 8, C])],
         inits,
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
@@ -51,12 +57,12 @@ def _feeds(n: int = 16):
     return [{"x": rng.normal(size=(2, 4, 8, 8)).astype(np.float32)} for _ in range(n)]
 
 
-def _quantized(tmp_path, exclude=()):
-    src = _model(tmp_path / "m.onnx")
+def _quantized(tmp_path, exclude=(), method="minmax", named=True):
+    src = _model(tmp_path / "m.onnx", named=named)
     prepared = tmp_path / "m.prepared.onnx"
     int8.prepare(src, prepared)
     dst = tmp_path / "m.int8.onnx"
-    done = int8.quantize(prepared, dst, _feeds(), method="minmax", cache=tmp_path / "cache.json", exclude=exclude)
+    done = int8.quantize(prepared, dst, _feeds(), method=method, cache=tmp_path / "cache.json", exclude=exclude)
     model = graph.load(dst)
     return src, dst, model, done
 
@@ -65,8 +71,9 @@ def _producers(model):
     return {o: n for n in model.graph.node for o in n.output}
 
 
-def test_layernorm_after_conv_gets_input_qdq_scaled_by_the_conv_range(tmp_path):
-    src, dst, model, done = _quantized(tmp_path)
+@pytest.mark.parametrize("method", int8.METHODS)
+def test_layernorm_after_conv_gets_input_qdq_scaled_by_the_conv_range(tmp_path, method):
+    src, dst, model, done = _quantized(tmp_path, method=method)
     assert done == ["ln_conv"]
     producers = _producers(model)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -83,7 +90,10 @@ def test_layernorm_after_conv_gets_input_qdq_scaled_by_the_conv_range(tmp_path):
     fp32.graph.output.append(helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, None))
     sess = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
     amax = max(float(np.abs(sess.run(["conv_out"], f)[0]).max()) for f in _feeds())
-    assert float(inits[q.input[1]]) == pytest.approx(amax / 127.0, rel=1e-5)
+    if method == "minmax":
+        assert float(inits[q.input[1]]) == pytest.approx(amax / 127.0, rel=1e-5)
+    else:  # entropy and percentile clip the range: a positive scale no wider than the observed one
+        assert 0 < float(inits[q.input[1]]) <= amax / 127.0 * (1 + 1e-5)
     # gamma and beta stay float initializers; the LayerNorm's own output gets no Q/DQ of its own
     # (the one after it belongs to the MatMul's input).
     assert all(name in inits and inits[name].dtype == np.float32 for name in nodes["ln_conv"].input[1:])
@@ -93,7 +103,7 @@ def test_layernorm_after_conv_gets_input_qdq_scaled_by_the_conv_range(tmp_path):
     feed = _feeds(1)[0]
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    assert cosine_rows(got.reshape(-1, 6), ref.reshape(-1, 6)).min() > 0.95
+    assert cosine_rows(got.reshape(-1, C), ref.reshape(-1, C)).min() > 0.95
 
 
 def test_layernorm_stays_float_when_recovery_keeps_its_conv(tmp_path):
@@ -114,7 +124,40 @@ def test_int8_fp16_folds_the_layernorm_qdq(tmp_path):
     out = tmp_path / "m.int8-fp16.onnx"
     graph.save(model, out)
     graph.check(out)
+    producers = _producers(model)
+    ln = next(n for n in model.graph.node if n.name == "ln_conv")
+    cast = producers[ln.input[0]]  # the fp16 DequantizeLinear output, cast up for the fp32 LayerNorm
+    dq = producers[cast.input[0]] if cast.op_type == "Cast" else cast
+    assert dq.op_type == "DequantizeLinear"
     inits = {i.name: i for i in model.graph.initializer}
-    assert inits["ln_conv_input_scale"].data_type == TensorProto.FLOAT16
-    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, _feeds(1)[0])[0]
+    assert inits[dq.input[1]].data_type == TensorProto.FLOAT16
+    feed = _feeds(1)[0]
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert np.isfinite(y).all()
+    assert cosine_rows(y.reshape(-1, C).astype(np.float32), ref.reshape(-1, C)).min() > 0.95
+
+
+def test_unnamed_nodes_get_the_pair_on_the_layernorm_input(tmp_path):
+    """Node names are optional in ONNX: the pair must still land on the LayerNorm, not elsewhere."""
+    _, _, model, done = _quantized(tmp_path, named=False)
+    assert done == ["ln1"]  # identified by its output
+    producers = _producers(model)
+    ln = next(n for n in model.graph.node if n.op_type == "LayerNormalization" and n.output[0] == "ln1")
+    dq = producers[ln.input[0]]
+    assert dq.op_type == "DequantizeLinear" and producers[producers[dq.input[0]].input[0]].op_type == "Transpose"
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert producers[conv.input[0]].op_type == "DequantizeLinear"  # its own input pair, from ORT
+    assert sum(n.op_type == "QuantizeLinear" and n.output[0].startswith("ln1_ln_input") for n in model.graph.node) == 1
+
+
+def test_external_data_is_not_written_twice(tmp_path, monkeypatch):
+    """A tower over the protobuf limit keeps its weights in a side file; adding the LayerNorm pair
+    rewrites the model, and the side file must hold each weight once (onnx appends otherwise)."""
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 100)
+    _, dst, model, done = _quantized(tmp_path)
+    assert done == ["ln_conv"]
+    side = dst.with_name(dst.name + ".data")
+    assert side.is_file()
+    stored = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
+    assert side.stat().st_size <= stored + 4096  # alignment padding at most, never a second copy

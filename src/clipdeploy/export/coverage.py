@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,8 @@ def _run_in_subprocess(model: str, reduced_depth: bool, timeout: int) -> dict[st
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
         except subprocess.TimeoutExpired:
             return {"model": model, "status": "error", "error": f"timed out after {timeout}s", "seconds": timeout}
+        if proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT):
+            raise KeyboardInterrupt  # Ctrl-C reached the worker too: nothing to record, resume redoes it
         if result.is_file():
             return json.loads(result.read_text(encoding="utf-8"))
         tail = " ".join((proc.stderr or proc.stdout).split())[-400:]
@@ -227,9 +230,11 @@ def is_heavy(model: str) -> bool:
     try:
         from clipdeploy.export.loading import import_open_clip
 
-        cfg = import_open_clip().get_model_config(model) or {}
+        cfg = import_open_clip().get_model_config(model)
     except Exception:
-        return False
+        cfg = None
+    if not cfg:
+        return True  # unknown size: run it alone
     return estimated_parameters(cfg) >= HEAVY_PARAMETERS
 
 
@@ -268,12 +273,22 @@ def sweep(
     todo = [m for m in models if rerun or m not in cache.get("rows", {})]
     lock = threading.Lock()
     count = iter(range(1, len(todo) + 1))
+    running: dict[str, int] = {}  # model -> the most exports seen running at once while it ran
 
-    def one(model: str, concurrent: int) -> None:
+    def one(model: str) -> None:
         nonlocal cache
         with lock:
             print(f"[{next(count)}/{len(todo)}] {model} ...", flush=True)
-        row = _run_in_subprocess(model, reduced_depth, timeout)
+            running[model] = 0
+            for m in running:
+                running[m] = max(running[m], len(running))
+        try:
+            row = _run_in_subprocess(model, reduced_depth, timeout)
+        except Exception as e:  # a broken worker result: recorded as an error, the sweep goes on
+            row = {"model": model, "status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+        finally:
+            with lock:
+                concurrent = running.pop(model)
         row["concurrent_exports"] = concurrent
         with lock:
             cache = record_row(cache_path, row)
@@ -283,12 +298,17 @@ def sweep(
 
     light = [m for m in todo if not is_heavy(m)] if jobs > 1 else []
     if light:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for future in [pool.submit(one, m, jobs) for m in light]:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            for future in [pool.submit(one, m) for m in light]:
                 future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # queued models stay unrun, for a resume
+            raise
+        pool.shutdown()
     for model in todo:
         if model not in light:
-            one(model, 1)
+            one(model)
     cache = load_cache(cache_path)
     write_report(cache, report_path)
     return cache
@@ -434,7 +454,9 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     if getattr(args, "worker", None):
         with tempfile.TemporaryDirectory(prefix="clipdeploy-coverage-") as tmp:
             row = run_one(args.worker, reduced_depth=args.reduced_depth, workdir=Path(tmp))
-        Path(args.row).write_text(json.dumps(row), encoding="utf-8")
+        from clipdeploy.manifest import atomic_write_text
+
+        atomic_write_text(Path(args.row), json.dumps(row))
         return 0
     if args.report_only:
         write_report(load_cache(args.cache), args.report)

@@ -114,6 +114,8 @@ def quantize(
     model = graph.load(dst)
     layernorms = quantize_layernorm_after_conv(model, calibrated_ranges(cache), exclude)
     if layernorms:
+        # onnx appends to an existing side file: drop the one ONNX Runtime wrote before saving again.
+        dst.with_name(dst.name + ".data").unlink(missing_ok=True)
         graph.save(model, dst)
     return layernorms
 
@@ -126,19 +128,22 @@ def calibrated_ranges(cache: Path) -> dict[str, tuple[float, float]]:
     """(lowest, highest) per tensor from ONNX Runtime's calibration cache (its TensorsData JSON)."""
     import json
 
+    def values(v: Any) -> np.ndarray:  # minmax stores {"data": [...]}, entropy and percentile a float
+        return np.asarray(v["data"] if isinstance(v, dict) else v, dtype=np.float64)
+
     data = json.loads(cache.read_text(encoding="utf-8")).get("data", {})
     return {
-        name: (float(np.min(t["lowest"]["data"])), float(np.max(t["highest"]["data"])))
+        name: (float(values(t["lowest"]).min()), float(values(t["highest"]).max()))
         for name, t in data.items()
         if isinstance(t, dict) and "lowest" in t and "highest" in t
     }
 
 
-def conv_fed_layernorms(model: Any) -> dict[str, tuple[str, str]]:
-    """LayerNorm name → (its Conv's name, the Conv output tensor) for each LayerNorm whose input is a
-    Conv output, directly or through layout ops only."""
+def conv_fed_layernorms(model: Any) -> list[tuple[Any, Any]]:
+    """(LayerNorm node, its Conv node) for each LayerNorm whose input is a Conv output, directly or
+    through layout ops only."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    found = {}
+    found = []
     for node in model.graph.node:
         if node.op_type != "LayerNormalization":
             continue
@@ -146,7 +151,7 @@ def conv_fed_layernorms(model: Any) -> dict[str, tuple[str, str]]:
         while src is not None and src.op_type in LAYOUT_OPS:
             src = producers.get(src.input[0])
         if src is not None and src.op_type == "Conv":
-            found[node.name] = (src.name, src.output[0])
+            found.append((node, src))
     return found
 
 
@@ -156,33 +161,34 @@ def quantize_layernorm_after_conv(
     """Put a symmetric int8 Q/DQ pair on the input of each LayerNorm fed by a Conv, so TensorRT can
     let the Conv write int8. Its scale is the Conv output's calibrated range (layout ops keep the
     values); gamma, beta and the output stay fp32. Skipped where recovery keeps that Conv in fp32.
-    Returns the LayerNorms it quantized."""
+    Returns the LayerNorms it quantized (by name, or by output tensor for an unnamed node)."""
     from onnx import helper, numpy_helper
 
     g = model.graph
     excluded = set(exclude)
     done = []
-    for ln_name, (conv, conv_out) in conv_fed_layernorms(model).items():
-        if conv in excluded or conv_out not in ranges:
+    for ln, conv in conv_fed_layernorms(model):
+        conv_out = conv.output[0]
+        if (conv.name and conv.name in excluded) or conv_out not in ranges:
             continue
         lo, hi = ranges[conv_out]
         amax = max(abs(lo), abs(hi))
         if not np.isfinite(amax) or amax <= 0:
             continue
-        ln = next(n for n in g.node if n.name == ln_name)
-        x = ln.input[0]
-        scale, zero = f"{ln_name}_input_scale", f"{ln_name}_input_zero_point"
+        # Named after the LayerNorm's output, which is unique even where node names are empty.
+        tag = f"{ln.output[0]}_ln_input"
+        scale, zero = f"{tag}_scale", f"{tag}_zero_point"
         g.initializer.extend([
             numpy_helper.from_array(np.array(amax / 127.0, dtype=np.float32), scale),
             numpy_helper.from_array(np.array(0, dtype=np.int8), zero),
         ])
-        q, dq = f"{x}_{ln_name}_QuantizeLinear", f"{x}_{ln_name}_DequantizeLinear"
+        q_out, dq_out = f"{tag}_quantized", f"{tag}_dequantized"
         g.node.extend([
-            helper.make_node("QuantizeLinear", [x, scale, zero], [q + "_Output"], name=q),
-            helper.make_node("DequantizeLinear", [q + "_Output", scale, zero], [dq + "_Output"], name=dq),
+            helper.make_node("QuantizeLinear", [ln.input[0], scale, zero], [q_out], name=f"{tag}_QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out], name=f"{tag}_DequantizeLinear"),
         ])
-        ln.input[0] = dq + "_Output"
-        done.append(ln_name)
+        ln.input[0] = dq_out
+        done.append(ln.name or ln.output[0])
     if done:
         graph.toposort(g)
     return done

@@ -203,6 +203,9 @@ def _check_towers(
             "tolerance": {"min_cosine": tol.min_cosine, "max_abs_rel": tol.max_abs_rel},
             "passed": not tower_failures,
         }
+        # Release this tower's weights before the next session loads its own: a bigG image session
+        # (7 GB) beside the model and the text session does not fit in 24 GB.
+        del run, session
     return report, failures, dims
 
 

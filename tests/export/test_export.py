@@ -215,3 +215,35 @@ def test_bad_model_config(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UsageError, match=r"not valid JSON"):
         export_model(ExportConfig(model="mine", output=tmp_path / "x", model_config=bad))
+
+
+def test_pytorch_weights_are_released_before_onnx_runtime_loads_the_towers(tmp_path, monkeypatch):
+    """Peak memory is the larger of the PyTorch model and one tower's session, not their sum: the
+    image weights are gone while the text tower is traced, and all weights before the ORT checks."""
+    import clipdeploy.export.exporter as exporter
+
+    seen: dict[str, object] = {}
+    trace = exporter.export_tower
+
+    def recording_export(spec, model, path, *, opset):
+        seen[f"{spec.tower} traced with image weights"] = not next(model.visual.parameters()).is_meta
+        seen[f"{spec.tower} traced with text weights"] = not model.token_embedding.weight.is_meta
+        return trace(spec, model, path, opset=opset)
+
+    check = exporter._check_towers
+
+    def recording_check(model, exported, inputs, refs):
+        seen["checked with weights"] = any(not p.is_meta for p in model.parameters())
+        return check(model, exported, inputs, refs)
+
+    monkeypatch.setattr(exporter, "export_tower", recording_export)
+    monkeypatch.setattr(exporter, "_check_towers", recording_check)
+    m = export_model(ExportConfig(model="micro-vit", output=tmp_path / "a", model_config=MICRO_CONFIG))
+    assert m["validation"]["export"]["passed"]
+    assert seen == {
+        "image traced with image weights": True,
+        "image traced with text weights": True,
+        "text traced with image weights": False,
+        "text traced with text weights": True,
+        "checked with weights": False,
+    }

@@ -142,58 +142,81 @@ def _gate(name: str, comps: list[Any], tol: Any) -> tuple[Any, list[str]]:
     return worst, gate_failures(name, worst, min_cosine=tol.min_cosine, max_abs_rel=tol.max_abs_rel)
 
 
+def _torch_references(
+    model: Any, specs: tuple[TowerSpec, ...], inputs: dict[str, Any], *, original: Any = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """PyTorch outputs for every parity check, per tower: the whole sample set ("full"), each parity
+    batch smaller than it ("batch N"), and the whole set through ``original`` when there is one.
+
+    Computed before export, so the PyTorch weights can be released once their tower is traced: a
+    3.6B-parameter model (bigG-worldwide, 14.5 GB) and a 7 GB ONNX Runtime session do not fit in 24 GB
+    together.
+    """
+    import torch
+
+    refs: dict[str, dict[str, np.ndarray]] = {}
+    with torch.inference_mode():
+        for spec in specs:
+            full = inputs[spec.tower]
+            encode = getattr(model, spec.method)
+            tower = {"full": encode(full).float().numpy()}
+            for batch in PARITY_BATCHES:
+                if len(full) < batch:
+                    raise UsageError(f"parity data has {len(full)} {spec.tower} samples, fewer than the batch {batch}")
+                if batch < len(full):
+                    tower[f"batch {batch}"] = encode(full[:batch]).float().numpy()
+            if original is not None:
+                tower["original"] = getattr(original, spec.method)(full).float().numpy()
+            refs[spec.tower] = tower
+    return refs
+
+
+def _release_weights(module: Any) -> None:
+    """Free a module's parameters and buffers; its structure and attributes stay readable."""
+    import gc
+
+    module.to("meta")
+    gc.collect()
+
+
 def _check_towers(
     model: Any,
     exported: dict[str, ExportedTower],
-    pixels: Any,
-    tokens: Any,
-    *,
-    original: Any = None,
+    inputs: dict[str, Any],
+    refs: dict[str, dict[str, np.ndarray]],
 ) -> tuple[dict[str, Any], list[str], dict[str, int]]:
-    """ONNX Runtime CPU against PyTorch, at each parity batch size, per tower; also the embedding widths.
+    """ONNX Runtime CPU against the PyTorch references, at each parity batch size, per tower; also the
+    embedding widths. ``model`` is read for its text layout only (its weights may be released).
 
     A dynamic-length text tower is also run on the same ids trimmed to each batch's longest text
-    and to each text's own length, all against PyTorch on the full-length ids. ``original`` is the
-    model before ``FamilySpec.prepare`` (reparameterization); the ONNX is checked against it too.
+    and to each text's own length, all against PyTorch on the full-length ids. A reference named
+    "original" is the model before ``FamilySpec.prepare`` (reparameterization); the ONNX is checked
+    against it too.
     """
     import onnxruntime as ort
-    import torch
 
-    inputs = {"image": pixels, "text": tokens}
     report: dict[str, Any] = {}
     failures: list[str] = []
     dims: dict[str, int] = {}
     for tower, ex in exported.items():
         session = ort.InferenceSession(str(ex.path), providers=["CPUExecutionProvider"])
         run = lambda x: session.run([ex.spec.output_name], {ex.spec.input_name: x})[0]  # noqa: E731
-        refs = {"prepared": model} if original is None else {"prepared": model, "original": original}
-        full = inputs[tower]
-        with torch.inference_mode():
-            ref_all = {k: getattr(m, ex.spec.method)(full).float().numpy() for k, m in refs.items()}
-        ref = ref_all["prepared"]
-        dims[tower] = int(ref.shape[-1])
+        full, ref = inputs[tower], refs[tower]
+        dims[tower] = int(ref["full"].shape[-1])
         per_batch, comps = {}, []
         for batch in PARITY_BATCHES:
-            x = full[:batch]
-            if len(x) < batch:
-                raise UsageError(f"parity data has {len(x)} {tower} samples, fewer than the batch {batch}")
-            if len(x) == len(full):
-                ref_b = ref  # the whole sample set: already run (a giant's forward takes minutes on CPU)
-            else:
-                with torch.inference_mode():
-                    ref_b = getattr(model, ex.spec.method)(x).float().numpy()
-            c = compare(run(x.numpy()), ref_b)
+            c = compare(run(full[:batch].numpy()), ref.get(f"batch {batch}", ref["full"]))
             per_batch[str(batch)] = c.to_dict()
             comps.append(c)
         entry: dict[str, Any] = {"batches": per_batch}
         if ex.spec.dynamic_sequence(model):
-            lengths, length_comps = _length_sweep(model, run, full.numpy(), ref)
+            lengths, length_comps = _length_sweep(model, run, full.numpy(), ref["full"])
             entry["lengths"] = lengths
             comps += length_comps
         tol = ex.spec.tolerance
         worst, tower_failures = _gate(f"{tower} tower", comps, tol)
-        if original is not None:
-            c = compare(run(full.numpy()), ref_all["original"])
+        if "original" in ref:
+            c = compare(run(full.numpy()), ref["original"])
             entry["original"] = c.to_dict()
             tower_failures += _gate(f"{tower} tower vs the original (unprepared) model", [c], tol)[1]
         failures += tower_failures
@@ -203,8 +226,7 @@ def _check_towers(
             "tolerance": {"min_cosine": tol.min_cosine, "max_abs_rel": tol.max_abs_rel},
             "passed": not tower_failures,
         }
-        # Release this tower's weights before the next session loads its own: a bigG image session
-        # (7 GB) beside the model and the text session does not fit in 24 GB.
+        # Release this tower's weights before the next session loads its own.
         del run, session
     return report, failures, dims
 
@@ -340,13 +362,22 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
         tokenizer_entry["hf_tokenizer_name"] = loaded.hf_tokenizer_name
     preprocess_entry = describe_preprocess(loaded.model)
 
-    exported = {
-        spec.tower: export_tower(spec, model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
-        for spec in family.towers
-    }
     pixels, tokens, images, prompts = _reference_inputs(loaded)
-    tower_report, failures, dims = _check_towers(model, exported, pixels, tokens, original=original)
+    inputs = {"image": pixels, "text": tokens}
+    refs = _torch_references(model, family.towers, inputs, original=original)
+    dims = {tower: int(ref["full"].shape[-1]) for tower, ref in refs.items()}
     logit_scale, logit_bias = _logit_terms(loaded.model)
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    tower_entries = {spec.tower: _tower_entry(spec, model, dims[spec.tower]) for spec in family.towers}
+    if original is not None:
+        _release_weights(original)  # its outputs are in refs
+    exported = {}
+    for spec in family.towers:
+        exported[spec.tower] = export_tower(spec, model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
+        if spec.tower == "image":
+            _release_weights(model.visual)  # traced and referenced: only the text tower still needs weights
+    _release_weights(model)  # from here on, ONNX Runtime holds the weights
+    tower_report, failures, _ = _check_towers(model, exported, inputs, refs)
     source = {k: v for k, v in loaded.source.items() if k != "model_config"}
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -362,9 +393,9 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
             # logit_scale is the multiplier (exp already applied); logit_bias is None except for SigLIP.
             "logit_scale": logit_scale,
             "logit_bias": logit_bias,
-            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "parameters": parameters,
         },
-        "towers": {spec.tower: _tower_entry(spec, model, dims[spec.tower]) for spec in family.towers},
+        "towers": tower_entries,
         "preprocess": preprocess_entry,
         "tokenizer": tokenizer_entry,
         "variants": [],

@@ -184,9 +184,9 @@ def _check_towers(
     exported: dict[str, ExportedTower],
     inputs: dict[str, Any],
     refs: dict[str, dict[str, np.ndarray]],
-) -> tuple[dict[str, Any], list[str], dict[str, int]]:
-    """ONNX Runtime CPU against the PyTorch references, at each parity batch size, per tower; also the
-    embedding widths. ``model`` is read for its text layout only (its weights may be released).
+) -> tuple[dict[str, Any], list[str]]:
+    """ONNX Runtime CPU against the PyTorch references, at each parity batch size, per tower.
+    ``model`` is read for its text layout only (its weights may be released).
 
     A dynamic-length text tower is also run on the same ids trimmed to each batch's longest text
     and to each text's own length, all against PyTorch on the full-length ids. A reference named
@@ -197,12 +197,10 @@ def _check_towers(
 
     report: dict[str, Any] = {}
     failures: list[str] = []
-    dims: dict[str, int] = {}
     for tower, ex in exported.items():
         session = ort.InferenceSession(str(ex.path), providers=["CPUExecutionProvider"])
         run = lambda x: session.run([ex.spec.output_name], {ex.spec.input_name: x})[0]  # noqa: E731
         full, ref = inputs[tower], refs[tower]
-        dims[tower] = int(ref["full"].shape[-1])
         per_batch, comps = {}, []
         for batch in PARITY_BATCHES:
             c = compare(run(full[:batch].numpy()), ref.get(f"batch {batch}", ref["full"]))
@@ -228,7 +226,7 @@ def _check_towers(
         }
         # Release this tower's weights before the next session loads its own.
         del run, session
-    return report, failures, dims
+    return report, failures
 
 
 def _length_sweep(model: Any, run: Any, ids: np.ndarray, ref: np.ndarray) -> tuple[dict[str, Any], list[Any]]:
@@ -377,7 +375,7 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
         if spec.tower == "image":
             _release_weights(model.visual)  # traced and referenced: only the text tower still needs weights
     _release_weights(model)  # from here on, ONNX Runtime holds the weights
-    tower_report, failures, _ = _check_towers(model, exported, inputs, refs)
+    tower_report, failures = _check_towers(model, exported, inputs, refs)
     source = {k: v for k, v in loaded.source.items() if k != "model_config"}
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

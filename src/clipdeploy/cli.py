@@ -112,6 +112,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise InputError("--text was given no strings; pass at least one")
     if not args.image and not args.text:
         raise UsageError("nothing to embed: pass --image PATH... and/or --text STR...")
+    if args.output:
+        _check_embed_output(Path(args.output))  # before the model loads: a bad -o fails at once
     session = load(
         args.artifact,
         backend=args.backend,
@@ -133,12 +135,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             "probs": np.round(session.similarity(arrays["image"], arrays["text"]), 6).tolist(),
         }
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        for tower, emb in arrays.items():
-            np.save(out / f"{tower}.npy", emb)
-            result[tower]["file"] = str(out / f"{tower}.npy")
-            result[tower]["shape"] = list(emb.shape)
+        _write_embed_output(Path(args.output), arrays, result)
     else:
         for tower, emb in arrays.items():
             result[tower]["embeddings"] = np.round(emb, 7).tolist()
@@ -147,18 +144,67 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `embed -o DIR` writes. DIR holds one run's set: a new run replaces the whole set at once.
+EMBED_FILES = ("image.npy", "text.npy", "embed.json")
+
+
+def _check_embed_output(out: Path) -> None:
+    """-o names a directory that is new, empty, or an earlier `embed -o`'s (only EMBED_FILES in it)."""
+    from clipdeploy.staging import clean_beside
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(
+            f"-o {str(out)!r} is an existing file; -o names a directory for {', '.join(EMBED_FILES)}; "
+            "give a new or empty directory"
+        )
+    clean_beside(out.resolve())  # what a killed embed left (a half-swapped earlier set comes back)
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in EMBED_FILES)
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise UsageError(
+                f"-o {str(out)!r} holds files embed did not write ({shown}); embed replaces the directory's "
+                "whole contents, so give it a new or empty directory, or one an earlier `embed -o` wrote"
+            )
+
+
+def _write_embed_output(out: Path, arrays: dict[str, Any], result: dict[str, Any]) -> None:
+    """Write the new set beside DIR, then swap it in: no file of an earlier run survives beside it."""
+    import numpy as np
+
+    from clipdeploy.manifest import swap_directory
+    from clipdeploy.staging import ensure_parent, output_temporaries, reserved
+
+    _check_embed_output(out)  # again: the directory may have changed while the model ran
+    target = out.resolve()
+    ensure_parent(target)
+    with reserved(target.parent, output_temporaries(target)[0]) as work:
+        for tower, emb in arrays.items():
+            np.save(work / f"{tower}.npy", emb)
+            result[tower]["file"] = str(out / f"{tower}.npy")
+            result[tower]["shape"] = list(emb.shape)
+        (work / "embed.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        swap_directory(work, target)
+
+
 def add_embed(sub: Any) -> None:
     p = sub.add_parser(
         "embed",
         help="embed images and strings with an artifact",
         description="Embed images and/or strings with an exported artifact, without torch. Prints JSON; with "
-        "-o DIR writes DIR/image.npy and DIR/text.npy instead of the numbers. With both images and texts "
-        "it also prints the model's image-text probabilities.",
+        "-o DIR writes DIR/image.npy, DIR/text.npy and DIR/embed.json (what was embedded, with which variant) "
+        "instead of the numbers. DIR is created with its parents; if it exists it must be empty or hold only "
+        "an earlier embed's files, which the new set replaces as a whole (a text.npy from an earlier run does "
+        "not survive an image-only run); other files make embed refuse, so it never deletes yours. With both "
+        "images and texts it also prints the model's image-text probabilities.",
     )
     p.add_argument("artifact", help="artifact directory made by `clipdeploy export`")
     p.add_argument("--image", nargs="+", metavar="PATH", help="image files")
     p.add_argument("--text", nargs="*", metavar="STR", help="strings")
-    p.add_argument("-o", "--output", metavar="DIR", help="write .npy files here instead of printing numbers")
+    p.add_argument(
+        "-o", "--output", metavar="DIR", help="write .npy files to this directory instead of printing numbers; "
+        "an earlier embed's files there are replaced as a set"
+    )
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
     p.add_argument("--precision", help="variant to run (default: the fastest accepted one)")
     p.add_argument("--threads", type=_positive_int, help="ONNX Runtime intra-op threads")
@@ -338,6 +384,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, AccuracyError) and e.report:
             _print_report(e.report)
         return e.exit_code
+    except PermissionError as e:
+        # A file this user may not read or write, where no stage expected one: still one line.
+        if args.verbose:
+            traceback.print_exc()
+        where = e.filename or "a file"
+        print(
+            f"clipdeploy: error: permission denied on {str(where)!r} ({e.strerror or e}); it belongs to another "
+            "user or its mode forbids this: fix its permissions (chmod) or run as its owner",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("clipdeploy: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,16 +66,32 @@ class Variant:
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    except PermissionError as e:
+        raise unreadable(path, e) from None
     return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: Any) -> None:
-    """Write a file (bytes or any buffer) so that readers see either the old content or the whole new one."""
+    """Write a file (bytes or any buffer) so that readers see either the old content or the whole new one.
+
+    The file gets the mode the umask gives (0644 under 022), not tempfile's private 0600.
+    """
+    from clipdeploy.staging import open_new_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+        try:
+            fd = open_new_file(tmp)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise FileExistsError(f"no free temporary name beside {path}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(data))
@@ -94,21 +109,31 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def swap_directory(work: Path, output: Path) -> None:
     """Move a finished ``work`` directory to ``output``, replacing what was there only once the new
-    one is in place; if the move fails, the previous directory is put back."""
-    import shutil
+    one is in place; if the move fails, the previous directory is put back. The previous one waits
+    under a locked temporary name, so that a run killed mid-swap is undone by the next
+    (``staging.clean_beside``)."""
+    from clipdeploy.staging import output_temporaries, reserved
 
     if not output.exists():
         os.replace(work, output)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-    old.rmdir()
-    os.replace(output, old)
-    try:
-        os.replace(work, output)
-    except BaseException:
-        os.replace(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    with reserved(output.parent, output_temporaries(output)[1], create=False) as old:
+        os.replace(output, old)
+        try:
+            os.replace(work, output)
+        except BaseException:
+            os.replace(old, output)
+            raise
+    # Leaving `reserved` removes the previous directory.
+
+
+def unreadable(path: Any, e: OSError) -> ArtifactError:
+    """The one-line error for an artifact file this user may not read."""
+    name = str(e.filename or path)
+    return ArtifactError(
+        f"{name!r} cannot be read ({e.strerror or e}): it belongs to another user or its mode forbids reading; "
+        "make the artifact readable (chmod -R a+rX DIR) or run as its owner"
+    )
 
 
 def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:
@@ -131,6 +156,13 @@ def read_manifest(artifact_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check a manifest: present, valid JSON, a schema this version understands."""
     root = Path(artifact_dir)
     path = root / MANIFEST_NAME
+    try:
+        return _read_manifest(root, path)
+    except PermissionError as e:
+        raise unreadable(path, e) from None
+
+
+def _read_manifest(root: Path, path: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {str(root)!r} does not exist; run `clipdeploy export` first")
     if not path.is_file():

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +24,7 @@ from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
 from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, context_length, detect_family
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
+from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)
@@ -68,8 +67,6 @@ def sample_prompts() -> list[str]:
 
 def _check_output(output: Path, force: bool) -> None:
     if not output.exists():
-        if not output.parent.exists():
-            raise UsageError(f"parent directory {str(output.parent)!r} of the output does not exist; create it first")
         return
     if not force:
         raise UsageError(f"output {str(output)!r} already exists; pass --force to replace it, or choose another -o")
@@ -435,14 +432,15 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     output = Path(cfg.output)
     if cfg.opset < MIN_OPSET:
         raise UsageError(f"--opset {cfg.opset} is too old: LayerNormalization needs opset {MIN_OPSET} or higher")
+    # Missing parents are made (mkdir -p); what a killed export left beside the output goes first,
+    # so that a half-swapped previous artifact is back before it is checked.
+    ensure_parent(output)
+    clean_beside(output)
     _check_output(output, cfg.force)
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with reserved(output.parent, output_temporaries(output)[0]) as work:
         manifest = _build(cfg, work)
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         write_manifest(work, manifest)
         swap_directory(work, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return manifest

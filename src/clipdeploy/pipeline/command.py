@@ -22,9 +22,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_pipeline(config, options)
     print(table(summary))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        from pathlib import Path
+
+        from clipdeploy.manifest import atomic_write_text
+
+        # Atomic, and makes missing parent directories, like every other output.
+        atomic_write_text(Path(args.json), json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0 if summary["ok"] else 1
 

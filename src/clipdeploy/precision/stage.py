@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -25,10 +23,12 @@ from clipdeploy.manifest import file_sha256, read_manifest, variants, write_mani
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 from clipdeploy.runtime.padding import trim_to_pooled
+from clipdeploy.staging import clean_stale, reserved
 
 log = logging.getLogger(__name__)
 
 QUANT_PRECISIONS = ("fp16", "int8", "int8-fp16")
+QUANTIZE_PREFIX = ".quantize-"  # the stage's temporary directory inside the artifact
 CALIB_BATCH = 8
 RANGE_SAMPLES = 64  # calibration samples the fp16 pass observes for value ranges
 
@@ -272,8 +272,9 @@ class _Stage:
         cfg = self.cfg
         start = time.perf_counter()
         self.load_data()
-        work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=self.root))
-        try:
+        # A killed quantize leaves its ~model-sized temporary inside the artifact: the next one removes it.
+        clean_stale(self.root, (QUANTIZE_PREFIX,))
+        with reserved(self.root, QUANTIZE_PREFIX) as work:
             paths, infos = {}, {}
             for tower in self.towers:
                 paths[tower], infos[tower] = self.build(tower, work, [])
@@ -291,8 +292,6 @@ class _Stage:
                 "seconds": round(time.perf_counter() - start, 1),
             })
             self.record(work, paths, report)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         if not report["passed"]:
             raise AccuracyError(f"{cfg.precision} gate failed: " + "; ".join(report["failures"]), report=report)
         return report

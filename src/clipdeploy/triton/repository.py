@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ from clipdeploy.manifest import (
     variants,
     verify_files,
 )
+from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
 
@@ -632,8 +632,6 @@ def _write_plan(cfg: TritonConfig, plan: Plan, repo: Path, warnings: list[str]) 
 
 def _check_output(output: Path, force: bool) -> None:
     if not output.exists():
-        if not output.parent.exists():
-            raise UsageError(f"parent directory {str(output.parent)!r} of the output does not exist; create it first")
         return
     if not force:
         raise UsageError(f"output {str(output)!r} already exists; pass --force to replace it, or choose another -o")
@@ -650,13 +648,14 @@ def build_repository(cfg: TritonConfig) -> dict[str, Any]:
 
     cfg.check()
     output = Path(cfg.output)
+    ensure_parent(output)  # mkdir -p, and a killed run's leftovers go (a half-swapped repository comes back)
+    clean_beside(output)
     _check_output(output, cfg.force)
     warnings: list[str] = []
     notes: set[str] = set()
     plans = collect(cfg, warnings, notes)
     trt = tensorrt_check(cfg, plans, warnings)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with reserved(output.parent, output_temporaries(output)[0]) as work:
         served = [_write_plan(cfg, plan, work, warnings) for plan in plans]
         summary = {
             "schema": MARKER_SCHEMA,
@@ -669,10 +668,8 @@ def build_repository(cfg: TritonConfig) -> dict[str, Any]:
         }
         (work / MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (work / "README.md").write_text(readme(summary, output), encoding="utf-8")
-        work.chmod(0o755)  # mkdtemp makes it private; the server (often another user in a container) reads it
+        # `reserved` makes it with the umask's mode: the server (often another user in a container) reads it.
         swap_directory(work, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     for w in warnings:
         log.warning("clipdeploy: %s", w)
     summary["path"] = str(output)

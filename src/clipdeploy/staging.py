@@ -1,0 +1,195 @@
+"""Temporary directories beside an output, made with the user's umask, that a dead run cannot strand.
+
+A stage builds its output in a temporary directory next to the final one and renames it into place.
+Each temporary ``NAME`` has a sibling lock file ``NAME.lock``, created before the directory and held
+with ``flock`` for the life of the run (the kernel drops it when the process dies, ``kill -9``
+included). The next run on the same output calls :func:`clean_stale`: a temporary whose lock it can
+take belongs to a dead run and is removed; one whose lock is held is a live run's and is left alone.
+
+Modes: everything is created with ``os.mkdir(path, 0o777)`` / ``os.open(path, ..., 0o666)``, so the
+kernel applies the umask (0755/0644 under 022, 0750/0640 under 027), as any build tool does.
+``tempfile.mkdtemp``/``mkstemp`` would make them 0700/0600, private to whoever exported.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from clipdeploy.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".lock"
+# What follows a temporary's prefix: 8 random characters (ours are hex; tempfile's, from older
+# versions, are [a-z0-9_]), then the lock suffix or nothing. Anything else is not ours.
+_TAIL = re.compile(r"[A-Za-z0-9_]{8}(\.lock)?")
+
+
+def _random_name(prefix: str, suffix: str = "") -> str:
+    return f"{prefix}{secrets.token_hex(4)}{suffix}"
+
+
+def ensure_parent(output: Path, option: str = "-o") -> None:
+    """Create ``output``'s missing parent directories, as ``mkdir -p`` would; one line if a file is in the way."""
+    parent = Path(output).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(
+            f"{option} {str(output)!r}: cannot create its parent directory {str(parent)!r}, a file is in the way; "
+            "choose another path"
+        ) from None
+    except PermissionError as e:
+        raise UsageError(
+            f"{option} {str(output)!r}: cannot create {str(e.filename or parent)!r} (permission denied); "
+            "choose a path you can write to"
+        ) from None
+
+
+def open_new_file(path: Path) -> int:
+    """``os.open`` a file that must not exist yet, write-only, with the umask's mode."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a cleaner may have unlinked it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    ours = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _take_lock(lock: Path) -> int | None:
+    """Create and lock ``lock``; None if the name is taken or a cleaner raced us to it."""
+    try:
+        fd = open_new_file(lock)
+    except FileExistsError:
+        return None
+    if _try_lock(fd) and _same_file(fd, lock):
+        os.write(fd, f"pid {os.getpid()} host {socket.gethostname()} since {time.time():.0f}\n".encode())
+        return fd
+    os.close(fd)
+    return None
+
+
+@contextmanager
+def reserved(parent: Path, prefix: str, *, create: bool = True) -> Iterator[Path]:
+    """A fresh ``parent/<prefix>XXXXXXXX``, locked for the duration of the ``with``, removed after.
+
+    With ``create`` the directory is made (umask modes); without, only its name is reserved, for a
+    ``rename`` onto it. Whatever is left at that name on exit (a failed run's files) is removed; a
+    directory renamed away meanwhile (the finished output) is not touched.
+    """
+    parent = Path(parent)
+    for _ in range(100):
+        path = parent / _random_name(prefix)
+        lock = path.with_name(path.name + LOCK_SUFFIX)
+        fd = _take_lock(lock)
+        if fd is not None:
+            break
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise OSError(errno.EEXIST, f"no free temporary name {prefix}* in {parent}")
+    try:
+        if create:
+            os.mkdir(path, 0o777)
+        yield path
+    finally:
+        # The directory first, then its lock: a live run's directory never exists without its lock.
+        _remove(path)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(parent: Path, prefixes: tuple[str, ...], restore: dict[str, Path] | None = None) -> list[Path]:
+    """Remove the temporaries ``parent/<prefix>*`` that dead runs left; returns what was removed.
+
+    ``restore`` maps a prefix to an output: a dead run's directory with that prefix is moved back to
+    the output if the output is missing (a swap killed half-way leaves the previous output there).
+    A temporary without any lock file is a dead run's too (a live run makes the lock before the
+    directory, and removes the directory before the lock).
+    """
+    parent = Path(parent)
+    restore = restore or {}
+    removed: list[Path] = []
+    try:
+        names = sorted(os.listdir(parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for name in names:
+        prefix = next((p for p in prefixes if name.startswith(p) and _TAIL.fullmatch(name[len(p):])), None)
+        if prefix is None:
+            continue
+        path = parent / name
+        if name.endswith(LOCK_SUFFIX):
+            target = path.with_name(name[: -len(LOCK_SUFFIX)])
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                continue
+            try:
+                if not (_try_lock(fd) and _same_file(fd, path)):
+                    continue  # a live run holds it (or it was just removed)
+                out = restore.get(prefix)
+                if out is not None and target.is_dir() and not out.exists():
+                    os.replace(target, out)
+                    log.warning("clipdeploy: restored %s from %s, which a killed run left", out, target)
+                elif target.exists() or target.is_symlink():
+                    _remove(target)
+                    removed.append(target)
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        elif not (parent / (name + LOCK_SUFFIX)).exists() and path.is_dir() and not path.is_symlink():
+            # No lock at all: left by a run of a clipdeploy that made none (or whose lock went first).
+            out = restore.get(prefix)
+            if out is not None and not out.exists():
+                os.replace(path, out)
+                log.warning("clipdeploy: restored %s from %s, which a killed run left", out, path)
+            else:
+                _remove(path)
+                removed.append(path)
+    for p in removed:
+        log.info("clipdeploy: removed %s, left by a run that died", p)
+    return removed
+
+
+def output_temporaries(output: Path) -> tuple[str, str]:
+    """The prefixes of the temporaries staged beside ``output``: its build and its swap-out."""
+    return f".{output.name}.tmp-", f".{output.name}.old-"
+
+
+def clean_beside(output: Path) -> list[Path]:
+    """Clean what dead runs left beside ``output``, putting a half-swapped previous output back."""
+    output = Path(output)
+    work, old = output_temporaries(output)
+    return clean_stale(output.parent, (work, old), restore={old: output})

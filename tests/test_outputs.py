@@ -78,7 +78,7 @@ def test_export_makes_missing_parents_and_files_get_umask_022_modes(exported_022
 
 
 def test_export_under_umask_027(tmp_path):
-    out = tmp_path / "x" / "art"
+    out = tmp_path / "art"  # the parent exists: this checks the modes alone
     assert _export_under(0o027, out) == 0
     for rel, mode in _modes(out).items():
         assert mode == (0o750 if (out / rel).is_dir() else 0o640), rel
@@ -142,6 +142,7 @@ def test_unreadable_file_is_one_line_naming_it(micro_artifact, monkeypatch, caps
 
 def test_a_killed_export_is_cleaned_up_by_the_next(tmp_path):
     base = tmp_path / "out"
+    base.mkdir()
     out = base / "art"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen([sys.executable, "-m", "clipdeploy.cli", *EXPORT, "-o", str(out)], env=env,

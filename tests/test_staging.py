@@ -118,3 +118,26 @@ def test_ensure_parent_makes_missing_parents_and_says_when_a_file_is_in_the_way(
     (tmp_path / "f").write_text("x")
     with pytest.raises(UsageError, match="a file is in the way"):
         ensure_parent(tmp_path / "f" / "out")
+
+
+def test_atomic_write_temporaries_of_dead_writers_go_live_ones_stay(tmp_path):
+    from clipdeploy.staging import clean_stale_writes, lock_new_file
+
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    dead = engines / ".image.fp16.h100.plan.1a2b3c4d.tmp"  # a build killed while writing its plan
+    dead.write_bytes(b"\0" * 4096)
+    live = engines / ".text.fp16.h100.plan.5e6f7a8b.tmp"
+    fd = lock_new_file(live)  # what atomic_write_bytes holds while it writes
+    assert fd is not None
+    mine = [engines / "notes.tmp", engines / "image.fp16.h100.plan"]
+    for p in mine:
+        p.write_text("keep")
+    try:
+        assert clean_stale_writes(engines) == [dead]
+        assert live.is_file() and all(p.is_file() for p in mine)
+    finally:
+        os.close(fd)
+    assert clean_stale_writes(engines) == [live]
+    atomic_write_text(engines / "x.json", "{}")
+    assert sorted(os.listdir(engines)) == ["image.fp16.h100.plan", "notes.tmp", "x.json"]

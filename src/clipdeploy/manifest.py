@@ -80,16 +80,15 @@ def atomic_write_bytes(path: Path, data: Any) -> None:
 
     The file gets the mode the umask gives (0644 under 022), not tempfile's private 0600.
     """
-    from clipdeploy.staging import open_new_file
+    from clipdeploy.staging import lock_new_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
+        # Locked while written: a writer killed mid-way leaves a file the next run can tell is dead.
         tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
-        try:
-            fd = open_new_file(tmp)
+        fd = lock_new_file(tmp)
+        if fd is not None:
             break
-        except FileExistsError:
-            continue
     else:  # pragma: no cover - 100 collisions of 32 random bits
         raise FileExistsError(f"no free temporary name beside {path}")
     try:
@@ -97,7 +96,7 @@ def atomic_write_bytes(path: Path, data: Any) -> None:
             f.write(memoryview(data))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still locked: a cleaner cannot take the file from under us
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

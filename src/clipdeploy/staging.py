@@ -62,6 +62,51 @@ def open_new_file(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
 
 
+def lock_new_file(path: Path) -> int | None:
+    """Create ``path`` (umask mode) and ``flock`` it, for an atomic write's temporary file, so that
+    :func:`clean_stale_writes` can tell a dead writer's file from a live one's. None if the name is
+    taken (or a cleaner unlinked it first): pick another name."""
+    try:
+        fd = open_new_file(path)
+    except FileExistsError:
+        return None
+    if _try_lock(fd) and _same_file(fd, path):
+        return fd
+    os.close(fd)
+    return None
+
+
+# An atomic write's temporary file: `.<name>.<8 random>.tmp` (tempfile's names, from older versions, too).
+_WRITE_TMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def clean_stale_writes(folder: Path) -> list[Path]:
+    """Remove the atomic-write temporaries in ``folder`` whose writer died (an engine plan killed
+    mid-write is hundreds of MB); a file whose writer still holds its lock is left alone."""
+    removed: list[Path] = []
+    try:
+        names = sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for name in names:
+        path = Path(folder) / name
+        if not _WRITE_TMP.fullmatch(name) or path.is_symlink() or not path.is_file():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            continue
+        try:
+            if _try_lock(fd) and _same_file(fd, path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        finally:
+            os.close(fd)
+    for p in removed:
+        log.info("clipdeploy: removed %s, left by a write that died", p)
+    return removed
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,15 +129,10 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def _take_lock(lock: Path) -> int | None:
     """Create and lock ``lock``; None if the name is taken or a cleaner raced us to it."""
-    try:
-        fd = open_new_file(lock)
-    except FileExistsError:
-        return None
-    if _try_lock(fd) and _same_file(fd, lock):
+    fd = lock_new_file(lock)
+    if fd is not None:  # who holds it, for a person who finds it
         os.write(fd, f"pid {os.getpid()} host {socket.gethostname()} since {time.time():.0f}\n".encode())
-        return fd
-    os.close(fd)
-    return None
+    return fd
 
 
 @contextmanager

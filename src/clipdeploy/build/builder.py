@@ -26,6 +26,7 @@ from clipdeploy.manifest import (
 )
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.tensorrt import HARDWARE_COMPAT, base_version, get_logger, import_tensorrt
+from clipdeploy.staging import clean_stale_writes
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,9 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
     chosen = sources(manifest, cfg)
     for variant in chosen.values():
         verify_files(root, variant_files(variant))
+    # A build killed while writing a plan leaves a plan-sized temporary: the next build removes it.
+    for folder in (root, root / ENGINE_DIR):
+        clean_stale_writes(folder)
     trt = import_tensorrt()
     version = str(trt.__version__)
     gpu = cuda.gpu_info(cfg.device)

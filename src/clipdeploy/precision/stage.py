@@ -23,7 +23,7 @@ from clipdeploy.manifest import file_sha256, read_manifest, variants, write_mani
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 from clipdeploy.runtime.padding import trim_to_pooled
-from clipdeploy.staging import clean_stale, reserved
+from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ class _Stage:
         self.load_data()
         # A killed quantize leaves its ~model-sized temporary inside the artifact: the next one removes it.
         clean_stale(self.root, (QUANTIZE_PREFIX,))
+        clean_stale_writes(self.root)
         with reserved(self.root, QUANTIZE_PREFIX) as work:
             paths, infos = {}, {}
             for tower in self.towers:

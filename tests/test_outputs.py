@@ -131,6 +131,8 @@ def test_unreadable_file_is_one_line_naming_it(micro_artifact, monkeypatch, caps
     _deny(monkeypatch, name)
     with pytest.raises(ArtifactError, match=f"{name}' cannot be read"):
         load(micro_artifact.path)
+    with pytest.raises(ArtifactError, match=f"{name}' cannot be read"):
+        load(micro_artifact.path, verify=False)  # ONNX Runtime's own read: not "corrupt"
     for args in (["inspect", str(micro_artifact.path)], ["embed", str(micro_artifact.path), "--image", str(IMAGE)]):
         if name != "manifest.json" and args[0] == "inspect":
             continue  # inspect reads only the manifest
@@ -181,7 +183,7 @@ def test_embed_output_is_one_consistent_set(micro_artifact, tmp_path, capsys):
     assert sorted(os.listdir(out.parent)) == ["emb"], "nothing left beside it"
 
 
-def test_embed_output_refuses_a_file_and_a_folder_of_other_files(micro_artifact, tmp_path, capsys):
+def test_embed_output_refuses_a_file_and_a_folder_of_other_files(micro_artifact, tmp_path, capsys, monkeypatch):
     art = str(micro_artifact.path)
     existing = tmp_path / "emb.npy"
     existing.write_bytes(b"mine")
@@ -198,6 +200,12 @@ def test_embed_output_refuses_a_file_and_a_folder_of_other_files(micro_artifact,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "notes.txt" in err[0] and "did not write" in err[0]
     assert (folder / "notes.txt").read_text() == "keep" and (folder / "text.npy").read_bytes() == b"old"
+    # The directory a shell is in is never swapped away from under it.
+    empty = tmp_path / "here"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(["embed", art, "--text", "a cat", "-o", "."]) == 2
+    assert "current directory" in capsys.readouterr().err and empty.is_dir() and Path.cwd() == empty
 
 
 # ---- triton -o -------------------------------------------------------------------------------------

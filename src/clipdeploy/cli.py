@@ -157,7 +157,13 @@ def _check_embed_output(out: Path) -> None:
             f"-o {str(out)!r} is an existing file; -o names a directory for {', '.join(EMBED_FILES)}; "
             "give a new or empty directory"
         )
-    clean_beside(out.resolve())  # what a killed embed left (a half-swapped earlier set comes back)
+    target = out.resolve()
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise UsageError(
+            f"-o {str(out)!r} is the current directory or holds it; embed replaces DIR as a whole, "
+            "so give it a subdirectory, e.g. -o embeddings"
+        )
+    clean_beside(target)  # what a killed embed left (a half-swapped earlier set comes back)
     if out.is_dir():
         others = sorted(p.name for p in out.iterdir() if p.name not in EMBED_FILES)
         if others:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError
+from clipdeploy.manifest import unreadable
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 
 _ORT_DTYPES = {
@@ -80,6 +81,10 @@ class OrtRunner(Runner):
         }[options.graph_optimization_level]
         self.path = Path(path)
         self.options = options
+        try:
+            open(path, "rb").close()  # an unreadable file is named as such, not called corrupt
+        except PermissionError as e:
+            raise unreadable(path, e) from None
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
         except Exception as e:  # onnxruntime raises its own pybind error types

@@ -65,7 +65,8 @@ def test_dead_runs_leftovers_go_a_live_runs_stay(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         # Names that are not ours, or not this artifact's, are never touched.
-        keep = [tmp_path / n for n in (".art.tmp-x", ".art.tmp-deadbeef.keep", ".art2.tmp-deadbeef", "art", "notes.txt")]
+        names = (".art.tmp-x", ".art.tmp-deadbeef.keep", ".art2.tmp-deadbeef", "art", "notes.txt")
+        keep = [tmp_path / n for n in names]
         for p in keep:
             p.mkdir() if p.suffix != ".txt" else p.write_text("mine")
         removed = clean_beside(tmp_path / "art")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -142,3 +143,19 @@ def test_atomic_write_temporaries_of_dead_writers_go_live_ones_stay(tmp_path):
     assert clean_stale_writes(engines) == [live]
     atomic_write_text(engines / "x.json", "{}")
     assert sorted(os.listdir(engines)) == ["image.fp16.h100.plan", "notes.tmp", "x.json"]
+
+
+def test_without_flock_writers_go_on_and_cleaners_touch_nothing(tmp_path, monkeypatch):
+    # Some network filesystems refuse flock: exporting must still work, and nothing may be removed
+    # on a guess.
+    leftover = _leftover(tmp_path, ".art.tmp-deadbeef")
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    assert clean_beside(tmp_path / "art") == [] and leftover.is_dir()
+    with reserved(tmp_path, ".art.tmp-") as work:
+        assert work.is_dir()
+    atomic_write_text(tmp_path / "m.json", "{}")
+    assert (tmp_path / "m.json").read_text() == "{}"

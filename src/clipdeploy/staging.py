@@ -70,7 +70,7 @@ def lock_new_file(path: Path) -> int | None:
         fd = open_new_file(path)
     except FileExistsError:
         return None
-    if _try_lock(fd) and _same_file(fd, path):
+    if _try_lock(fd, unsupported=True) and _same_file(fd, path):
         return fd
     os.close(fd)
     return None
@@ -97,7 +97,7 @@ def clean_stale_writes(folder: Path) -> list[Path]:
         except FileNotFoundError:
             continue
         try:
-            if _try_lock(fd) and _same_file(fd, path):
+            if _try_lock(fd, unsupported=False) and _same_file(fd, path):
                 path.unlink(missing_ok=True)
                 removed.append(path)
         finally:
@@ -107,13 +107,15 @@ def clean_stale_writes(folder: Path) -> list[Path]:
     return removed
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, *, unsupported: bool) -> bool:
+    """Take ``fd``'s flock without waiting; False if another holds it. On a filesystem without flock
+    (some network mounts) returns ``unsupported``: a writer goes on unlocked, a cleaner touches nothing."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
-        raise
+        return unsupported
     return True
 
 
@@ -197,7 +199,7 @@ def clean_stale(parent: Path, prefixes: tuple[str, ...], restore: dict[str, Path
             except FileNotFoundError:
                 continue
             try:
-                if not (_try_lock(fd) and _same_file(fd, path)):
+                if not (_try_lock(fd, unsupported=False) and _same_file(fd, path)):
                     continue  # a live run holds it (or it was just removed)
                 out = restore.get(prefix)
                 if out is not None and target.is_dir() and not out.exists():

@@ -24,6 +24,7 @@ from clipdeploy.manifest import (
     verify_files,
     write_manifest,
 )
+from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.tensorrt import HARDWARE_COMPAT, base_version, get_logger, import_tensorrt
 
@@ -248,6 +249,7 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
     chosen = sources(manifest, cfg)
     for variant in chosen.values():
         verify_files(root, variant_files(variant))
+        check_variant_external_data(root, variant.file, variant.external_data)  # TensorRT's parser reads them
     trt = import_tensorrt()
     version = str(trt.__version__)
     gpu = cuda.gpu_info(cfg.device)

@@ -39,6 +39,7 @@ from clipdeploy.manifest import (
     variants,
     verify_files,
 )
+from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
 
@@ -366,6 +367,7 @@ def _onnx_model(cfg: TritonConfig, plan: Plan, v: Variant, repo: Path) -> TowerM
     name = f"{plan.prefix}_{v.tower}_{v.precision}_onnx"
     inputs, outputs, batched = _tower_io(plan, v.tower)
     verify_files(plan.root, variant_files(v))
+    check_variant_external_data(plan.root, v.file, v.external_data)  # the copy must carry every file it reads
     version_dir = repo / name / VERSION
     _copy(plan.root / v.file, version_dir / Path(v.file).name)
     for ext in v.external_data:  # ONNX names external data relative to the model file

@@ -80,6 +80,9 @@ class OrtRunner(Runner):
         }[options.graph_optimization_level]
         self.path = Path(path)
         self.options = options
+        from clipdeploy.onnx_locations import check_locations
+
+        check_locations(self.path)  # older ONNX Runtime releases follow external data out of the model's folder
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=list(options.providers))
         except Exception as e:  # onnxruntime raises its own pybind error types

@@ -207,3 +207,11 @@ def test_resolve_member_accepts_inner_paths_and_inner_links(tmp_path):
 def test_real_export_validates(micro_artifact):
     m = read_manifest(micro_artifact.path)  # the exporter's own output passes schema and path checks
     assert {v["file"] for v in m["variants"]} == {"image.fp32.onnx", "text.fp32.onnx"}
+
+
+def test_an_artifact_reached_through_a_symlink_still_loads(micro_artifact, tmp_path):
+    # Only links that leave the artifact are refused; a link TO the artifact (models/current -> v3) is fine.
+    root = _copy(micro_artifact.path, tmp_path)
+    os.symlink(root, tmp_path / "current")
+    session = clipdeploy.load(tmp_path / "current")
+    assert session.encode_text(["a cat"]).shape == (1, 64)

@@ -153,3 +153,18 @@ def test_failed_gate_with_nan_figures_stays_readable(pristine):
     m["model"]["logit_scale"] = float("inf")
     with pytest.raises(SchemaError, match="model.logit_scale: expected a finite number"):
         check_schema(m)
+
+
+def test_inspect_prints_a_manifest_with_only_the_required_keys(artifact, pristine, capsys):
+    # What the schema accepts, inspect prints: no key it leaves optional may be needed.
+    m = {k: pristine[k] for k in ("schema_version", "preprocess", "tokenizer")}
+    m["model"] = {k: pristine["model"][k] for k in ("name", "embed_dim", "logit_scale")}
+    m["towers"] = {t: {k: e[k] for k in ("inputs", "outputs")} for t, e in pristine["towers"].items()}
+    m["variants"] = [{k: v[k] for k in ("tower", "precision", "format", "file", "sha256")} for v in pristine["variants"]]
+    m["variants"][0]["validation"] = None
+    m["preprocess"] = {**m["preprocess"], "size": 64}  # an int size is valid (square)
+    m["validation"] = {"export": {}}
+    (artifact / "manifest.json").write_text(json.dumps(m))
+    assert main(["inspect", str(artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "preprocess 64x64" in out and "FAIL  image.fp32.onnx" in out

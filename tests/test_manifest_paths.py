@@ -215,3 +215,13 @@ def test_an_artifact_reached_through_a_symlink_still_loads(micro_artifact, tmp_p
     os.symlink(root, tmp_path / "current")
     session = clipdeploy.load(tmp_path / "current")
     assert session.encode_text(["a cat"]).shape == (1, 64)
+
+
+def test_a_symlink_loop_and_the_root_itself_are_refused(micro_artifact, tmp_path):
+    root = _copy(micro_artifact.path, tmp_path)
+    os.symlink(root / "loop.b", root / "loop.a")
+    os.symlink(root / "loop.a", root / "loop.b")
+    with pytest.raises(ArtifactError, match="cannot be resolved"):
+        resolve_member_path(root, "loop.a", "files")
+    with pytest.raises(ArtifactError, match="the artifact directory itself"):
+        resolve_member_path(root, ".", "files")

@@ -22,12 +22,12 @@ from clipdeploy.manifest import FORMATS, MANIFEST_NAME, PRECISIONS, TOWERS
 __all__ = ["SchemaError", "check_schema", "manifest_paths", "check_paths", "resolve_member"]
 
 
-
 class SchemaError(ValueError):
     """A value that does not fit the schema, at ``key`` (a dotted path such as ``towers.image.embed_dim``)."""
 
     def __init__(self, key: str, expected: str, value: Any = None, *, missing: bool = False) -> None:
-        super().__init__(f"{key}: missing, expected {expected}" if missing else f"{key}: expected {expected}, got {_show(value)}")
+        what = f"missing, expected {expected}" if missing else f"expected {expected}, got {_show(value)}"
+        super().__init__(f"{key}: {what}")
         self.key = key
 
 
@@ -328,10 +328,15 @@ def _outside(root: Path, rel: Any) -> str | None:
         return "an absolute path"
     if ".." in posix.parts or ".." in windows.parts:
         return "a path that climbs out with '..'"
-    real_root = root.resolve()
-    # resolve() follows symlinks (reading links only, opening no file), so a link out is caught here.
-    real = (root / rel).resolve()
-    if real == real_root or not real.is_relative_to(real_root):
+    try:
+        real_root = root.resolve()
+        # resolve() follows symlinks (reading links only, opening no file), so a link out is caught here.
+        real = (root / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError up to Python 3.12, OSError after
+        return f"a link that cannot be resolved ({e})"
+    if real == real_root:
+        return "the artifact directory itself, not a file in it"
+    if not real.is_relative_to(real_root):
         return f"a link that resolves to {str(real)!r}, outside the artifact"
     return None
 

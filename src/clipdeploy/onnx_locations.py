@@ -123,7 +123,10 @@ def _why_outside(folder: Path, location: str) -> str | None:
         return "is an absolute path"
     if ".." in posix.parts:
         return "climbs out with '..'"
-    real = (folder / posix).resolve()
+    try:
+        real = (folder / posix).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        return f"is a link that cannot be resolved ({e})"
     if not real.is_relative_to(folder.resolve()):
         return f"resolves to {str(real)!r}, outside the model's folder"
     return None

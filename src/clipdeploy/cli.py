@@ -238,14 +238,15 @@ def format_manifest(m: dict[str, Any]) -> str:
     else:
         weights = f"random weights (seed {model.get('random_init_seed')})"
     pp, tok = m["preprocess"], m["tokenizer"]
+    size = pp["size"] if isinstance(pp["size"], list) else [pp["size"], pp["size"]]  # the schema allows both
     bias = "none" if model.get("logit_bias") is None else f"{model['logit_bias']:.4g}"
     lines = [
         f"{model['name']}  [{model.get('family', '?')}]  {weights}",
         f"  schema {m['schema_version']}, made {m.get('created', '?')} by clipdeploy {m.get('tools', {}).get('clipdeploy', '?')}",
         f"  embed dim {model['embed_dim']}, logit scale {model['logit_scale']:.4g}, logit bias {bias}",
-        f"  preprocess {pp['size'][0]}x{pp['size'][1]} {pp['interpolation']} resize={pp['resize_mode']} "
+        f"  preprocess {size[0]}x{size[1]} {pp['interpolation']} resize={pp['resize_mode']} "
         f"mean={tuple(round(x, 4) for x in pp['mean'])} std={tuple(round(x, 4) for x in pp['std'])}",
-        f"  tokenizer {tok['kind']}, context length {tok['context_length']}",
+        f"  tokenizer {tok['kind']}, context length {tok.get('context_length')}",
         "towers:",
     ]
     for tower, t in m["towers"].items():
@@ -253,7 +254,7 @@ def format_manifest(m: dict[str, Any]) -> str:
     lines.append("variants:")
     lines.append(f"  {'tower':5s} {'precision':9s} {'format':8s} {'size':>9s}  {'min cos':>9s}  {'max abs err':>11s}  gate  file")
     for v in m["variants"]:
-        val = v.get("validation", {})
+        val = v.get("validation") or {}
         cos = f"{val['min_cosine']:.7f}" if "min_cosine" in val else "-"
         err = f"{val['max_abs_err']:.2e}" if "max_abs_err" in val else "-"
         gate = "pass" if val.get("passed") else "FAIL"
@@ -263,10 +264,13 @@ def format_manifest(m: dict[str, Any]) -> str:
         )
     export = m.get("validation", {}).get("export")
     if export:
+        # Every key optional (the schema checks only types here): print what the record has.
+        diff = (export.get("preprocess") or {}).get("max_abs_diff")
         lines.append(
-            f"export check: vs {export['reference']} on {len(export['images'])} images / {export['prompts']} prompts "
-            f"at batch {', '.join(map(str, export['batches']))}; runtime preprocessing max diff "
-            f"{export['preprocess']['max_abs_diff']:.1e}, tokenizer mismatches {export['tokenizer']['mismatched']}"
+            f"export check: vs {export.get('reference', '?')} on {len(export.get('images') or [])} images / "
+            f"{export.get('prompts', '?')} prompts at batch {', '.join(map(str, export.get('batches') or []))}; "
+            f"runtime preprocessing max diff {'?' if diff is None else f'{diff:.1e}'}, "
+            f"tokenizer mismatches {(export.get('tokenizer') or {}).get('mismatched', '?')}"
         )
     tools = m.get("tools", {})
     lines.append("tools: " + ", ".join(f"{k} {v}" for k, v in tools.items()))

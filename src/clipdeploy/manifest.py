@@ -186,6 +186,7 @@ def _read_manifest(root: Path, path: Path) -> dict[str, Any]:
             f"{str(path)!r} has schema {manifest['schema_version']}, newer than this clipdeploy reads "
             f"({ours}.x); upgrade: pip install -U clipdeploy"
         )
+    _check_contents(root, path, manifest)
     for i, v in enumerate(manifest["variants"]):
         if not isinstance(v, dict) or any(k not in v for k in _VARIANT_KEYS):
             raise ArtifactError(
@@ -194,14 +195,27 @@ def _read_manifest(root: Path, path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_contents(root: Path, path: Path, manifest: dict[str, Any]) -> None:
+    """Types of every key clipdeploy reads, and every listed path inside ``root``: before any file is opened."""
+    from clipdeploy.manifest_schema import SchemaError, check_paths, check_schema
+
+    try:
+        check_schema(manifest)
+    except SchemaError as e:
+        raise ArtifactError(f"{str(path)!r}: {e}; the manifest is corrupt, re-export the model with --force") from None
+    check_paths(root, manifest)
+
+
 def variants(manifest: dict[str, Any]) -> list[Variant]:
     return [Variant.from_dict(v) for v in manifest["variants"]]
 
 
 def verify_files(root: Path, entries: Iterable[tuple[str, str]]) -> None:
     """Check (relative path, sha256) pairs; the first mismatch raises."""
+    from clipdeploy.manifest_schema import resolve_member
+
     for rel, expected in entries:
-        path = root / rel
+        path = resolve_member(root, rel)  # also for entries that did not come through read_manifest
         if not path.is_file():
             raise ArtifactError(f"{str(path)!r} is listed in the manifest but missing; re-export the model with --force")
         actual = file_sha256(path)

@@ -78,10 +78,20 @@ class FakeStages:
             )
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "model": {"name": cfg.model},
-            "towers": {"image": {}, "text": {}},
-            "preprocess": {},
-            "tokenizer": {},
+            # The keys read_manifest's schema requires, with stand-in values.
+            "model": {"name": cfg.model, "embed_dim": 8, "logit_scale": 100.0},
+            "towers": {
+                t: {
+                    "inputs": [{"name": f"{t}_in", "dtype": "float32", "shape": ["batch", 8]}],
+                    "outputs": [{"name": f"{t}_embeds", "dtype": "float32", "shape": ["batch", 8]}],
+                }
+                for t in ("image", "text")
+            },
+            "preprocess": {
+                "size": [8, 8], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0,
+            },  # fmt: skip
+            "tokenizer": {"kind": "openclip-bpe"},
             "variants": entries,
             "files": {},
             "validation": {"export": {t: {"min_cosine": 1.0, "max_abs_err": 1e-6} for t in ("image", "text")}},

@@ -24,6 +24,7 @@ from clipdeploy.manifest import (
     verify_files,
     write_manifest,
 )
+from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.tensorrt import HARDWARE_COMPAT, base_version, get_logger, import_tensorrt
 from clipdeploy.staging import clean_stale_writes
@@ -249,6 +250,7 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
     chosen = sources(manifest, cfg)
     for variant in chosen.values():
         verify_files(root, variant_files(variant))
+        check_variant_external_data(root, variant.file, variant.external_data)  # TensorRT's parser reads them
     # A build killed while writing a plan leaves a plan-sized temporary: the next build removes it.
     for folder in (root, root / ENGINE_DIR):
         clean_stale_writes(folder)

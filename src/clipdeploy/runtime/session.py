@@ -23,6 +23,7 @@ from clipdeploy.manifest import (
     variants,
     verify_files,
 )
+from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.runtime.backends.base import Runner
 from clipdeploy.runtime.preprocess import ImageLike, PreprocessConfig, Preprocessor
 
@@ -375,6 +376,7 @@ def load(
         variant = _select(manifest, tower, "onnx", precision, preference)
         if verify:
             verify_files(root, variant_files(variant))
+        check_variant_external_data(root, variant.file, variant.external_data)
         runners[tower] = OrtRunner(root / variant.file, options)
         chosen[tower] = variant
     if verify:

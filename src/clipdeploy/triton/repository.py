@@ -38,6 +38,7 @@ from clipdeploy.manifest import (
     variants,
     verify_files,
 )
+from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
@@ -212,6 +213,48 @@ def collect(cfg: TritonConfig, warnings: list[str], notes: set[str]) -> list[Pla
     return plans
 
 
+def _served_towers(plan: Plan) -> set[tuple[str, str]]:
+    """(precision, format) pairs a plan serves, counting only towers with one input (as _write_plan does)."""
+    one_input = {t for t, spec in plan.manifest["towers"].items() if len(spec["inputs"]) == 1}
+    pairs = {(v.precision, "onnx") for v in plan.onnx if v.tower in one_input}
+    return pairs | {(p, "tensorrt") for (t, p) in plan.engines if t in one_input}
+
+
+def refuse_empty(cfg: TritonConfig, plans: list[Plan]) -> None:
+    """An artifact with nothing to serve, or a --precision nothing serves, is an error: an empty
+    repository that exits 0 looks like success and serves nothing."""
+    flags = " ".join(
+        [*(f"--format {f}" for f in cfg.formats if len(cfg.formats) < len(FORMATS))]
+        + [f"--precision {p}" for p in cfg.precisions]
+    )
+    for plan in plans:
+        if _served_towers(plan):
+            continue
+        all_variants = [v for v in variants(plan.manifest) if v.tower in plan.manifest["towers"]]
+        have = sorted({f"{v.precision} {v.format}" + ("" if v.accepted else " (not accepted)") for v in all_variants})
+        engines = [v for v in all_variants if v.format == "tensorrt"]
+        if cfg.precisions and not any(v.precision in cfg.precisions for v in all_variants):
+            fix = f"make one with `clipdeploy quantize {plan.root} --precision {cfg.precisions[0]}`, or drop --precision"
+        elif "tensorrt" in cfg.formats and not engines:
+            fix = f"run `clipdeploy build {plan.root}` first to make TensorRT engines"
+            if "onnx" not in cfg.formats:
+                fix += ", or serve its ONNX variants with --format onnx"
+        else:
+            fix = "serve another --precision/--format, or re-run the stage whose check failed"
+        raise UsageError(
+            f"{plan.root}: nothing to serve{' with ' + flags if flags else ''}: it has "
+            f"{', '.join(have) or 'no variants'}; {fix}"
+        )
+    served = {p for plan in plans for p, _ in _served_towers(plan)}
+    missing = [p for p in cfg.precisions if p not in served]
+    if missing:
+        raise UsageError(
+            f"--precision {missing[0]} matches no accepted variant in {', '.join(str(p.root) for p in plans)} "
+            f"(they serve {', '.join(sorted(served))}); make it with `clipdeploy quantize --precision {missing[0]}`"
+            " (or `clipdeploy build` for engines), or drop that --precision"
+        )
+
+
 def _pick_tensorrt_version(cfg: TritonConfig, plans: list[Plan], warnings: list[str]) -> None:
     """One Triton release serves one TensorRT version: keep the engines of one version."""
     found = sorted(
@@ -324,6 +367,7 @@ def _onnx_model(cfg: TritonConfig, plan: Plan, v: Variant, repo: Path) -> TowerM
     name = f"{plan.prefix}_{v.tower}_{v.precision}_onnx"
     inputs, outputs, batched = _tower_io(plan, v.tower)
     verify_files(plan.root, variant_files(v))
+    check_variant_external_data(plan.root, v.file, v.external_data)  # the copy must carry every file it reads
     version_dir = repo / name / VERSION
     _copy(plan.root / v.file, version_dir / Path(v.file).name)
     for ext in v.external_data:  # ONNX names external data relative to the model file
@@ -654,6 +698,7 @@ def build_repository(cfg: TritonConfig) -> dict[str, Any]:
     warnings: list[str] = []
     notes: set[str] = set()
     plans = collect(cfg, warnings, notes)
+    refuse_empty(cfg, plans)
     trt = tensorrt_check(cfg, plans, warnings)
     with reserved(output.parent, output_temporaries(output)[0]) as work:
         served = [_write_plan(cfg, plan, work, warnings) for plan in plans]

@@ -81,6 +81,9 @@ class OrtRunner(Runner):
         }[options.graph_optimization_level]
         self.path = Path(path)
         self.options = options
+        from clipdeploy.onnx_locations import check_locations
+
+        check_locations(self.path)  # older ONNX Runtime releases follow external data out of the model's folder
         try:
             open(path, "rb").close()  # an unreadable file is named as such, not called corrupt
         except PermissionError as e:

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import progress
 from clipdeploy.errors import UsageError
 
 
@@ -85,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         graph_optimization_level=args.graph_optimization_level,
         prompt_length=_int("--prompt-length", args.prompt_length, 2),
         isolate=not args.in_process,
-        progress=not args.no_progress and progress.active(),  # a terminal, and not --quiet
+        progress=not args.no_progress,
         machine=args.machine,
     )
 

@@ -98,6 +98,19 @@ def test_a_failing_stage_says_so_and_raises(monkeypatch, restore_progress):
     assert progress._depth == 0
 
 
+def test_plain_lines_on_a_terminal_without_tqdm(monkeypatch, restore_progress):
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(progress, "_tqdm", lambda: None)  # tqdm is not installed
+    progress.configure(True)
+    items = [1, 2]
+    with progress.stage("tracing") as step:
+        assert progress.bar(items, "items") is items
+        step.note("pass")
+    lines = term.getvalue().splitlines()
+    assert lines[0] == "tracing ..." and lines[1].startswith("tracing  ") and lines[1].endswith("s  pass"), lines
+
+
 def test_nothing_drawn_off_a_terminal(monkeypatch, restore_progress):
     pipe = io.StringIO()  # isatty() is False
     monkeypatch.setattr(sys, "stderr", pipe)
@@ -145,10 +158,27 @@ def test_verbose_logging_keeps_third_party_info_out(capsys, restore_progress):
         _setup_output(verbose=True, quiet=False)  # main() twice in one process: still one handler
         assert sum(isinstance(h, progress.LogHandler) for h in root.handlers) == 1
     finally:
+        logging.captureWarnings(False)
         for h in [h for h in root.handlers if isinstance(h, progress.LogHandler)]:
             root.removeHandler(h)
         root.setLevel(saved[0])
         logging.getLogger("clipdeploy").setLevel(saved[2])
+
+
+def test_no_hub_download_bars_where_progress_is_off(monkeypatch, restore_progress):
+    from clipdeploy.cli import _setup_output
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    root = logging.getLogger()
+    saved = (root.level, logging.getLogger("clipdeploy").level)
+    try:
+        _setup_output(verbose=False, quiet=True)
+        assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1"
+    finally:
+        for h in [h for h in root.handlers if isinstance(h, progress.LogHandler)]:
+            root.removeHandler(h)
+        root.setLevel(saved[0])
+        logging.getLogger("clipdeploy").setLevel(saved[1])
 
 
 def test_quiet_and_verbose_go_before_or_after_the_command():

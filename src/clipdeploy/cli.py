@@ -351,6 +351,8 @@ def _setup_output(*, verbose: bool, quiet: bool) -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
+    else:
+        logging.captureWarnings(True)  # through the handler above, so a warning does not tear a bar
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import __version__
+from clipdeploy import __version__, progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, InputError, UsageError
 
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deployment compiler for OpenCLIP models: validated ONNX, a torch-free runtime.",
     )
     parser.add_argument("--version", action="version", version=f"clipdeploy {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show progress logs and full tracebacks")
+    _add_output_options(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from clipdeploy.benchmarks.command import add_bench
     from clipdeploy.build.command import add_build, add_validate
@@ -355,7 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_triton, add_coverage,
     ):
         add(sub)
+    for command in sub.choices.values():  # also after the command: `clipdeploy export ... --quiet`
+        _add_output_options(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_output_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    # SUPPRESS on the subcommands, so an option given only before the command is not reset after it.
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default,
+        help="log clipdeploy's steps (not other libraries' INFO) and show full tracebacks",
+    )  # fmt: skip
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default,
+        help="no progress display (it is shown only when stderr is a terminal)",
+    )  # fmt: skip
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -372,19 +387,34 @@ def _print_report(report: dict[str, Any]) -> None:
             print(f"  top-1 agreement: {value:.4f}", file=sys.stderr)
 
 
+def _setup_output(*, verbose: bool, quiet: bool) -> None:
+    """Progress on a terminal unless --quiet; INFO logs for clipdeploy's own loggers only with --verbose."""
+    progress.configure(not quiet)
+    if not progress.active():
+        # huggingface_hub reads this when imported (later, lazily): no download bars where we show none.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, progress.LogHandler)]:
+        root.removeHandler(h)  # main() called again in one process: one handler, not two
+    handler = progress.LogHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    # open_clip logs on the root logger and onnxscript/onnx_ir/torch.onnx on their own, at INFO by
+    # the dozen: third-party loggers stay at WARNING even with --verbose (ERROR without it).
+    root.setLevel(logging.WARNING if verbose else logging.ERROR)
+    logging.getLogger("clipdeploy").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    else:
+        logging.captureWarnings(True)  # through the handler above, so a warning does not tear a bar
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not args.verbose:
-        import warnings
-
-        # open_clip and torch log and warn on the root logger; our own messages stay visible.
-        warnings.filterwarnings("ignore")
-        logging.getLogger().setLevel(logging.ERROR)
-        logging.getLogger("clipdeploy").setLevel(logging.WARNING)
+    _setup_output(verbose=args.verbose, quiet=args.quiet)
     try:
         return int(args.func(args))
     except ClipDeployError as e:

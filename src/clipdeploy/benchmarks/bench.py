@@ -34,6 +34,8 @@ from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynam
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import TOWERS, read_manifest
+from clipdeploy.progress import active as progress_active
+from clipdeploy.progress import write as progress_write
 from clipdeploy.validation import cosine_rows
 
 REPORT_SCHEMA = "clipdeploy-bench/1"
@@ -91,7 +93,7 @@ class BenchConfig:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    progress_write(message)  # stderr, without tearing a bar being drawn
 
 
 def resolve_device(device: str) -> str:
@@ -161,6 +163,7 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
+        enabled = enabled and progress_active()  # a terminal, and not --quiet (nor a library caller)
         if enabled:
             try:
                 from tqdm.auto import tqdm

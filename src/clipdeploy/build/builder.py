@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import progress
 from clipdeploy.build.config import BuildConfig, Range
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
 from clipdeploy.manifest import (
@@ -271,7 +272,8 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
         source = root / variant.file
         log.info("clipdeploy: building the %s %s engine from %s on %s", cfg.precision, tower, variant.file, gpu.name)
         start = time.perf_counter()
-        plan, profile = build_plan(trt, builder, source, tower, manifest, cfg, cache)
+        with progress.stage(f"building the {cfg.precision} {tower} engine with TensorRT {version}"):
+            plan, profile = build_plan(trt, builder, source, tower, manifest, cfg, cache)
         seconds = time.perf_counter() - start
         rel = f"{ENGINE_DIR}/{plan_name(tower, cfg.precision, gpu, version, cfg.hardware_compat, cfg.version_compat)}"
         atomic_write_bytes(root / rel, plan)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy import progress
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
 from clipdeploy.runtime import cuda
@@ -169,7 +170,9 @@ def validate_engines(
             continue
         verify_files(root, variant_files(v))
         entry = {"tower": v.tower, "precision": v.precision, "file": v.file, **v.extra}
-        record, engine_failures = validate_engine(root, entry, inputs, device, engine_host_code_allowed)
+        with progress.stage(f"checking {v.file} against its ONNX source") as step:
+            record, engine_failures = validate_engine(root, entry, inputs, device, engine_host_code_allowed)
+            step.note("pass" if not engine_failures else f"{len(engine_failures)} failed")
         records[v.file] = record
         report[v.file] = record
         failures += engine_failures

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy import progress
 from clipdeploy.calibration.sources import ImageSample
 from clipdeploy.errors import CalibrationError, InputError
 
@@ -46,11 +46,7 @@ class SampleSet:
 
 
 def _progress(total: int, desc: str) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
+    return progress.counter(total, desc, unit="img")  # drawn only on a terminal, and not with --quiet
 
 
 def _read_all(samples: Sequence[ImageSample]) -> Iterator[tuple[ImageSample, bytes | Exception]]:

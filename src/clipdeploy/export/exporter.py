@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy import __version__
+from clipdeploy import __version__, progress
 from clipdeploy.errors import UsageError
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
@@ -336,15 +336,16 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
     from clipdeploy.export.preprocess_assets import describe_preprocess
     from clipdeploy.export.tokenizer_assets import describe_tokenizer
 
-    loaded = load_model(
-        cfg.model,
-        pretrained=cfg.pretrained,
-        checkpoint=cfg.checkpoint,
-        model_config=cfg.model_config,
-        seed=cfg.seed,
-        tokenizer_dir=cfg.tokenizer_dir,
-        depth=cfg.depth,
-    )
+    with progress.stage(f"building {cfg.model}"):
+        loaded = load_model(
+            cfg.model,
+            pretrained=cfg.pretrained,
+            checkpoint=cfg.checkpoint,
+            model_config=cfg.model_config,
+            seed=cfg.seed,
+            tokenizer_dir=cfg.tokenizer_dir,
+            depth=cfg.depth,
+        )
     family: FamilySpec = detect_family(loaded.model)
     model, original = loaded.model, None
     if family.prepare is not None:
@@ -359,7 +360,8 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
 
     pixels, tokens, images, prompts = _reference_inputs(loaded)
     inputs = {"image": pixels, "text": tokens}
-    refs = _torch_references(model, family.towers, inputs, original=original)
+    with progress.stage("PyTorch reference outputs"):
+        refs = _torch_references(model, family.towers, inputs, original=original)
     dims = {tower: int(ref["full"].shape[-1]) for tower, ref in refs.items()}
     logit_scale, logit_bias = _logit_terms(loaded.model)
     parameters = sum(p.numel() for p in loaded.model.parameters())
@@ -368,11 +370,14 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
         _release_weights(original)  # its outputs are in refs
     exported = {}
     for spec in family.towers:
-        exported[spec.tower] = export_tower(spec, model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
+        with progress.stage(f"tracing the {spec.tower} tower to ONNX"):
+            exported[spec.tower] = export_tower(spec, model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
         if spec.tower == "image":
             _release_weights(model.visual)  # traced and referenced: only the text tower still needs weights
     _release_weights(model)  # from here on, ONNX Runtime holds the weights
-    tower_report, failures = _check_towers(model, exported, inputs, refs)
+    with progress.stage("checking the ONNX towers against PyTorch") as step:
+        tower_report, failures = _check_towers(model, exported, inputs, refs)
+        step.note("pass" if not failures else f"{len(failures)} failed")
     source = {k: v for k, v in loaded.source.items() if k != "model_config"}
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -397,7 +402,9 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
         "validation": {},
         "tools": _tool_versions(),
     }
-    runtime_report, runtime_failures = _check_runtime_inputs(work, manifest, pixels, tokens, images, prompts)
+    with progress.stage("checking runtime preprocessing and tokenizer") as step:
+        runtime_report, runtime_failures = _check_runtime_inputs(work, manifest, pixels, tokens, images, prompts)
+        step.note("pass" if not runtime_failures else f"{len(runtime_failures)} failed")
     failures += runtime_failures
     manifest["validation"]["export"] = {
         "reference": "open_clip PyTorch fp32 on CPU",

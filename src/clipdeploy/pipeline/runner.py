@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, UsageError
 from clipdeploy.pipeline.config import STAGES, ModelPlan, PipelineConfig
 from clipdeploy.pipeline.fingerprint import changed, key_of
@@ -74,7 +74,7 @@ class UnitResult:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    progress.write(message)  # stderr, without tearing a progress bar
 
 
 class _Stop(Exception):
@@ -174,7 +174,8 @@ class ModelRun:
         self.state.forget(unit.id)
         start = time.perf_counter()
         try:
-            result = impl.run(unit, self.ctx)
+            with progress.stage(f"[{self.plan.name}] {unit.id}", keep=False):  # _result says how it ended
+                result = impl.run(unit, self.ctx)
         except ClipDeployError as e:
             figures = gate_figures(e.report) if isinstance(e, AccuracyError) else {}
             return self._result(

@@ -11,12 +11,13 @@ fp16 consumer directly, the form TensorRT's strongly typed builder fuses.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipdeploy import progress
 from clipdeploy.precision import graph
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,15 @@ class _FeedReader:
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
         self._feeds = list(feeds)
-        self._i = 0
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= len(self._feeds):
-            return None
-        self._i += 1
-        return self._feeds[self._i - 1]
+        if self._it is None:  # made on first use: with a calibration cache, nothing is read or shown
+            self._it = iter(progress.bar(self._feeds, "calibration batches", unit="batch"))
+        return next(self._it, None)
 
     def rewind(self) -> None:
-        self._i = 0
+        self._it = None
 
 
 def quantize(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy import progress
 from clipdeploy.calibration import dataset, sources
 from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
 from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
@@ -182,7 +183,8 @@ class _Stage:
         cache.parent.mkdir(exist_ok=True)
         info["calibration_cache"] = {"file": cache.relative_to(self.root).as_posix(), "reused": cache.exists()}
         qdq = out if cfg.precision == "int8" else work / f"{tower}.qdq{suffix}.onnx"
-        layernorms = int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=cache, exclude=exclude)
+        with progress.muted_stdout():  # ONNX Runtime's entropy/percentile calibrators print to stdout
+            layernorms = int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=cache, exclude=exclude)
         info["layernorm_after_conv_quantized"] = len(layernorms)
         if cfg.precision == "int8-fp16":
             keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
@@ -228,12 +230,13 @@ class _Stage:
         bounds: dict[str, int] = {}
         for tower in failing:
             qdq = paths[tower] if cfg.precision == "int8" else work / f"{tower}.qdq.onnx"
-            ranked[tower] = recovery.rank_nodes(qdq, self.prepared(tower, work), self.feeds(tower, 2 * CALIB_BATCH))
+            with progress.stage(f"recovery: ranking the {tower} tower's nodes by their error"):
+                ranked[tower] = recovery.rank_nodes(qdq, self.prepared(tower, work), self.feeds(tower, 2 * CALIB_BATCH))
             bounds[tower] = recovery.bound_for(len(int8.quantizable_nodes(graph.load(self.prepared(tower, work)))),
                                                cfg.max_fp32_fraction)
         rounds: list[dict[str, Any]] = []
         steps = recovery.schedule(max(bounds.values(), default=0), cfg.max_rounds)
-        for k in steps:
+        for k in progress.bar(steps, "recovery rounds", unit="round"):
             current = dict(paths)
             for tower in failing:
                 keep = [name for name, _ in ranked[tower][: min(k, bounds[tower])]]
@@ -271,15 +274,19 @@ class _Stage:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         start = time.perf_counter()
-        self.load_data()
+        with progress.stage("reading calibration and held-out data"):
+            self.load_data()
         # A killed quantize leaves its ~model-sized temporary inside the artifact: the next one removes it.
         clean_stale(self.root, (QUANTIZE_PREFIX,))
         clean_stale_writes(self.root)
         with reserved(self.root, QUANTIZE_PREFIX) as work:
             paths, infos = {}, {}
             for tower in self.towers:
-                paths[tower], infos[tower] = self.build(tower, work, [])
-            report = self.evaluate(paths)
+                with progress.stage(f"{cfg.precision} {tower} tower"):
+                    paths[tower], infos[tower] = self.build(tower, work, [])
+            with progress.stage(f"{cfg.precision} gate on held-out data") as step:
+                report = self.evaluate(paths)
+                step.note("pass" if report["passed"] else "; ".join(report["failures"]))
             if not report["passed"] and cfg.precision != "fp16" and cfg.recover:
                 log.warning("%s misses its gate (%s); trying recovery", cfg.precision, "; ".join(report["failures"]))
                 paths, report = self.recover(work, paths, report)

@@ -99,6 +99,37 @@ def test_variant_passes_its_gate_on_a_trained_model(trained, shapes, precision):
     assert t.dtype == np.float32 and np.all(np.isfinite(t))
 
 
+@pytest.mark.parametrize("precision", ["int8", "int8-fp16"])
+def test_int8_defaults_meet_the_worst_case_floor_on_the_trained_model(trained, shapes, tmp_path, precision, capsys):
+    """Defaults throughout (300 to calibrate, 256 held out, no held-out sample below cosine 0.95),
+    through the CLI: 360 images are shared 180/180, and the worst samples are named and kept."""
+    from clipdeploy.cli import main
+
+    artifact = _copy(trained, tmp_path)
+    code = main(["quantize", str(artifact), "--precision", precision, "--calib-images", str(shapes / "images"),
+                 "--calib-texts", str(shapes / "captions.txt"), "--gate-prompts", str(shapes / "prompts.txt"),
+                 "--threads", "2"])
+    printed = capsys.readouterr().out
+    print(printed)
+    assert code == 0
+    report = read_manifest(artifact)["validation"]["quantize"][precision]
+    assert report["thresholds"]["min_cosine"] == 0.95 and report["passed"]
+    data = report["data"]["image"]
+    assert (data["calibration"], data["held_out"]) == (180, 180)
+    assert data["asked"] == {"calibration": 300, "held_out": 256}
+    for tower in ("image", "text"):
+        r = report[tower]
+        assert r["min_cosine"] >= 0.95 and r["min_cosine"] <= r["p1_cosine"] <= r["p5_cosine"] <= r["mean_cosine"]
+        assert len(r["worst"]) == 5 and r["worst"][0]["cosine"] == r["min_cosine"]
+    worst_image = report["image"]["worst"][0]["sample"]
+    assert Path(worst_image).parent == shapes / "images" and Path(worst_image).is_file()
+    captions = (shapes / "captions.txt").read_text().splitlines()
+    assert report["text"]["worst"][0]["sample"] in captions
+    assert f"worst: {worst_image} " in printed and "p1 " in printed
+    variant = next(v for v in read_manifest(artifact)["variants"] if v["precision"] == precision)
+    assert variant["validation"]["worst"][0]["sample"] == report[variant["tower"]]["worst"][0]["sample"]
+
+
 def test_runtime_picks_int8_on_cpu_and_says_so(trained, shapes):
     quantize(_cfg(trained, shapes, "int8", force=True))
     session = clipdeploy.load(trained)
@@ -209,6 +240,18 @@ def test_planted_outliers_fail_plain_int8_and_recover(outliers, shapes, tmp_path
     # The node kept is the one that reads the planted channels: block 1's first MLP MatMul.
     assert [n["module"] for n in kept] == ["visual.transformer.resblocks.1.mlp.c_fc"], kept
     assert rec["speed_cost_batch8"]["image"]["slowdown"] > 0
+
+
+def test_min_cosine_failure_alone_triggers_recovery_that_fixes_it(outliers, shapes, tmp_path):
+    artifact = _copy(outliers, tmp_path)
+    only_floor = dict(min_mean_cosine=0.0, min_top1=0.0)  # the per-sample floor (default 0.95) is the only gate
+    with pytest.raises(AccuracyError, match=r"image min cosine .* < 0.95 \(worst: .*\.jpg\)") as info:
+        quantize(_cfg(artifact, shapes, "int8", recover=False, **only_floor))
+    assert all("min cosine" in f for f in info.value.report["failures"])
+    report = quantize(_cfg(artifact, shapes, "int8", **only_floor))
+    assert report["passed"] and report["image"]["min_cosine"] >= 0.95
+    assert report["recovery"]["kept_in_higher_precision"]["image"]
+    assert report["recovery"]["ranking"]["image"]["feeds"] >= 16
 
 
 def test_recovery_is_bounded(outliers, shapes, tmp_path):

@@ -135,7 +135,8 @@ def after(artifact: Path, images: Path, kw: dict) -> dict:
     rec = report.get("recovery")
     row["recovery"] = None if rec is None else {
         "rounds": len(rec["rounds"]),
-        "kept": {t: [n["module"] or n["node"] for n in nodes] for t, nodes in rec.get("kept_in_higher_precision", {}).items()},
+        "kept": {t: [n["module"] or n["node"] for n in nodes]
+                 for t, nodes in rec.get("kept_in_higher_precision", {}).items()},
         "exhausted": rec.get("exhausted"),
     }
     return row

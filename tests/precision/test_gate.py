@@ -205,7 +205,7 @@ def _two_node_models(tmp: Path) -> tuple[Path, Path]:
     w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
     inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [None, 4]) for n in ("x1", "x2")]
     outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("ya", "yb")]
-    ident = [helper.make_node("Identity", ["x1"], ["h1"], name="i1"), helper.make_node("Identity", ["x2"], ["h2"], name="i2")]
+    ident = [helper.make_node("Identity", [f"x{i}"], [f"h{i}"], name=f"i{i}") for i in (1, 2)]
     fp32 = helper.make_graph(
         [*ident, helper.make_node("MatMul", ["h1", "W"], ["ya"], name="A"),
          helper.make_node("MatMul", ["h2", "W"], ["yb"], name="B")], "fp32", inputs, outputs, [w])
@@ -215,7 +215,9 @@ def _two_node_models(tmp: Path) -> tuple[Path, Path]:
     def qdq(src: str, scale: float) -> str:
         inits.append(numpy_helper.from_array(np.array(scale, np.float32), f"{src}_s"))
         nodes.append(helper.make_node("QuantizeLinear", [src, f"{src}_s", "zp"], [f"{src}_q"], name=f"{src}_Q"))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{src}_q", f"{src}_s", "zp"], [f"{src}_dq"], name=f"{src}_DQ"))
+        nodes.append(
+            helper.make_node("DequantizeLinear", [f"{src}_q", f"{src}_s", "zp"], [f"{src}_dq"], name=f"{src}_DQ")
+        )
         return f"{src}_dq"
 
     wa, wb = qdq("W", 1 / 127), "W_dq"
@@ -244,7 +246,10 @@ def test_recovery_ranks_a_node_that_ruins_a_few_samples_first(tmp_path, monkeypa
     assert [name for name, _ in ranked] == ["B", "A"], ranked
     # A mean-only ranking (the overall relative error, as recovery had it) puts A first: B's damage
     # is confined to two samples with small activations, which barely move an aggregate error.
-    monkeypatch.setattr(recovery, "combine", lambda errors: (sum(e for e, _ in errors) / sum(r for _, r in errors)) ** 0.5)
+    def mean_only(errors):
+        return (sum(e for e, _ in errors) / sum(r for _, r in errors)) ** 0.5
+
+    monkeypatch.setattr(recovery, "combine", mean_only)
     assert [name for name, _ in recovery.rank_nodes(qdq, fp32, feeds)] == ["A", "B"]
 
 

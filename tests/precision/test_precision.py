@@ -300,6 +300,23 @@ def test_failed_gate_writes_no_variant_and_records_figures(trained, shapes, tmp_
     assert not list(artifact.glob("*.int8.onnx")) and not list(artifact.glob(".quantize-*"))
 
 
+def test_cli_failed_gate_prints_the_worst_samples_then_one_error_line(trained, shapes, tmp_path, capsys):
+    from clipdeploy.cli import main
+
+    artifact = _copy(trained, tmp_path)
+    code = main(["quantize", str(artifact), "--precision", "int8", "--calib-images", str(shapes / "images"),
+                 "--calib-texts", str(shapes / "captions.txt"), "--gate-prompts", str(shapes / "prompts.txt"),
+                 "--samples", "32", "--holdout", "32", "--min-cosine", "1.0", "--no-recover", "--force"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and not captured.out
+    assert err[-1].startswith("clipdeploy: error: int8 gate failed: image min cosine") and "(worst: " in err[-1]
+    assert sum(line.startswith("clipdeploy: error:") for line in err) == 1
+    worst = next(line for line in err if line.strip().startswith("worst:") and ".jpg" in line)
+    assert str(shapes / "images") in worst
+    assert any("int8: gate FAILED" in line for line in err)
+
+
 def test_random_weights_record_top1_without_enforcing_it(shapes, tmp_path):
     from testdata import MICRO_CONFIG
 

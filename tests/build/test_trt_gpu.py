@@ -92,7 +92,7 @@ def artifact(trt_version, micro_artifact, tmp_path_factory) -> Path:
                 precision=precision,
                 calib_images=[images],
                 samples=32,
-                holdout=16,
+                holdout=32,
                 min_samples=16,
                 min_cosine=0.0,
                 min_mean_cosine=0.0,

@@ -123,7 +123,7 @@ class FakeStages:
     def quantize(self, unit, ctx):
         cfg = ctx.plan.quantize[unit.precision]
         self.ran.append((ctx.plan.name, unit.id))
-        if cfg.min_mean_cosine is not None and cfg.min_mean_cosine > 1:
+        if cfg.min_mean_cosine is not None and cfg.min_mean_cosine >= 1:
             raise AccuracyError(
                 f"{unit.precision} gate failed: image mean cosine 0.99 < {cfg.min_mean_cosine}",
                 report={"image": {"min_cosine": 0.98, "mean_cosine": 0.99}, "failures": ["image"]},

@@ -29,7 +29,10 @@ def test_example_configs_load():
     (plan,) = quick.models
     assert plan.precisions == ("fp16", "int8")
     assert plan.export.model_config == REPO / "configs" / "models" / "tiny-vit.json"
-    assert plan.quantize["int8"].calib_images == [REPO / "src" / "clipdeploy" / "data" / "images"]
+    assert plan.quantize["int8"].calib_images == [
+        REPO / "src" / "clipdeploy" / "data" / "images", REPO / "configs" / "data" / "photo-crops.tar"
+    ]
+    assert plan.quantize["int8"].holdout >= 32  # the gate's floor: the quickstart meets it
     assert quick.output == REPO / "artifacts" / "quickstart"
     gpu = load_config(REPO / "configs" / "gpu-engines.yaml")
     assert [m.name for m in gpu.models] == ["vit-b-32-openai", "vit-b-16-laion2b", "vit-l-14-openai", "rn50-openai"]

@@ -28,7 +28,7 @@ defaults:
   quantize:
     calib_images: [calib]
     samples: 4
-    holdout: 4
+    holdout: 32
     min_samples: 4
   build:
     batch: "1:8:32"
@@ -178,7 +178,7 @@ def test_a_broken_model_fails_alone_and_the_run_exits_1(tmp_path, fake, capsys):
         output: out
         defaults:
           precisions: [fp16]
-          quantize: {calib_images: calib, samples: 4, holdout: 4, min_samples: 4}
+          quantize: {calib_images: calib, samples: 4, holdout: 32, min_samples: 4}
         models:
           - {name: one, model: micro-vit, checkpoint: good.pt}
           - {name: broken, model: micro-vit, checkpoint: broken.pt}
@@ -211,7 +211,7 @@ def test_fail_fast_stops_everything_after_the_first_failure(tmp_path, fake):
         output: out
         defaults:
           precisions: [fp16]
-          quantize: {calib_images: calib, samples: 4, holdout: 4, min_samples: 4}
+          quantize: {calib_images: calib, samples: 4, holdout: 32, min_samples: 4}
         models:
           - {name: broken, model: micro-vit, checkpoint: broken.pt}
           - {name: later, model: micro-vit}
@@ -224,7 +224,7 @@ def test_fail_fast_stops_everything_after_the_first_failure(tmp_path, fake):
 
 
 def test_a_failed_gate_blocks_only_what_needs_it(project, fake):
-    text = (project / "pipeline.yaml").read_text().replace("int8: {samples: 5}", "int8: {min_mean_cosine: 1.5}")
+    text = (project / "pipeline.yaml").read_text().replace("int8: {samples: 5}", "int8: {min_mean_cosine: 1.0}")
     (project / "pipeline.yaml").write_text(text)
     summary = _run(project)
     assert _status(summary, "beta")["quantize:int8"] == "failed"

@@ -27,8 +27,21 @@ def _units(summary: dict, model: str) -> dict[str, dict]:
     return {u["unit"]: u for u in m["units"]}
 
 
+def _add_crops(folder: Path, count: int = 60) -> None:
+    """Crops of the bundled photos beside them: the gate needs at least 32 held-out images."""
+    from PIL import Image
+
+    (folder / "crops").mkdir()
+    photos = sorted(IMAGES.glob("*.jpg"))
+    for i in range(count):
+        img = Image.open(photos[i % len(photos)]).convert("RGB")
+        side = min(img.size) // 2
+        x, y = (i * 37) % (img.size[0] - side), (i * 53) % (img.size[1] - side)
+        img.crop((x, y, x + side, y + side)).resize((96, 96)).save(folder / "crops" / f"{i:03d}.jpg")
+
+
 def test_real_pipeline_on_cpu_is_incremental_and_isolates_a_broken_model(tmp_path, capsys):
-    calib_dir(tmp_path)
+    _add_crops(calib_dir(tmp_path))
     (tmp_path / "broken.pt").write_bytes(b"this is not a checkpoint")
     config = write_config(
         tmp_path,
@@ -37,7 +50,7 @@ def test_real_pipeline_on_cpu_is_incremental_and_isolates_a_broken_model(tmp_pat
         output: out
         defaults:
           precisions: [fp16]
-          quantize: {{calib_images: [calib], samples: 4, holdout: 4, min_samples: 4, threads: 2}}
+          quantize: {{calib_images: [calib], samples: 32, holdout: 32, min_samples: 32, threads: 2}}
           bench:
             backends: [onnxruntime]
             batches: [2]

@@ -99,6 +99,37 @@ def test_variant_passes_its_gate_on_a_trained_model(trained, shapes, precision):
     assert t.dtype == np.float32 and np.all(np.isfinite(t))
 
 
+@pytest.mark.parametrize("precision", ["int8", "int8-fp16"])
+def test_int8_defaults_meet_the_worst_case_floor_on_the_trained_model(trained, shapes, tmp_path, precision, capsys):
+    """Defaults throughout (300 to calibrate, 256 held out, no held-out sample below cosine 0.95),
+    through the CLI: 360 images are shared 180/180, and the worst samples are named and kept."""
+    from clipdeploy.cli import main
+
+    artifact = _copy(trained, tmp_path)
+    code = main(["quantize", str(artifact), "--precision", precision, "--calib-images", str(shapes / "images"),
+                 "--calib-texts", str(shapes / "captions.txt"), "--gate-prompts", str(shapes / "prompts.txt"),
+                 "--threads", "2"])
+    printed = capsys.readouterr().out
+    print(printed)
+    assert code == 0
+    report = read_manifest(artifact)["validation"]["quantize"][precision]
+    assert report["thresholds"]["min_cosine"] == 0.95 and report["passed"]
+    data = report["data"]["image"]
+    assert (data["calibration"], data["held_out"]) == (180, 180)
+    assert data["asked"] == {"calibration": 300, "held_out": 256}
+    for tower in ("image", "text"):
+        r = report[tower]
+        assert r["min_cosine"] >= 0.95 and r["min_cosine"] <= r["p1_cosine"] <= r["p5_cosine"] <= r["mean_cosine"]
+        assert len(r["worst"]) == 5 and r["worst"][0]["cosine"] == r["min_cosine"]
+    worst_image = report["image"]["worst"][0]["sample"]
+    assert Path(worst_image).parent == shapes / "images" and Path(worst_image).is_file()
+    captions = (shapes / "captions.txt").read_text().splitlines()
+    assert report["text"]["worst"][0]["sample"] in captions
+    assert f"worst: {worst_image} " in printed and "p1 " in printed
+    variant = next(v for v in read_manifest(artifact)["variants"] if v["precision"] == precision)
+    assert variant["validation"]["worst"][0]["sample"] == report[variant["tower"]]["worst"][0]["sample"]
+
+
 def test_runtime_picks_int8_on_cpu_and_says_so(trained, shapes):
     quantize(_cfg(trained, shapes, "int8", force=True))
     session = clipdeploy.load(trained)
@@ -211,6 +242,18 @@ def test_planted_outliers_fail_plain_int8_and_recover(outliers, shapes, tmp_path
     assert rec["speed_cost_batch8"]["image"]["slowdown"] > 0
 
 
+def test_min_cosine_failure_alone_triggers_recovery_that_fixes_it(outliers, shapes, tmp_path):
+    artifact = _copy(outliers, tmp_path)
+    only_floor = dict(min_mean_cosine=0.0, min_top1=0.0)  # the per-sample floor (default 0.95) is the only gate
+    with pytest.raises(AccuracyError, match=r"image min cosine .* < 0.95 \(worst: .*\.jpg\)") as info:
+        quantize(_cfg(artifact, shapes, "int8", recover=False, **only_floor))
+    assert all("min cosine" in f for f in info.value.report["failures"])
+    report = quantize(_cfg(artifact, shapes, "int8", **only_floor))
+    assert report["passed"] and report["image"]["min_cosine"] >= 0.95
+    assert report["recovery"]["kept_in_higher_precision"]["image"]
+    assert report["recovery"]["ranking"]["image"]["feeds"] >= 16
+
+
 def test_recovery_is_bounded(outliers, shapes, tmp_path):
     artifact = _copy(outliers, tmp_path)
     with pytest.raises(AccuracyError) as info:
@@ -249,12 +292,29 @@ def test_failed_gate_writes_no_variant_and_records_figures(trained, shapes, tmp_
     m = read_manifest(artifact)
     m["variants"] = [v for v in m["variants"] if v["precision"] == "fp32"]
     (artifact / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(AccuracyError, match="mean cosine .* < 1.5"):
-        quantize(_cfg(artifact, shapes, "int8", min_mean_cosine=1.5, recover=False))
+    with pytest.raises(AccuracyError, match="mean cosine .* < 1.0"):
+        quantize(_cfg(artifact, shapes, "int8", min_mean_cosine=1.0, recover=False))
     m = read_manifest(artifact)
     assert [v["precision"] for v in m["variants"]] == ["fp32", "fp32"]
     assert m["validation"]["quantize"]["int8"]["passed"] is False
     assert not list(artifact.glob("*.int8.onnx")) and not list(artifact.glob(".quantize-*"))
+
+
+def test_cli_failed_gate_prints_the_worst_samples_then_one_error_line(trained, shapes, tmp_path, capsys):
+    from clipdeploy.cli import main
+
+    artifact = _copy(trained, tmp_path)
+    code = main(["quantize", str(artifact), "--precision", "int8", "--calib-images", str(shapes / "images"),
+                 "--calib-texts", str(shapes / "captions.txt"), "--gate-prompts", str(shapes / "prompts.txt"),
+                 "--samples", "32", "--holdout", "32", "--min-cosine", "1.0", "--no-recover", "--force"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and not captured.out
+    assert err[-1].startswith("clipdeploy: error: int8 gate failed: image min cosine") and "(worst: " in err[-1]
+    assert sum(line.startswith("clipdeploy: error:") for line in err) == 1
+    worst = next(line for line in err if line.strip().startswith("worst:") and ".jpg" in line)
+    assert str(shapes / "images") in worst
+    assert any("int8: gate FAILED" in line for line in err)
 
 
 def test_random_weights_record_top1_without_enforcing_it(shapes, tmp_path):
@@ -299,7 +359,7 @@ def test_bad_calibration_inputs(trained, shapes, tmp_path):
     few.mkdir()
     for p in sorted((shapes / "images").glob("*.jpg"))[:20]:
         shutil.copy(p, few)
-    with pytest.raises(CalibrationError, match=r"found 20 usable images, need at least 128"):
+    with pytest.raises(CalibrationError, match=r"found 20 usable images, need at least 64 \(32 held out"):
         quantize(_cfg(trained, shapes, "int8", calib_images=[few], force=True))
     (tmp_path / "blank.txt").write_text("\n\n")
     with pytest.raises(CalibrationError, match="found 0 captions"):
@@ -320,7 +380,7 @@ def test_unreadable_files_are_skipped_and_counted(trained, shapes, tmp_path):
         few.mkdir()
         for p in sorted(mixed.glob("0*.jpg"))[:40] + sorted(mixed.glob("broken*")):
             shutil.copy(p, few)
-        quantize(_cfg(artifact, shapes, "int8", calib_images=[few], holdout=30, samples=32, min_samples=12, force=True))
+        quantize(_cfg(artifact, shapes, "int8", calib_images=[few], holdout=32, samples=32, min_samples=12, force=True))
 
 
 def test_tar_shards_are_a_source(trained, shapes, tmp_path):

@@ -3,6 +3,11 @@
 The two sets are disjoint by construction: one seeded shuffle, held-out first, calibration after.
 Unreadable files are skipped, counted and reported; too few usable samples is an error. Random data
 is never substituted for real data.
+
+When the data cannot fill both sets as asked (``split``), it is shared evenly: each set is capped
+at what was asked, and what one does not take goes to the other; calibration never gets fewer than
+``min_calibration`` and the held-out set never fewer than ``MIN_HELD_OUT``. Each held-out sample
+keeps its identity (file, ``shard#member`` or caption) so the gate can name its worst samples.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from clipdeploy.errors import CalibrationError, InputError
 
 log = logging.getLogger(__name__)
 
+MIN_HELD_OUT = 32  # fewest held-out samples per tower a gate may judge on; below this a min or p1 means little
+
 
 @dataclass
 class SampleSet:
@@ -33,12 +40,15 @@ class SampleSet:
     used: int  # samples actually read into the two sets
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of unreadable samples
     fingerprint: str = ""  # sha256 over the calibration samples' content, for the calibration cache
+    held_out_ids: list[str] = field(default_factory=list)  # file, shard#member or caption of each held-out row
+    asked: tuple[int, int] = (0, 0)  # (calibration, held_out) as asked, before ``split`` shared short data
 
     def report(self) -> dict[str, Any]:
         return {
             "found": self.found,
             "calibration": int(len(self.calibration)),
             "held_out": int(len(self.held_out)),
+            "asked": {"calibration": self.asked[0], "held_out": self.asked[1]},
             "skipped": len(self.skipped),
             "skipped_examples": [f"{s}: {r}" for s, r in self.skipped[:5]],
             "fingerprint": self.fingerprint,
@@ -75,13 +85,29 @@ def _read_all(samples: Sequence[ImageSample]) -> Iterator[tuple[ImageSample, byt
                 yield s, e
 
 
+def _need(min_calibration: int) -> str:
+    return (f"need at least {MIN_HELD_OUT + min_calibration} ({MIN_HELD_OUT} held out for the accuracy gate, "
+            f"the fewest it accepts, + {min_calibration} to calibrate, --min-samples)")
+
+
 def _split_sizes(n_found: int, calibration: int, held_out: int, min_calibration: int, kind: str) -> None:
-    if n_found < held_out + min_calibration:
+    if n_found < MIN_HELD_OUT + min_calibration:
         raise CalibrationError(
-            f"found {n_found} usable {kind}, need at least {held_out + min_calibration} "
-            f"({held_out} held out for the accuracy gate + {min_calibration} to calibrate); "
-            "pass more data, or lower --holdout / --min-samples"
+            f"found {n_found} usable {kind}, {_need(min_calibration)}; pass more data, or lower --min-samples"
         )
+
+
+def split(usable: int, calibration: int, held_out: int, min_calibration: int) -> tuple[int, int]:
+    """(calibration, held-out) sizes for ``usable`` samples, asked ``calibration`` and ``held_out``.
+
+    Enough data: both as asked. Short data: shared evenly, each capped at what was asked, the rest to
+    the other set, with calibration >= ``min_calibration`` and held-out >= ``MIN_HELD_OUT``. (Even,
+    because a gate on a few dozen samples cannot see a rare bad image, and min-max ranges from 150
+    calibration samples differ little from those of 300.)"""
+    if usable >= calibration + held_out:
+        return calibration, held_out
+    cal = min(calibration, max(min_calibration, usable - held_out, usable - usable // 2), usable - MIN_HELD_OUT)
+    return cal, min(held_out, usable - cal)
 
 
 def image_set(
@@ -104,6 +130,7 @@ def image_set(
     rest = [samples[i] for i in order[len(picked) :]]
     pixels: list[np.ndarray] = []
     digests: list[str] = []
+    labels: list[str] = []
     skipped: list[tuple[str, str]] = []
     bar = _progress(wanted, "reading calibration images")
     for batch in (picked, rest):
@@ -119,6 +146,7 @@ def image_set(
                 skipped.append((sample.label, str(e)))
                 continue
             digests.append(hashlib.sha256(data).hexdigest())
+            labels.append(sample.label)
             if bar is not None:
                 bar.update(1)
         if len(pixels) >= wanted:
@@ -128,14 +156,19 @@ def image_set(
     if skipped:
         log.warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0][0])
     usable = len(pixels)
-    if usable < held_out + min_calibration:
+    if usable < MIN_HELD_OUT + min_calibration:
         raise CalibrationError(
-            f"found {usable} usable images of {len(samples)} ({len(skipped)} unreadable), need at least "
-            f"{held_out + min_calibration} ({held_out} held out + {min_calibration} to calibrate); pass more data"
+            f"found {usable} usable images of {len(samples)} ({len(skipped)} unreadable), "
+            f"{_need(min_calibration)}; pass more data"
         )
-    stack = np.stack(pixels).astype(np.float32, copy=False)
-    fingerprint = hashlib.sha256("\n".join(digests[held_out:]).encode()).hexdigest()
-    return SampleSet(stack[held_out:], stack[:held_out], len(samples), usable, skipped, fingerprint)
+    n_cal, n_held = split(usable, calibration, held_out, min_calibration)
+    if (n_cal, n_held) != (calibration, held_out):
+        log.warning("%d usable images: %d to calibrate and %d held out (asked %d and %d)",
+                    usable, n_cal, n_held, calibration, held_out)
+    stack = np.stack(pixels[: n_held + n_cal]).astype(np.float32, copy=False)
+    fingerprint = hashlib.sha256("\n".join(digests[n_held : n_held + n_cal]).encode()).hexdigest()
+    return SampleSet(stack[n_held:], stack[:n_held], len(samples), n_held + n_cal, skipped, fingerprint,
+                     labels[:n_held], (calibration, held_out))
 
 
 def text_set(
@@ -150,7 +183,9 @@ def text_set(
     unique = list(dict.fromkeys(texts))  # duplicates would leak held-out captions into calibration
     _split_sizes(len(unique), calibration, held_out, min_calibration, "captions")
     order = np.random.default_rng(seed).permutation(len(unique))[: held_out + calibration]
-    chosen = [unique[i] for i in order]
+    n_cal, n_held = split(len(order), calibration, held_out, min_calibration)
+    chosen = [unique[i] for i in order[: n_held + n_cal]]
     ids = tokenize(chosen)
-    fingerprint = hashlib.sha256("\n".join(chosen[held_out:]).encode()).hexdigest()
-    return SampleSet(ids[held_out:], ids[:held_out], len(texts), len(chosen), [], fingerprint)
+    fingerprint = hashlib.sha256("\n".join(chosen[n_held:]).encode()).hexdigest()
+    return SampleSet(ids[n_held:], ids[:n_held], len(texts), len(chosen), [], fingerprint, chosen[:n_held],
+                     (calibration, held_out))

@@ -204,7 +204,9 @@ def gate_figures(report: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for tower in ("image", "text"):
         if isinstance(report.get(tower), dict) and "min_cosine" in report[tower]:
-            figures[tower] = {k: report[tower][k] for k in ("min_cosine", "mean_cosine") if k in report[tower]}
+            figures[tower] = {
+                k: report[tower][k] for k in ("min_cosine", "p1_cosine", "mean_cosine", "worst") if k in report[tower]
+            }
     if "top1_agreement" in report:
         figures["top1_agreement"] = report["top1_agreement"]
         figures["top1_enforced"] = report.get("top1_enforced")

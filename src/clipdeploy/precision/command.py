@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from clipdeploy.errors import AccuracyError
     from clipdeploy.precision.stage import QuantizeConfig, quantize
 
     cfg = QuantizeConfig(
@@ -30,18 +32,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         threads=args.threads,
         force=args.force,
     )
-    report = quantize(cfg)
+    try:
+        report = quantize(cfg)
+    except AccuracyError as e:
+        # The full figures (worst samples included) on stderr, then the one-line error; the manifest keeps them.
+        print(format_report(cfg.precision, e.report), file=sys.stderr)
+        raise AccuracyError(str(e)) from None
     print(format_report(cfg.precision, report))
     return 0
 
 
 def format_report(precision: str, report: dict[str, Any]) -> str:
-    lines = [f"{precision}: gate {'passed' if report['passed'] else 'FAILED'} in {report.get('seconds', 0):.0f}s"]
+    lines = [f"{precision}: gate {'passed' if report.get('passed') else 'FAILED'} in {report.get('seconds', 0):.0f}s"]
     for tower in ("image", "text"):
         if tower in report:
             r = report[tower]
-            lines.append(f"  {tower:5s} min cosine {r['min_cosine']:.5f}  mean cosine {r['mean_cosine']:.5f}  "
-                         f"on {r['samples']} held-out samples")
+            lines.append(f"  {tower:5s} cosine min {r['min_cosine']:.5f}  p1 {r['p1_cosine']:.5f}  "
+                         f"p5 {r['p5_cosine']:.5f}  mean {r['mean_cosine']:.5f}  on {r['samples']} held-out samples")
+            worst = ", ".join(f"{w['sample']} {w['cosine']:.4f}" for w in r.get("worst", []))
+            lines.append(f"        worst: {worst}")
     if "top1_agreement" in report:
         note = "" if report.get("top1_enforced") else "  (recorded, not enforced: random weights)"
         lines.append(f"  top-1 agreement with fp32 {report['top1_agreement']:.4f} over {report['top1_prompts']} "
@@ -58,13 +67,6 @@ def format_report(precision: str, report: dict[str, Any]) -> str:
     for failure in report.get("failures", []):
         lines.append(f"  FAILED: {failure}")
     return "\n".join(lines)
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
-    return value
 
 
 def add_quantize(sub: Any) -> None:
@@ -85,7 +87,9 @@ def add_quantize(sub: Any) -> None:
     data.add_argument("--calib-texts", metavar="FILE", help="captions, one per line (default: ImageNet classes "
                       "x open_clip's templates)")
     data.add_argument("--samples", type=int, default=300, help="calibration samples per tower (default: 300)")
-    data.add_argument("--holdout", type=int, default=64, help="held-out samples per tower for the gate (default: 64)")
+    data.add_argument("--holdout", type=int, default=256,
+                      help="held-out samples per tower for the gate, at least 32 (default: 256; data too short for "
+                      "--samples plus --holdout is shared evenly between the two)")
     data.add_argument("--min-samples", type=int, default=32, help="fewest calibration samples accepted (default: 32)")
     data.add_argument("--seed", type=int, default=0, help="seed that picks the samples (default: 0)")
     data.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
@@ -93,12 +97,13 @@ def add_quantize(sub: Any) -> None:
     g = p.add_argument_group("gate")
     g.add_argument("--gate-prompts", metavar="FILE", help="class prompts, one per line, for top-1 agreement "
                    "(default: ImageNet 'a photo of a {}.')")
-    g.add_argument("--min-cosine", type=float, help="lowest per-sample cosine (default: 0.999 for fp16)")
+    g.add_argument("--min-cosine", type=float, help="lowest cosine of any held-out sample, in (-1, 1] "
+                   "(default: 0.999 for fp16, 0.95 for int8 and int8-fp16)")
     g.add_argument("--min-mean-cosine", type=float, help="lowest mean cosine (default: 0.99 for int8)")
-    g.add_argument("--min-top1", type=_fraction, help="lowest top-1 agreement (default: 0.95 for int8)")
+    g.add_argument("--min-top1", type=float, help="lowest top-1 agreement, in [0, 1] (default: 0.95 for int8)")
     r = p.add_argument_group("recovery (int8)")
     r.add_argument("--no-recover", action="store_true", help="fail at once when int8 misses its gate")
-    r.add_argument("--max-fp32-fraction", type=_fraction, default=0.10,
+    r.add_argument("--max-fp32-fraction", type=float, default=0.10,
                    help="most quantizable nodes recovery may keep unquantized (default: 0.10)")
     r.add_argument("--max-rounds", type=int, default=5, help="recovery rounds at most (default: 5)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")

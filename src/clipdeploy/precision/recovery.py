@@ -6,6 +6,11 @@ the very scales the Q/DQ model uses. Each node runs alone, as a one-node ONNX mo
 works for any op (MatMul, Gemm, Conv) and ignores the error that reaches it from upstream.
 Outlier channels, the classic int8 failure of trained transformers, blow this figure up for exactly
 the nodes that read them: the per-tensor scale spans the outliers and crushes every other channel.
+
+A node can also be harmless on average and ruin a few samples (one whose activations the shared
+scale clips, or leaves with a handful of levels). So each feed (one sample) is scored on its own,
+and a node's score is the mean of its overall error and of its error on its worst feeds: a node
+that loses a few samples ranks beside one that blurs them all.
 """
 
 from __future__ import annotations
@@ -78,8 +83,26 @@ def _single_node_model(node: Any, original: dict[str, Any], tensors: list[str]) 
     return model.SerializeToString()
 
 
+def worst_k(feeds: int) -> int:
+    """How many of a node's worst feeds its worst-case figure averages: about one in eight, at least 2."""
+    return max(2, feeds // 8)
+
+
+def combine(errors: Sequence[tuple[float, float]]) -> float:
+    """A node's score from its (squared error, squared reference) per feed: the mean of the overall
+    relative error and the mean relative error of its ``worst_k`` worst feeds."""
+    err = sum(e for e, _ in errors)
+    ref = sum(r for _, r in errors)
+    overall = math.sqrt(err / ref) if ref > 0 else 0.0
+    per_feed = sorted((math.sqrt(e / r) if r > 0 else 0.0 for e, r in errors), reverse=True)
+    worst = per_feed[: worst_k(len(per_feed))]
+    return (overall + sum(worst) / len(worst)) / 2 if worst else overall
+
+
 def rank_nodes(qdq_path: Path, fp32_path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
-    """Quantized nodes of ``qdq_path``, most sensitive first, with their scores."""
+    """Quantized nodes of ``qdq_path``, most sensitive first, with their scores (see ``combine``).
+
+    Give one sample per feed, so that the worst-case part of the score is per sample."""
     import onnxruntime as ort
     from onnx import numpy_helper
 
@@ -109,7 +132,7 @@ def rank_nodes(qdq_path: Path, fp32_path: Path, feeds: Sequence[dict[str, np.nda
         fake = _single_node_model(node, {**original, **{k: numpy_helper.from_array(v, k) for k, v in weights.items()}},
                                   activations)
         fake_session = ort.InferenceSession(fake, providers=["CPUExecutionProvider"])
-        err = ref = 0.0
+        errors: list[tuple[float, float]] = []
         for values in observed:
             feed = {a: values[a] for a in activations}
             qfeed = dict(feed)
@@ -118,9 +141,8 @@ def rank_nodes(qdq_path: Path, fp32_path: Path, feeds: Sequence[dict[str, np.nda
                     qfeed[node.input[k]] = _fake_quant(feed[node.input[k]], qi.scale, qi.axis)
             (y,) = session.run(None, feed)
             (yq,) = fake_session.run(None, qfeed)
-            err += float(np.sum((y.astype(np.float64) - yq) ** 2))
-            ref += float(np.sum(y.astype(np.float64) ** 2))
-        scores[name] = math.sqrt(err / ref) if ref > 0 else 0.0
+            errors.append((float(np.sum((y.astype(np.float64) - yq) ** 2)), float(np.sum(y.astype(np.float64) ** 2))))
+        scores[name] = combine(errors)
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 

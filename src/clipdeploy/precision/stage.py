@@ -32,6 +32,8 @@ QUANT_PRECISIONS = ("fp16", "int8", "int8-fp16")
 QUANTIZE_PREFIX = ".quantize-"  # the stage's temporary directory inside the artifact
 CALIB_BATCH = 8
 RANGE_SAMPLES = 64  # calibration samples the fp16 pass observes for value ranges
+RANK_TYPICAL = 16  # recovery ranks nodes on the first calibration samples ...
+RANK_WORST = 8  # ... and on those the plain int8 variant gets most wrong, so worst cases count
 
 
 @dataclass
@@ -44,7 +46,7 @@ class QuantizeConfig:
     calib_texts: Path | None = None  # one caption per line; default: ImageNet classes x templates
     method: str = "minmax"  # int8 activation calibration: minmax, entropy or percentile
     samples: int = 300  # calibration samples per tower
-    holdout: int = 64  # held-out samples per tower for the gate, disjoint from calibration
+    holdout: int = 256  # held-out samples per tower for the gate, disjoint from calibration (at least 32)
     min_samples: int = 32  # fewest calibration samples accepted
     seed: int = 0  # picks the samples
     gate_prompts: Path | None = None  # class prompts for top-1 agreement; default ImageNet "a photo of a {}."
@@ -66,17 +68,36 @@ class QuantizeConfig:
         )
 
     def check(self) -> None:
+        """Refuse settings that would make the gate meaningless. The CLI, YAML pipeline and API all call it."""
         if self.precision not in QUANT_PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(QUANT_PRECISIONS)}")
         if self.method not in int8.METHODS:
             raise UsageError(f"--method {self.method!r} is not one of {', '.join(int8.METHODS)}")
-        for name in ("samples", "holdout", "min_samples"):
+        for name in ("samples", "min_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 1 or more")
+        if self.holdout < dataset.MIN_HELD_OUT:
+            raise UsageError(
+                f"--holdout {self.holdout} is below the {dataset.MIN_HELD_OUT} held-out samples per tower a gate "
+                f"needs to mean anything; pass --holdout {dataset.MIN_HELD_OUT} or more (default 256)"
+            )
         if self.samples < self.min_samples:
             raise UsageError(f"--samples {self.samples} is below --min-samples {self.min_samples}")
-        if not 0 <= self.max_fp32_fraction <= 1:
-            raise UsageError(f"--max-fp32-fraction {self.max_fp32_fraction} must be between 0 and 1")
+        for name in ("min_cosine", "min_mean_cosine"):
+            value = getattr(self, name)
+            if value is not None and not -1 < value <= 1:  # `not` also refuses NaN
+                raise UsageError(f"--{name.replace('_', '-')} {value} is out of range: a cosine lies in (-1, 1]; "
+                                 "pass e.g. 0.95 (a value above 1 no variant can reach, -1 or below accepts any)")
+        for name in ("min_top1", "max_fp32_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise UsageError(f"--{name.replace('_', '-')} {value} must be between 0 and 1 (a fraction)")
+        if self.max_rounds < 0:
+            raise UsageError(f"--max-rounds {self.max_rounds} must be 0 or more")
+        if self.seed < 0:
+            raise UsageError(f"--seed {self.seed} must be 0 or more")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads {self.threads} must be 1 or more")
 
 
 def _batches(x: np.ndarray, name: str, size: int = CALIB_BATCH) -> list[dict[str, np.ndarray]]:
@@ -203,7 +224,7 @@ class _Stage:
         runners = {t: self.runner(p) for t, p in paths.items()}
         return gate.evaluate(
             self.reference, runners, self.held_out, self.prompt_ids, self.cfg.thresholds(),
-            enforce_top1=self.enforce_top1,
+            enforce_top1=self.enforce_top1, sample_ids={t: self.sets[t].held_out_ids for t in self.towers},
         )
 
     def latency(self, path: Path, tower: str, iters: int = 5) -> float:
@@ -221,6 +242,21 @@ class _Stage:
 
     # ---- recovery ----------------------------------------------------------------------------
 
+    def ranking_feeds(self, tower: str, plain: Path) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+        """One-sample feeds for ranking nodes: typical calibration samples plus the worst ones end to end.
+
+        Calibration data only: the held-out set stays unseen by every choice it then judges."""
+        from clipdeploy.validation import cosine_rows
+
+        x = self.sets[tower].calibration
+        fp32 = self.session.runners[tower]
+        cos = cosine_rows(gate.run(self.runner(plain), x), gate.run(fp32, x))
+        worst = [int(i) for i in np.argsort(cos, kind="stable")[:RANK_WORST]]
+        picked = list(dict.fromkeys([*range(min(RANK_TYPICAL, len(x))), *worst]))
+        name = fp32.inputs[0].name
+        info = {"feeds": len(picked), "worst_calibration_cosines": [round(float(cos[i]), 6) for i in worst]}
+        return [{name: x[i : i + 1]} for i in picked], info
+
     def recover(self, work: Path, paths: dict[str, Path], report: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
         cfg = self.cfg
         failing = [t for t in self.towers if any(f.startswith(t) for f in report["failures"])]
@@ -228,10 +264,12 @@ class _Stage:
             failing = sorted(set(failing) | set(self.towers))
         ranked: dict[str, list[tuple[str, float]]] = {}
         bounds: dict[str, int] = {}
+        ranking: dict[str, Any] = {}
         for tower in failing:
             qdq = paths[tower] if cfg.precision == "int8" else work / f"{tower}.qdq.onnx"
+            feeds, ranking[tower] = self.ranking_feeds(tower, paths[tower])
             with progress.stage(f"recovery: ranking the {tower} tower's nodes by their error"):
-                ranked[tower] = recovery.rank_nodes(qdq, self.prepared(tower, work), self.feeds(tower, 2 * CALIB_BATCH))
+                ranked[tower] = recovery.rank_nodes(qdq, self.prepared(tower, work), feeds)
             bounds[tower] = recovery.bound_for(len(int8.quantizable_nodes(graph.load(self.prepared(tower, work)))),
                                                cfg.max_fp32_fraction)
         rounds: list[dict[str, Any]] = []
@@ -261,10 +299,10 @@ class _Stage:
                 }
                 for s in speed.values():
                     s["slowdown"] = s["recovered_s"] / s["plain_int8_s"]
-                info = {"rounds": rounds, "kept_in_higher_precision": kept,
+                info = {"rounds": rounds, "kept_in_higher_precision": kept, "ranking": ranking,
                         "quantizable_nodes_bound": bounds, "speed_cost_batch8": speed}
                 return current, {**result, "recovery": info}
-        info = {"rounds": rounds, "quantizable_nodes_bound": bounds,
+        info = {"rounds": rounds, "quantizable_nodes_bound": bounds, "ranking": ranking,
                 "exhausted": f"the gate still fails with up to {max(bounds.values(), default=0)} nodes "
                 f"({cfg.max_fp32_fraction:.0%} of quantizable) kept in higher precision"}
         return paths, {**report, "recovery": info}

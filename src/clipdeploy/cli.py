@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from clipdeploy.benchmarks.command import add_bench
-    from clipdeploy.build.command import add_build, add_validate
+    from clipdeploy.engines.command import add_build, add_validate
     from clipdeploy.export.coverage import add_coverage
     from clipdeploy.pipeline.command import add_run
     from clipdeploy.precision.command import add_quantize

@@ -16,13 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import ArtifactError
+from clipdeploy.manifest_schema import (  # the vocabulary lives with the schema; re-exported here
+    FORMATS,  # noqa: F401
+    MANIFEST_NAME,
+    PRECISIONS,  # noqa: F401
+    TOWERS,  # noqa: F401
+    SchemaError,
+    check_paths,
+    check_schema,
+    resolve_member,
+)
 
-MANIFEST_NAME = "manifest.json"
 # MAJOR.MINOR. A reader refuses a newer major version; minor versions only add fields.
 SCHEMA_VERSION = "1.0"
-TOWERS = ("image", "text")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
-FORMATS = ("onnx", "tensorrt")
 
 _REQUIRED_KEYS = ("schema_version", "model", "towers", "preprocess", "tokenizer", "variants")
 _VARIANT_KEYS = ("tower", "precision", "format", "file", "sha256")
@@ -197,8 +203,6 @@ def _read_manifest(root: Path, path: Path) -> dict[str, Any]:
 
 def _check_contents(root: Path, path: Path, manifest: dict[str, Any]) -> None:
     """Types of every key clipdeploy reads, and every listed path inside ``root``: before any file is opened."""
-    from clipdeploy.manifest_schema import SchemaError, check_paths, check_schema
-
     try:
         check_schema(manifest)
     except SchemaError as e:
@@ -212,8 +216,6 @@ def variants(manifest: dict[str, Any]) -> list[Variant]:
 
 def verify_files(root: Path, entries: Iterable[tuple[str, str]]) -> None:
     """Check (relative path, sha256) pairs; the first mismatch raises."""
-    from clipdeploy.manifest_schema import resolve_member
-
     for rel, expected in entries:
         path = resolve_member(root, rel)  # also for entries that did not come through read_manifest
         if not path.is_file():

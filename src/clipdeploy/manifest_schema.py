@@ -17,7 +17,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from clipdeploy.errors import ArtifactError
-from clipdeploy.manifest import FORMATS, MANIFEST_NAME, PRECISIONS, TOWERS
+
+MANIFEST_NAME = "manifest.json"
+TOWERS = ("image", "text")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
+FORMATS = ("onnx", "tensorrt")
 
 __all__ = ["SchemaError", "check_schema", "manifest_paths", "check_paths", "resolve_member"]
 

@@ -8,7 +8,7 @@ import pytest
 from pipeline_fakes import write_config
 
 from clipdeploy.benchmarks.bench import BenchConfig
-from clipdeploy.build.config import BuildConfig
+from clipdeploy.engines.config import BuildConfig
 from clipdeploy.export.exporter import ExportConfig
 from clipdeploy.pipeline.config import load_config
 from clipdeploy.pipeline.schema import ConfigError

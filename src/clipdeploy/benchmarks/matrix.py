@@ -95,9 +95,9 @@ def prepare_artifact(
     if device == "cuda" and cfg.quantize:
         have = {(v["format"], v["precision"]) for v in read_manifest(art)["variants"]}
         engines = [p for p in precisions if ("tensorrt", p) not in have and ("onnx", p) in have]
-        if engines and not has_module("clipdeploy.build"):
+        if engines and not has_module("clipdeploy.engines"):
             notes.append("no TensorRT engines: the build stage (`clipdeploy build`) is not installed here")
-        for p in engines if has_module("clipdeploy.build") else []:
+        for p in engines if has_module("clipdeploy.engines") else []:
             _say(f"[{model}] clipdeploy build --precision {p} ...")
             code, err = _clipdeploy("build", str(art), "--precision", p, *cfg.build_args)
             if code != 0:

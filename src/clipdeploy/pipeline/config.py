@@ -178,7 +178,7 @@ def _resolve_model(
     index: int, entry: Any, defaults: YMap | None, root: Path, base_dir: Path, problems: Problems
 ) -> ModelPlan | None:
     from clipdeploy.benchmarks.bench import BenchConfig
-    from clipdeploy.build.config import BuildConfig, parse_size
+    from clipdeploy.engines.config import BuildConfig, parse_size
     from clipdeploy.export.exporter import MIN_OPSET, ExportConfig
 
     here = Origin(entry.origin.line if isinstance(entry, (YMap, YList)) else 0, f"models[{index}]")

@@ -260,7 +260,7 @@ def tensorrt_target(device: int) -> dict[str, Any]:
     """The TensorRT version and GPU that engines would be built for here; Unavailable when there are none."""
     if device not in _TARGETS:
         from clipdeploy.runtime import cuda
-        from clipdeploy.runtime.backends.tensorrt import import_tensorrt
+        from clipdeploy.runtime.tensorrt_compat import import_tensorrt
 
         try:
             trt = import_tensorrt()
@@ -293,7 +293,7 @@ class BuildStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        from clipdeploy.build import build_engines
+        from clipdeploy.engines import build_engines
 
         entries = build_engines(ctx.plan.build[unit.precision])
         manifest = read_manifest(ctx.plan.artifact)
@@ -329,7 +329,7 @@ class ValidateStage:
         return sorted(rel[len(ARTIFACT_DIR) + 1 :] for rel in record.get("outputs") or {})
 
     def inputs(self, unit: Unit, ctx: Context) -> dict[str, Any]:
-        from clipdeploy.build.engine_validate import TOLERANCES
+        from clipdeploy.engines.engine_validate import TOLERANCES
 
         cfg = ctx.plan.build[unit.precision]
         return {
@@ -340,7 +340,7 @@ class ValidateStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        from clipdeploy.build import validate_engines
+        from clipdeploy.engines import validate_engines
 
         cfg = ctx.plan.build[unit.precision]
         files = self._engines(unit, ctx)

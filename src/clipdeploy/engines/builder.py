@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy import progress
-from clipdeploy.build.config import BuildConfig, Range
+from clipdeploy.engines.config import BuildConfig, Range
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
 from clipdeploy.manifest import (
     atomic_write_bytes,
@@ -27,7 +27,7 @@ from clipdeploy.manifest import (
 )
 from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.runtime import cuda
-from clipdeploy.runtime.backends.tensorrt import HARDWARE_COMPAT, base_version, get_logger, import_tensorrt
+from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT, base_version, get_logger, import_tensorrt
 from clipdeploy.staging import clean_stale_writes
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
     cache.save()
     _update_manifest(root, entries)
     if cfg.validate:
-        from clipdeploy.build.engine_validate import validate_engines
+        from clipdeploy.engines.engine_validate import validate_engines
 
         validate_engines(
             root, device=cfg.device, files=[e["file"] for e in entries], engine_host_code_allowed=cfg.version_compat

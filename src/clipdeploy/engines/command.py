@@ -34,7 +34,7 @@ def _figures(record: dict[str, Any]) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from clipdeploy.build.config import BuildConfig, parse_range, parse_size
+    from clipdeploy.engines.config import BuildConfig, parse_range, parse_size
 
     shapes = {}
     for item in args.shape or []:
@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from clipdeploy.build.builder import build_engines
+    from clipdeploy.engines.builder import build_engines
 
     cfg = config_from_args(args)
     for e in build_engines(cfg):
@@ -135,7 +135,7 @@ def add_build(sub: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from clipdeploy.build.engine_validate import validate_engines
+    from clipdeploy.engines.engine_validate import validate_engines
 
     report = validate_engines(
         Path(args.artifact), device=args.device, precision=args.precision, engine_host_code_allowed=args.allow_host_code

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import clipdeploy
-from clipdeploy.build.builder import axis_ranges, plan_name
-from clipdeploy.build.config import BuildConfig, parse_range, parse_size
+from clipdeploy.engines.builder import axis_ranges, plan_name
+from clipdeploy.engines.config import BuildConfig, parse_range, parse_size
 from clipdeploy.cli import main
 from clipdeploy.errors import ArtifactError, DependencyError, EngineError, UsageError
 from clipdeploy.manifest import read_manifest
-from clipdeploy.runtime.backends.tensorrt import engine_mismatch, select_engine
+from clipdeploy.runtime.backends.tensorrt import select_engine
+from clipdeploy.runtime.tensorrt_compat import engine_mismatch
 from clipdeploy.runtime.cuda import GpuInfo
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 << 30)
@@ -255,8 +256,8 @@ def test_no_gpu_is_a_dependency_error():
 
 def test_build_and_runtime_modules_import_nothing_heavy():
     code = (
-        "import sys, clipdeploy.build, clipdeploy.build.builder, clipdeploy.build.command, "
-        "clipdeploy.build.engine_validate, clipdeploy.runtime.backends.tensorrt, clipdeploy.runtime.cuda, "
+        "import sys, clipdeploy.engines, clipdeploy.engines.builder, clipdeploy.engines.command, "
+        "clipdeploy.engines.engine_validate, clipdeploy.runtime.backends.tensorrt, clipdeploy.runtime.cuda, "
         "clipdeploy.cli\nheavy = ('tensorrt', 'cuda', 'torch', 'onnxruntime', 'onnx')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
     )

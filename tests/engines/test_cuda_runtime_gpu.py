@@ -4,7 +4,7 @@ This checks our side on the GPU, wherever a GPU and cuda-python exist, TensorRT 
 device buffers, copies, per-thread streams, CUDA graph capture and replay, batch splitting, and the
 torch zero-copy path with its stream ordering. The fake engine (gpu_fake_trt.py) copies part of each
 input row, so every result is exact. TensorRT itself is covered by test_trt_gpu.py (-m tensorrt).
-Run: pytest -m gpu tests/build/test_cuda_runtime_gpu.py
+Run: pytest -m gpu tests/engines/test_cuda_runtime_gpu.py
 """
 
 from __future__ import annotations

@@ -45,12 +45,12 @@ def install(world: TrtWorld) -> None:
     """Make ``import tensorrt`` and ``from cuda.bindings import runtime`` give the fakes."""
     import cuda.bindings
 
-    import clipdeploy.runtime.backends.tensorrt as backend
+    from clipdeploy.runtime.tensorrt_compat import clear_loggers
 
     sys.modules["tensorrt"] = world.module
     sys.modules["cuda.bindings.runtime"] = world.cuda.module
     cuda.bindings.runtime = world.cuda.module
-    backend._LOGGERS.clear()
+    clear_loggers()
 
 
 def fresh(template: Path, work: Path, name: str) -> Path:
@@ -78,7 +78,7 @@ def manifest_of(art: Path) -> dict:
 def scenario_pipeline(world: TrtWorld, template: Path, work: Path) -> dict:
     """build (every option) -> validate -> load (tensorrt, auto, graphs, threads, torch) -> encode."""
     import clipdeploy
-    from clipdeploy.build import BuildConfig, build_engines, validate_engines
+    from clipdeploy.engines import BuildConfig, build_engines, validate_engines
 
     art = fresh(template, work, "pipeline")
     cache = work / "timing.cache"
@@ -240,7 +240,7 @@ def scenario_errors(world: TrtWorld, template: Path, work: Path) -> dict:
     """Each failure gives a one-line error that says what to do."""
     import clipdeploy
     import clipdeploy.cli
-    from clipdeploy.build import BuildConfig, build_engines
+    from clipdeploy.engines import BuildConfig, build_engines
 
     fig: dict[str, Any] = {}
     art = fresh(template, work, "errors")
@@ -353,7 +353,7 @@ def static_names() -> dict:
 
 
 # Source edits that break the contract: each must surface as a violation when the edited code runs.
-BUILDER, BACKEND = "clipdeploy.build.builder", "clipdeploy.runtime.backends.tensorrt"
+BUILDER, BACKEND = "clipdeploy.engines.builder", "clipdeploy.runtime.backends.tensorrt"
 MUTANTS = {
     "set_memory_pool_limit(size=)": (
         BUILDER,
@@ -397,7 +397,7 @@ def scenario_mutants(world: TrtWorld, template: Path, work: Path) -> dict:
     """The real code, edited to misuse the API: the checker must flag each edit when the edited code runs."""
     import types
 
-    from clipdeploy.build import BuildConfig
+    from clipdeploy.engines import BuildConfig
 
     results = {}
     for name, (module_name, old, new) in MUTANTS.items():
@@ -414,7 +414,7 @@ def scenario_mutants(world: TrtWorld, template: Path, work: Path) -> dict:
         if module_name == BUILDER:
             error = error_of(lambda m=mutant, a=art: m.build_engines(BuildConfig(a, workspace=1 << 28, validate=False)))
         else:
-            from clipdeploy.build.builder import build_engines
+            from clipdeploy.engines.builder import build_engines
 
             build_engines(BuildConfig(art, batch=(1, 2, 4), validate=False))
             before = len(world.rec.violations)
@@ -445,14 +445,14 @@ def scenario_mutants(world: TrtWorld, template: Path, work: Path) -> dict:
 
 
 def _base(world: TrtWorld) -> str:
-    from clipdeploy.runtime.backends.tensorrt import base_version
+    from clipdeploy.runtime.tensorrt_compat import base_version
 
     return base_version(world.version)
 
 
 def scenario_timing_cache(world: TrtWorld, template: Path, work: Path) -> dict:
     """A timing cache saved by another build meanwhile is merged with ours (ITimingCache.combine), not lost."""
-    from clipdeploy.build.builder import TimingCache
+    from clipdeploy.engines.builder import TimingCache
 
     path = work / "shared.cache"
     path.write_text(json.dumps(["from-first-run"]))

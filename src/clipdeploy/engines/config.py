@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import PRECISIONS, TOWERS
-from clipdeploy.runtime.backends.tensorrt import HARDWARE_COMPAT
+from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT
 
 Range = tuple[int, int, int]  # min, opt, max of one dynamic axis
 

@@ -140,7 +140,7 @@ def validate_engines(
     Engines built for another GPU or TensorRT version are reported as skipped. Raises AccuracyError
     when any engine fails, after writing every figure to the manifest.
     """
-    from clipdeploy.runtime.backends.tensorrt import engine_mismatch, import_tensorrt
+    from clipdeploy.runtime.tensorrt_compat import engine_mismatch, import_tensorrt
 
     root = Path(artifact)
     manifest = read_manifest(root)

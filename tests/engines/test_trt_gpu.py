@@ -3,7 +3,7 @@ compared with ONNX Runtime. They skip, saying why, without TensorRT and an NVIDI
 
 Run them on a GPU machine (TensorRT 10.13+ or 11, cuda-python, ONNX Runtime, the export extra):
     pip install -e '.[tensorrt,gpu,export,dev]'      # or [tensorrt10,...] for TensorRT 10 / CUDA 12
-    pytest -m "tensorrt or gpu" tests/build
+    pytest -m "tensorrt or gpu" tests/engines
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import clipdeploy
-from clipdeploy.build import BuildConfig, build_engines, validate_engines
-from clipdeploy.build.engine_validate import TOLERANCES
+from clipdeploy.engines import BuildConfig, build_engines, validate_engines
+from clipdeploy.engines.engine_validate import TOLERANCES
 from clipdeploy.errors import EngineError, InputError
 from clipdeploy.validation import compare
 
@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(MISSING is not None, reas
 
 @pytest.fixture(scope="module")
 def trt_version() -> str:
-    from clipdeploy.runtime.backends.tensorrt import import_tensorrt
+    from clipdeploy.runtime.tensorrt_compat import import_tensorrt
 
     return str(import_tensorrt().__version__)
 

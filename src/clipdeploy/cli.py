@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import __version__
+from clipdeploy import __version__, deps
 from clipdeploy.errors import AccuracyError, ClipDeployError, InputError, UsageError
 
 
@@ -319,6 +319,7 @@ def _print_report(report: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    deps.command = f"clipdeploy {args.command}"  # so a missing optional library is reported for this command
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 from clipdeploy.errors import CheckpointError, DependencyError, UsageError
 from clipdeploy.manifest import file_sha256
+from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,7 @@ class LoadedModel:
 
 
 def import_open_clip() -> Any:
-    try:
-        import open_clip
-    except ImportError as e:
-        raise DependencyError(
-            f"exporting needs torch and open_clip ({e.name} is missing); install: pip install 'clipdeploy[export]'"
-        ) from e
-    return open_clip
+    return require("open_clip", "export")
 
 
 def check_model_name(name: str) -> None:
@@ -146,7 +141,7 @@ def load_model(
     of the giants only; never with weights).
     """
     open_clip = import_open_clip()
-    import torch
+    torch = require("torch", "export")
 
     if pretrained and checkpoint:
         raise UsageError("--pretrained and --checkpoint both given; pass one source of weights")
@@ -229,6 +224,7 @@ def load_tokenizer(open_clip: Any, name: str, tokenizer_dir: str | Path | None) 
                 f"--tokenizer-dir {str(tokenizer_dir)!r} is not a directory; pass a folder holding the "
                 f"{hf_name} tokenizer files (tokenizer.json, tokenizer_config.json)"
             )
+        require("open_clip.tokenizer", "export")
         from open_clip.tokenizer import HFTokenizer
 
         # The arguments open_clip.get_tokenizer passes, with the local folder as the source.
@@ -288,7 +284,7 @@ def _timm_depth(depth: int | None) -> Iterator[None]:
     if depth is None:
         yield
         return
-    import timm
+    timm = require("timm", "export")
 
     create = timm.create_model
 

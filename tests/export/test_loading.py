@@ -188,18 +188,26 @@ def test_directories_given_as_files(tmp_path):
 
 def test_pretrained_without_network_fails_at_the_first_attempt(tmp_path, monkeypatch, caplog):
     http = pytest.importorskip("huggingface_hub.utils._http")
-    httpx = getattr(http, "httpx2", None) or getattr(http, "httpx", None)
-    if httpx is None or not hasattr(http, "get_session"):
+    # huggingface_hub >= 1.0 speaks httpx(2), older releases requests; both retry the same way.
+    client = getattr(http, "httpx2", None) or getattr(http, "httpx", None)
+    refused = client.ConnectError if client is not None else getattr(getattr(http, "requests", None), "ConnectionError", None)
+    if refused is None or not hasattr(http, "get_session"):
         pytest.skip("huggingface_hub's HTTP layer is not the one this test stands in for")
     attempts, sleeps = [], []
 
-    class NoNetwork:  # what the client raises when DNS fails (seen for real: ConnectError, errno -2)
+    class NoNetwork:  # what the client raises when DNS fails (seen for real: errno -2)
         def request(self, method, url, **kw):
             attempts.append(url)
-            raise httpx.ConnectError("[Errno -2] Name or service not known")
+            raise refused("[Errno -2] Name or service not known")
 
         def stream(self, method, url, **kw):
             return self.request(method, url)
+
+        def head(self, url, **kw):
+            return self.request("HEAD", url)
+
+        def get(self, url, **kw):
+            return self.request("GET", url)
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -215,3 +223,40 @@ def test_pretrained_without_network_fails_at_the_first_attempt(tmp_path, monkeyp
     # request once each; with the retries it made 12.
     assert len(set(attempts)) == 2 and len(attempts) <= 4, attempts
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+
+
+def test_local_dir_weights_go_through_the_same_reader(tmp_path, micro_state, monkeypatch):
+    import json
+
+    from clipdeploy.export import loading
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(MICRO_CONFIG.read_text())}))
+    torch.save(micro_state, folder / "open_clip_pytorch_model.bin")
+    read = []
+    monkeypatch.setattr(loading, "read_checkpoint", lambda path, _r=loading.read_checkpoint: read.append(path) or _r(path))
+    model = load_model(f"local-dir:{folder}").model
+    assert read == [folder / "open_clip_pytorch_model.bin"]
+    assert all(torch.equal(model.state_dict()[k], micro_state[k]) for k in micro_state)
+
+
+def test_pretrained_weights_are_read_by_clipdeploy_with_the_tags_preprocessing(tmp_path, micro_state, monkeypatch):
+    import open_clip
+    import open_clip.pretrained
+
+    from clipdeploy.export import loading
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in micro_state.items()}, str(weights))
+    tag = {"hf_hub": "someone/micro/", "mean": (0.25, 0.5, 0.75), "std": (0.5, 0.5, 0.5), "quick_gelu": False}
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, t: tag if t == "fake" else {})
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", lambda cfg: str(weights))
+    read = []
+    monkeypatch.setattr(loading, "read_checkpoint", lambda path, _r=loading.read_checkpoint: read.append(path) or _r(path))
+    model = load_model("micro-vit", model_config=MICRO_CONFIG, pretrained="fake").model
+    assert read == [weights]
+    assert all(torch.equal(model.state_dict()[k], micro_state[k]) for k in micro_state)
+    assert tuple(model.visual.preprocess_cfg["mean"]) == (0.25, 0.5, 0.75)

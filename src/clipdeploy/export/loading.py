@@ -313,11 +313,15 @@ def _one_hub_attempt() -> Iterator[list[str]]:
     failures: list[str] = []
     hub_log = logging.getLogger("huggingface_hub.utils._http")
     stop = _StopAtFirstFailure(failures)
+    level = hub_log.level
+    if hub_log.getEffectiveLevel() > logging.WARNING:  # the filter must see the warnings to stop at one
+        hub_log.setLevel(logging.WARNING)
     hub_log.addFilter(stop)
     try:
         yield failures
     finally:
         hub_log.removeFilter(stop)
+        hub_log.setLevel(level)
 
 
 def _download_pretrained(open_clip: Any, name: str, tag: str) -> tuple[Path, dict[str, Any]]:

@@ -260,3 +260,17 @@ def test_pretrained_weights_are_read_by_clipdeploy_with_the_tags_preprocessing(t
     assert read == [weights]
     assert all(torch.equal(model.state_dict()[k], micro_state[k]) for k in micro_state)
     assert tuple(model.visual.preprocess_cfg["mean"]) == (0.25, 0.5, 0.75)
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, monkeypatch):
+    from clipdeploy.export import loading
+
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"PK\x03\x04")
+
+    def denied(path):  # chmod cannot stop root, who runs CI here; the error is what an unreadable file gives
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(loading, "file_sha256", denied)
+    with pytest.raises(CheckpointError, match=r"w.pt' cannot be read \(Permission denied\); check its permissions"):
+        load_model("micro-vit", model_config=MICRO_CONFIG, checkpoint=ckpt)

@@ -393,7 +393,12 @@ def load_model(
         if not ckpt_path.is_file():
             raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not exist; pass the path of a saved state_dict")
         source["checkpoint"] = ckpt_path.name
-        source["checkpoint_sha256"] = file_sha256(ckpt_path)
+        try:
+            source["checkpoint_sha256"] = file_sha256(ckpt_path)
+        except OSError as e:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} cannot be read ({e.strerror or e}); check its permissions"
+            ) from e
 
     torch.manual_seed(seed)
     if pretrained is None and checkpoint is None and not name.startswith(_SCHEMAS):

@@ -274,3 +274,9 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "file_sha256", denied)
     with pytest.raises(CheckpointError, match=r"w.pt' cannot be read \(Permission denied\); check its permissions"):
         load_model("micro-vit", model_config=MICRO_CONFIG, checkpoint=ckpt)
+
+
+def test_torchscript_archive_is_refused_not_run(tmp_path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "scripted.pt"))
+    with pytest.raises(CheckpointError, match=r"scripted.pt' is not a weights-only checkpoint: it is a TorchScript"):
+        load_model("micro-vit", model_config=MICRO_CONFIG, checkpoint=tmp_path / "scripted.pt")

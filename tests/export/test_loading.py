@@ -190,7 +190,8 @@ def test_pretrained_without_network_fails_at_the_first_attempt(tmp_path, monkeyp
     http = pytest.importorskip("huggingface_hub.utils._http")
     # huggingface_hub >= 1.0 speaks httpx(2), older releases requests; both retry the same way.
     client = getattr(http, "httpx2", None) or getattr(http, "httpx", None)
-    refused = client.ConnectError if client is not None else getattr(getattr(http, "requests", None), "ConnectionError", None)
+    requests = getattr(http, "requests", None)
+    refused = client.ConnectError if client is not None else getattr(requests, "ConnectionError", None)
     if refused is None or not hasattr(http, "get_session"):
         pytest.skip("huggingface_hub's HTTP layer is not the one this test stands in for")
     attempts, sleeps = [], []
@@ -235,7 +236,8 @@ def test_local_dir_weights_go_through_the_same_reader(tmp_path, micro_state, mon
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(MICRO_CONFIG.read_text())}))
     torch.save(micro_state, folder / "open_clip_pytorch_model.bin")
     read = []
-    monkeypatch.setattr(loading, "read_checkpoint", lambda path, _r=loading.read_checkpoint: read.append(path) or _r(path))
+    real = loading.read_checkpoint
+    monkeypatch.setattr(loading, "read_checkpoint", lambda path: read.append(path) or real(path))
     model = load_model(f"local-dir:{folder}").model
     assert read == [folder / "open_clip_pytorch_model.bin"]
     assert all(torch.equal(model.state_dict()[k], micro_state[k]) for k in micro_state)
@@ -255,7 +257,8 @@ def test_pretrained_weights_are_read_by_clipdeploy_with_the_tags_preprocessing(t
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, t: tag if t == "fake" else {})
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained", lambda cfg: str(weights))
     read = []
-    monkeypatch.setattr(loading, "read_checkpoint", lambda path, _r=loading.read_checkpoint: read.append(path) or _r(path))
+    real = loading.read_checkpoint
+    monkeypatch.setattr(loading, "read_checkpoint", lambda path: read.append(path) or real(path))
     model = load_model("micro-vit", model_config=MICRO_CONFIG, pretrained="fake").model
     assert read == [weights]
     assert all(torch.equal(model.state_dict()[k], micro_state[k]) for k in micro_state)

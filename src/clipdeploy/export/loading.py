@@ -340,7 +340,8 @@ def _download_pretrained(open_clip: Any, name: str, tag: str) -> tuple[Path, dic
         raise CheckpointError(f"open_clip names no download for {name}/{tag}; pass --checkpoint FILE")
     tag_gelu, model_gelu = bool(cfg.get("quick_gelu")), bool((open_clip.get_model_config(name) or {}).get("quick_gelu"))
     if tag_gelu != model_gelu:  # what open_clip warns about too: the activation differs from training
-        log.warning("%s/%s was trained with quick_gelu=%s, but %s uses quick_gelu=%s", name, tag, tag_gelu, name, model_gelu)
+        log.warning("%s/%s was trained with quick_gelu=%s, but %s uses quick_gelu=%s",
+                    name, tag, tag_gelu, name, model_gelu)
     return Path(path), cfg
 
 
@@ -389,7 +390,9 @@ def load_model(
     if checkpoint is not None:
         ckpt_path = Path(checkpoint)
         if ckpt_path.is_dir():
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} is a directory, not a file; pass the saved state_dict file")
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} is a directory, not a file; pass the saved state_dict file"
+            )
         if not ckpt_path.is_file():
             raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not exist; pass the path of a saved state_dict")
         source["checkpoint"] = ckpt_path.name

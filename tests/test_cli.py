@@ -130,7 +130,7 @@ def test_error_missing_and_corrupt_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"junk")
     code, _, err = run(capsys, "export", "micro-vit", "--model-config", str(MICRO_CONFIG), "--checkpoint", str(bad),
                        "-o", str(tmp_path / "x"))
-    assert_one_line_error(code, err, 2, "bad.pt", "corrupt")
+    assert_one_line_error(code, err, 2, "bad.pt", "not a PyTorch or safetensors file")
     assert not (tmp_path / "x").exists()
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import __version__, progress
+from clipdeploy import __version__, deps, progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, InputError, UsageError
 
 
@@ -414,6 +414,7 @@ def _setup_output(*, verbose: bool, quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    deps.command = f"clipdeploy {args.command}"  # so a missing optional library is reported for this command
     _setup_output(verbose=args.verbose, quiet=args.quiet)
     try:
         return int(args.func(args))

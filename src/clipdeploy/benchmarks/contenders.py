@@ -21,6 +21,7 @@ from clipdeploy.benchmarks.harness import Timer, perf_counter_timer
 from clipdeploy.benchmarks.inputs import text_is_dynamic
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.manifest import variants
+from clipdeploy.deps import require
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,7 +92,7 @@ def has_module(name: str) -> bool:
 
 
 def _ort_providers() -> list[str]:
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "cpu")
 
     return list(onnxruntime.get_available_providers())
 
@@ -332,7 +333,7 @@ class TorchContender:
     """The open_clip model under ``torch.inference_mode``: eager fp32, fp16 autocast or ``torch.compile``."""
 
     def __init__(self, spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> None:
-        import torch
+        torch = require("torch", "export")
 
         from clipdeploy.benchmarks.harness import cuda_event_timer
         from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_text_encoder

@@ -19,6 +19,7 @@ from typing import Any
 
 from clipdeploy.errors import CheckpointError, UsageError
 from clipdeploy.manifest import file_sha256
+from clipdeploy.deps import require
 
 # Model names that carry their own weights (open_clip downloads or reads them).
 _SOURCE_SCHEMAS = ("hf-hub:", "local-dir:")
@@ -103,7 +104,8 @@ def prefix_text_encoder(model: Any) -> tuple[Callable[[Any], Any] | None, str]:
     the positional embedding and the causal mask to the same length gives the same embedding: no
     token attends to the padding after it. This mirrors ``CLIP.encode_text`` line for line.
     """
-    import torch
+    torch = require("torch", "export")
+    require("open_clip.transformer", "export")
     from open_clip.transformer import text_global_pool
 
     if hasattr(model, "token_embedding"):  # CLIP: the text tower lives on the model

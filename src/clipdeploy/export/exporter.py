@@ -26,6 +26,7 @@ from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, contex
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
+from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[s
     Without a tokenizer (hub-only, not supplied), the ids are synthetic ones: valid ids of the
     tower's vocabulary, SOT/EOT-shaped, so the tower is still checked.
     """
-    import torch
+    torch = require("torch", "export")
+    require("open_clip.transform", "export")
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
@@ -117,7 +119,7 @@ def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[s
 
 def _synthetic_ids(model: Any, rows: int) -> Any:
     """Token ids of varied lengths, valid for the tower's vocabulary, padded as the tokenizer would."""
-    import torch
+    torch = require("torch", "export")
 
     from clipdeploy.export.text_towers import text_layout
 
@@ -149,7 +151,7 @@ def _torch_references(
     3.6B-parameter model (bigG-worldwide, 14.5 GB) and a 7 GB ONNX Runtime session do not fit in 24 GB
     together.
     """
-    import torch
+    torch = require("torch", "export")
 
     refs: dict[str, dict[str, np.ndarray]] = {}
     with torch.inference_mode():
@@ -190,7 +192,7 @@ def _check_towers(
     "original" is the model before ``FamilySpec.prepare`` (reparameterization); the ONNX is checked
     against it too.
     """
-    import onnxruntime as ort
+    ort = require("onnxruntime", "cpu")
 
     report: dict[str, Any] = {}
     failures: list[str] = []
@@ -324,7 +326,7 @@ def _variant_entry(ex: ExportedTower, root: Path, opset: int, validation: dict[s
 
 
 def _logit_terms(model: Any) -> tuple[float, float | None]:
-    import torch
+    torch = require("torch", "export")
 
     with torch.no_grad():
         scale = float(model.logit_scale.exp().reshape(-1)[0])

@@ -12,6 +12,7 @@ from typing import Any
 
 from clipdeploy.errors import ExportError
 from clipdeploy.export.specs import BATCH, MIN_SEQUENCE, SEQUENCE, TowerSpec
+from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ EXAMPLE_SEQUENCE = 8
 
 def example_input(spec: TowerSpec, model: Any, batch: int = 2) -> Any:
     """A traceable example. Values do not matter for tracing; shapes and dtypes do."""
-    import torch
+    torch = require("torch", "export")
 
     sizes = {BATCH: batch, SEQUENCE: EXAMPLE_SEQUENCE}
     shape = [sizes.get(d, d) if isinstance(d, str) else d for d in spec.input_spec(model).shape]
@@ -65,7 +66,7 @@ def example_input(spec: TowerSpec, model: Any, batch: int = 2) -> Any:
 
 def dynamic_axes(spec: TowerSpec, model: Any) -> dict[int, Any]:
     """torch.export dims for the named axes of the tower's input, from the one TensorSpec."""
-    import torch
+    torch = require("torch", "export")
 
     dims = {
         BATCH: torch.export.Dim(BATCH, min=1, max=MAX_EXPORT_BATCH),
@@ -82,8 +83,8 @@ def _max_sequence(model: Any) -> int:
 
 def export_tower(spec: TowerSpec, model: Any, path: Path, *, opset: int) -> ExportedTower:
     """Write ``path`` (and a ``.data`` side file for large towers), then run the ONNX checker on it."""
-    import onnx
-    import torch
+    onnx = require("onnx", "export")
+    torch = require("torch", "export")
 
     wrapper = spec.wrap(model)
     example = example_input(spec, model)

@@ -6,6 +6,7 @@ from typing import Any
 
 from clipdeploy.errors import ArtifactError, ExportError
 from clipdeploy.runtime.preprocess import PreprocessConfig
+from clipdeploy.deps import require
 
 
 def describe_preprocess(model: Any) -> dict[str, Any]:
@@ -16,7 +17,9 @@ def describe_preprocess(model: Any) -> dict[str, Any]:
     """
     from dataclasses import asdict
 
+    require("open_clip.model", "export")
     from open_clip.model import get_model_preprocess_cfg
+    require("open_clip.transform", "export")
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     # dict() because get_model_preprocess_cfg can hand back (and fill in) the model's own dict.

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from clipdeploy.errors import UsageError
 from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, causal_text_wrapper, text_layout
+from clipdeploy.deps import require
 
 if TYPE_CHECKING:
-    import torch
+    torch = require("torch", "export")
 
 # Named dynamic axes. The names end up in the ONNX graph and in the manifest, from this one place.
 BATCH = "batch"
@@ -90,7 +91,7 @@ class TowerSpec:
         A dynamic-length text tower is the exception: ``encode_text`` adds the full-length positional
         embedding, so its wrapper performs the same steps sliced to the input length.
         """
-        import torch
+        torch = require("torch", "export")
 
         if self.dynamic_sequence(model):
             return causal_text_wrapper(model)
@@ -243,6 +244,7 @@ def reparameterize(model: Any) -> Any:
     """
     import copy
 
+    require("timm.utils", "export")
     from timm.utils import reparameterize_model
 
     return reparameterize_model(copy.deepcopy(model)).eval()

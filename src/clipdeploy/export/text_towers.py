@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from clipdeploy.deps import require
 
 # How ids are padded for the tower, as recorded in the manifest.
 PADDING_LONGEST = "longest"  # dynamic "sequence" axis: each batch padded to its longest text
@@ -99,7 +100,8 @@ def causal_text_wrapper(model: Any) -> Any:
     sliced to the input length. The export parity check compares it with ``encode_text`` itself on
     full-length ids, at several lengths.
     """
-    import torch
+    torch = require("torch", "export")
+    require("open_clip.transformer", "export")
     from open_clip.transformer import text_global_pool
 
     layout = text_layout(model)

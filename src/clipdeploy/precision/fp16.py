@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.precision import graph
+from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def convert(
     model: Any | None = None,
 ) -> dict[str, Any]:
     """Write an fp16 version of ``src`` (or of ``model``, already loaded) to ``dst``; returns a report."""
+    require("onnxruntime.transformers.float16", "cpu")
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     ranges = graph.abs_max(src, feeds)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from clipdeploy.deps import require
 
 # Same threshold as the exporter: protobuf cannot hold more than 2 GiB in one message.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
@@ -16,7 +17,7 @@ FLOAT_TYPES = (1, 10)  # onnx.TensorProto.FLOAT, FLOAT16
 
 
 def load(path: Path) -> Any:
-    import onnx
+    onnx = require("onnx", "export")
 
     return onnx.load(str(path), load_external_data=True)
 
@@ -26,7 +27,7 @@ def save(model: Any, path: Path) -> list[Path]:
 
     Returns the side files written.
     """
-    import onnx
+    onnx = require("onnx", "export")
 
     large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits(model) else True
     if large:
@@ -48,14 +49,14 @@ def _fits(model: Any) -> bool:
 def check(path: Path) -> None:
     """Full ONNX check, type inference included: a variant must be a valid model, not one only
     ONNX Runtime tolerates."""
-    import onnx
+    onnx = require("onnx", "export")
 
     onnx.checker.check_model(str(path), full_check=True)
 
 
 def float_tensors(model: Any) -> dict[str, int]:
     """Every float tensor a node produces, with its element type, from ONNX shape inference."""
-    import onnx
+    onnx = require("onnx", "export")
 
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=False) if _fits(model) else model
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
@@ -66,8 +67,8 @@ def float_tensors(model: Any) -> dict[str, int]:
 
 def observe(model_path: Path, names: Iterable[str], feeds: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
     """Run the model on each feed and yield the values of ``names`` (intermediate tensors)."""
-    import onnx
-    import onnxruntime as ort
+    onnx = require("onnx", "export")
+    ort = require("onnxruntime", "cpu")
 
     model = load(model_path)
     types = float_tensors(model)
@@ -110,6 +111,7 @@ def abs_max(model_path: Path, feeds: Iterable[dict[str, np.ndarray]]) -> dict[st
 def fp32_tensors(model: Any) -> set[str]:
     """Tensors typed float32, from the model's own type records and Cast targets (re-inferring types
     can clash with the records a converter already wrote)."""
+    require("onnx", "export")
     from onnx import TensorProto
 
     g = model.graph
@@ -124,6 +126,7 @@ def fp32_tensors(model: Any) -> set[str]:
 def drop_fp16_round_trips(model: Any) -> int:
     """Remove Cast(fp32→fp16)→Cast(fp16→fp32) chains, so that fp32 values pass between two nodes kept
     in fp32 without being squeezed through fp16 on the way (which overflows past 65504)."""
+    require("onnx", "export")
     from onnx import TensorProto
 
     g = model.graph

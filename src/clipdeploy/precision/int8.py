@@ -19,6 +19,7 @@ import numpy as np
 
 from clipdeploy import progress
 from clipdeploy.precision import graph
+from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ FP16_SCALE_OPSET = 19  # QuantizeLinear/DequantizeLinear take fp16 scales from o
 
 def prepare(src: Path, dst: Path) -> None:
     """ONNX Runtime's recommended pre-pass: shape inference and basic graph optimizations."""
+    require("onnxruntime.quantization.shape_inference", "cpu")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
@@ -88,6 +90,7 @@ def quantize(
 
     Activation ranges come from ``cache`` when it exists, else from calibrating on ``feeds`` (and are
     then saved there), so recovery rounds calibrate once."""
+    require("onnxruntime.quantization", "cpu")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate_method = {
@@ -162,6 +165,7 @@ def quantize_layernorm_after_conv(
     let the Conv write int8. Its scale is the Conv output's calibrated range (layout ops keep the
     values); gamma, beta and the output stay fp32. Skipped where recovery keeps that Conv in fp32.
     Returns the LayerNorms it quantized (by name, or by output tensor for an unnamed node)."""
+    require("onnx", "export")
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -198,6 +202,7 @@ def quantize_layernorm_after_conv(
 
 
 def _to_fp16_initializer(model: Any, name: str) -> None:
+    require("onnx", "export")
     from onnx import numpy_helper
 
     for init in model.graph.initializer:
@@ -209,6 +214,7 @@ def _to_fp16_initializer(model: Any, name: str) -> None:
 def fold_qdq_into_fp16(model: Any) -> Any:
     """After the fp16 pass (with Q/DQ kept in fp32), make every Q/DQ fp16-typed and drop the Casts
     the pass put around them, so DequantizeLinear outputs feed fp16 MatMul/Conv directly."""
+    require("onnx", "export")
     from onnx import TensorProto, helper
 
     g = model.graph

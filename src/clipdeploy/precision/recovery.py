@@ -25,6 +25,7 @@ import numpy as np
 
 from clipdeploy.precision import graph
 from clipdeploy.precision.int8 import OPS_TO_QUANTIZE
+from clipdeploy.deps import require
 
 
 def _fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
@@ -46,6 +47,7 @@ class _QuantizedInput:
 
 
 def _quantized_nodes(model: Any) -> dict[str, tuple[Any, list[_QuantizedInput]]]:
+    require("onnx", "export")
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -70,6 +72,7 @@ def _quantized_nodes(model: Any) -> dict[str, tuple[Any, list[_QuantizedInput]]]
 
 def _single_node_model(node: Any, original: dict[str, Any], tensors: list[str]) -> bytes:
     """``node`` alone, reading its activations as graph inputs and its constants as initializers."""
+    require("onnx", "export")
     from onnx import helper
 
     inputs = [helper.make_tensor_value_info(t, 1, None) for t in tensors]
@@ -103,7 +106,8 @@ def rank_nodes(qdq_path: Path, fp32_path: Path, feeds: Sequence[dict[str, np.nda
     """Quantized nodes of ``qdq_path``, most sensitive first, with their scores (see ``combine``).
 
     Give one sample per feed, so that the worst-case part of the score is per sample."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "cpu")
+    require("onnx", "export")
     from onnx import numpy_helper
 
     qdq = graph.load(qdq_path)
@@ -162,7 +166,7 @@ def module_scopes(fp32_path: Path) -> dict[str, str]:
     """ONNX node name -> the PyTorch module it came from, as the dynamo exporter records it."""
     import ast
 
-    import onnx
+    onnx = require("onnx", "export")
 
     scopes = {}
     for n in onnx.load(str(fp32_path), load_external_data=False).graph.node:

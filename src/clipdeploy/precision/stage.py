@@ -24,6 +24,7 @@ from clipdeploy.manifest import file_sha256, read_manifest, variants, write_mani
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 from clipdeploy.runtime.padding import trim_to_pooled
+from clipdeploy.deps import require
 from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
 
 log = logging.getLogger(__name__)
@@ -382,7 +383,7 @@ class _Stage:
 
 
 def _opset(path: Path) -> int:
-    import onnx
+    onnx = require("onnx", "export")
 
     model = onnx.load(str(path), load_external_data=False)
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

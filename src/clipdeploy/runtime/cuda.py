@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.errors import DependencyError, EngineError, InputError, UsageError
+from clipdeploy.deps import require
 
 INSTALL_HINT = (
     "pip install 'clipdeploy[tensorrt]' (TensorRT 11, CUDA 13) or 'clipdeploy[tensorrt10]' (TensorRT 10, CUDA 12)"
@@ -238,7 +239,7 @@ def is_torch_tensor(x: Any) -> bool:
 
 
 def torch_dtype(np_dtype: np.dtype) -> Any:
-    import torch
+    torch = require("torch", "export")
 
     return {
         np.dtype(np.float32): torch.float32,
@@ -260,6 +261,6 @@ def numpy_dtype(t: Any) -> np.dtype:
 
 def torch_current_stream(t: Any) -> int:
     """The handle of torch's current stream on ``t``'s device: the stream the caller's work runs on."""
-    import torch
+    torch = require("torch", "export")
 
     return int(torch.cuda.current_stream(t.device).cuda_stream)

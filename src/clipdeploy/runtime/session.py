@@ -26,6 +26,7 @@ from clipdeploy.manifest import (
 from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.runtime.backends.base import Runner
 from clipdeploy.runtime.preprocess import ImageLike, PreprocessConfig, Preprocessor
+from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class ClipSession:
 
     def _run_torch(self, tower: str, x: Any, normalize: bool, batch_size: int | None, return_torch: bool) -> Any:
         """Torch in and/or out. A CUDA tensor on a runner that reads device memory is never copied to the host."""
-        import torch
+        torch = require("torch", "export")
 
         from clipdeploy.runtime.cuda import is_torch_tensor
 

@@ -20,6 +20,7 @@ from clipdeploy.errors import ArtifactError, ClipDeployError, EngineError, Input
 from clipdeploy.manifest import PRECISIONS, Variant, variant_files, variants, verify_files
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.base import IOSpec, Runner
+from clipdeploy.deps import require
 from clipdeploy.runtime.tensorrt_compat import base_version, engine_mismatch, get_logger, import_tensorrt
 
 log = logging.getLogger(__name__)
@@ -396,7 +397,7 @@ class TrtRunner(Runner):
         The work is ordered after what the caller queued on torch's current stream, and the caller's
         stream waits for it, so the outputs are safe to use there at once.
         """
-        import torch
+        torch = require("torch", "export")
 
         shapes = {spec.name: tuple(feed[spec.name].shape) for spec in self.inputs}
         self._check_profile(shapes)
@@ -419,7 +420,7 @@ class TrtRunner(Runner):
 
     def run_torch(self, x: Any, batch_size: int | None = None) -> Any:
         """One-input, one-output convenience over ``infer_torch``: casts, checks and splits ``x`` by batch."""
-        import torch
+        torch = require("torch", "export")
 
         (spec,) = self.inputs
         (out_spec,) = self.outputs

@@ -58,3 +58,12 @@ class EngineError(ClipDeployError):
     """A TensorRT engine could not be built, loaded or run."""
 
     exit_code = 1
+
+
+def unreadable(path: object, e: OSError) -> ArtifactError:
+    """The one-line error for an artifact file this user may not read."""
+    name = str(e.filename or path)
+    return ArtifactError(
+        f"{name!r} cannot be read ({e.strerror or e}): it belongs to another user or its mode forbids reading; "
+        "make the artifact readable (chmod -R a+rX DIR) or run as its owner"
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipdeploy.errors import ArtifactError
+from clipdeploy.errors import ArtifactError, unreadable
 from clipdeploy.manifest_schema import (  # the vocabulary lives with the schema; re-exported here
     FORMATS,  # noqa: F401
     MANIFEST_NAME,
@@ -130,15 +130,6 @@ def swap_directory(work: Path, output: Path) -> None:
             os.replace(old, output)
             raise
     # Leaving `reserved` removes the previous directory.
-
-
-def unreadable(path: Any, e: OSError) -> ArtifactError:
-    """The one-line error for an artifact file this user may not read."""
-    name = str(e.filename or path)
-    return ArtifactError(
-        f"{name!r} cannot be read ({e.strerror or e}): it belongs to another user or its mode forbids reading; "
-        "make the artifact readable (chmod -R a+rX DIR) or run as its owner"
-    )
 
 
 def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from clipdeploy.errors import ArtifactError
+from clipdeploy.errors import ArtifactError, unreadable
 
 __all__ = ["external_locations", "check_locations", "check_variant_external_data"]
 
@@ -99,7 +99,11 @@ def external_locations(path: str | Path) -> list[str]:
     """Every external-data ``location`` named inside the ONNX file at ``path``, in file order."""
     path = Path(path)
     out: list[str] = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except PermissionError as e:
+        raise unreadable(path, e) from None
+    with f:
         if path.stat().st_size == 0:
             return out
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:

@@ -59,7 +59,23 @@ def _artifact(path: Path, *precisions: str) -> Path:
     ]
     write_manifest(
         path,
-        {"schema_version": "1.0", "model": {}, "towers": {}, "preprocess": {}, "tokenizer": {}, "variants": variants},
+        {
+            "schema_version": "1.0",
+            "model": {"name": path.name, "embed_dim": 8, "logit_scale": 100.0},
+            "towers": {
+                t: {
+                    "inputs": [{"name": f"{t}_in", "dtype": "float32", "shape": ["batch", 8]}],
+                    "outputs": [{"name": f"{t}_embeds", "dtype": "float32", "shape": ["batch", 8]}],
+                }
+                for t in ("image", "text")
+            },
+            "preprocess": {
+                "size": [8, 8], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0,
+            },  # fmt: skip
+            "tokenizer": {"kind": "openclip-bpe"},
+            "variants": variants,
+        },
     )
     return path
 

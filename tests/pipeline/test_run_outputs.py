@@ -12,7 +12,7 @@ CONFIG = """
 output: out
 defaults:
   precisions: [fp16]
-  quantize: {calib_images: calib, samples: 4, holdout: 4, min_samples: 4}
+  quantize: {calib_images: calib, samples: 32, holdout: 32, min_samples: 32}
 models:
   - {name: one, model: micro-vit}
 """

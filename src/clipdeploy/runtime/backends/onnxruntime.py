@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError
-from clipdeploy.manifest import unreadable
+from clipdeploy.errors import unreadable
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 
 _ORT_DTYPES = {

@@ -151,7 +151,7 @@ def validate_engines(
         which = f"{precision} " if precision else ""
         raise UsageError(
             f"no {which}TensorRT engines to validate in {str(root)!r}; build one with "
-            f"`clipdeploy build {root} --precision {precision or 'fp16'}`"
+            f"`clipdeploy build {root} --precision {precision or precisions.FP16}`"
         )
     trt = import_tensorrt()
     gpu = cuda.gpu_info(device)

@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import UsageError
-from clipdeploy.precisions import names as precision_names
-from clipdeploy.precisions import quantized as quantized_precisions
 from clipdeploy.pipeline.schema import (
     ConfigError,
     Invalid,
@@ -47,6 +45,8 @@ from clipdeploy.pipeline.schema import (
     section_kwargs,
     unknown_key_message,
 )
+from clipdeploy.precisions import names as precision_names
+from clipdeploy.precisions import quantized as quantized_precisions
 
 STAGES = ("export", "quantize", "build", "validate", "bench")
 SCHEMA_VERSION = 1

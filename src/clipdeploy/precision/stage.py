@@ -130,7 +130,9 @@ class _Stage:
             raise UsageError(
                 f"{self.root} already has a {cfg.precision} variant ({existing[0].file}); pass --force to replace it"
             )
-        self.session = load(self.root, backend="onnxruntime", precision=precisions.REFERENCE, intra_op_num_threads=cfg.threads)
+        self.session = load(
+            self.root, backend="onnxruntime", precision=precisions.REFERENCE, intra_op_num_threads=cfg.threads
+        )
         self.towers = list(self.session.variants)
         self.fp32 = self.session.variants
         self.options = self.session.runners[self.towers[0]].options  # same settings for every model we run
@@ -387,11 +389,15 @@ class _Stage:
 # Signature: (stage, tower, fp32 source, output path, work dir, nodes to keep unquantized, file suffix) -> info.
 
 
-def make_fp16(stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str) -> dict[str, Any]:
+def make_fp16(
+    stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str
+) -> dict[str, Any]:
     return {"fp16": fp16.convert(src, out, stage.feeds(tower, RANGE_SAMPLES))}
 
 
-def make_int8(stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str) -> dict[str, Any]:
+def make_int8(
+    stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str
+) -> dict[str, Any]:
     return stage.quantize_int8(tower, out, work, exclude, suffix)
 
 

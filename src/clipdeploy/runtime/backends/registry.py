@@ -189,7 +189,9 @@ def _ort_bench_target(device: str) -> str:
     return f"onnxruntime-{device}"
 
 
-def _ort_open(root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool) -> Opened:
+def _ort_open(
+    root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool
+) -> Opened:
     from clipdeploy.runtime.backends.onnxruntime import OrtRunner
 
     options = _ort_options(settings)
@@ -218,11 +220,15 @@ def _trt_options(settings: LoadSettings) -> Any:
     from clipdeploy.runtime.backends.tensorrt import TrtOptions
 
     return TrtOptions(
-        device=settings.device, cuda_graphs=settings.cuda_graphs, engine_host_code_allowed=settings.engine_host_code_allowed
+        device=settings.device,
+        cuda_graphs=settings.cuda_graphs,
+        engine_host_code_allowed=settings.engine_host_code_allowed,
     )
 
 
-def _trt_open(root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool) -> Opened:
+def _trt_open(
+    root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool
+) -> Opened:
     from clipdeploy.runtime.backends import tensorrt
 
     preference = get("tensorrt").preference(settings)

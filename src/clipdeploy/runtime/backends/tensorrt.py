@@ -43,7 +43,7 @@ def _no_engine(tower: str, precision: str | None) -> ArtifactError:
     what = f"{precision} " if precision else ""
     return ArtifactError(
         f"no {what}TensorRT engine of the {tower} tower in this artifact; build one with "
-        f"`clipdeploy build DIR --precision {precision or 'fp16'}`"
+        f"`clipdeploy build DIR --precision {precision or precisions.FP16}`"
     )
 
 

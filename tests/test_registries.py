@@ -27,12 +27,17 @@ def make_copy(stage, tower: str, src: Path, out: Path, work: Path, exclude: list
     return {"copied_from": src.name}
 
 
-def _toy_open(root, manifest, precision, settings, verify):
-    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+def _opener(name: str):
+    """A toy backend's runners: ONNX Runtime on CPU, under another backend's name and preference."""
 
-    options = OrtOptions(providers=("CPUExecutionProvider",), intra_op_num_threads=1)
-    preference = backends.get(TOY_BACKEND).preference(settings)
-    return backends.open_onnx_files(root, manifest, precision, preference, verify, lambda p: OrtRunner(p, options))
+    def open_runners(root, manifest, precision, settings, verify):
+        from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+
+        options = OrtOptions(providers=("CPUExecutionProvider",), intra_op_num_threads=1)
+        preference = backends.get(name).preference(settings)
+        return backends.open_onnx_files(root, manifest, precision, preference, verify, lambda p: OrtRunner(p, options))
+
+    return open_runners
 
 
 @pytest.fixture
@@ -44,7 +49,7 @@ def toys():
         backends=("onnxruntime", TOY_BACKEND), preference={TOY_BACKEND: 0},
     ))
     backends.register(backends.BackendSpec(
-        TOY_BACKEND, "onnx", ("cpu",), _toy_open,
+        TOY_BACKEND, "onnx", ("cpu",), _opener(TOY_BACKEND),
         unavailable=lambda device: None if device == "cpu" else "the toy backend runs on CPU only",
         target=lambda settings: TOY_BACKEND, bench_target=lambda device: TOY_BACKEND,
     ))
@@ -142,6 +147,23 @@ def test_toy_precision_and_backend_flow_through_quantize_load_and_bench(toys, mi
     toy = [r for r in bench["records"] if r["backend"] == TOY_BACKEND]
     assert [r["precision"] for r in toy] == [TOY_PRECISION]
     assert toy[0]["cos_min"] == pytest.approx(1.0, abs=1e-4)  # same weights as the PyTorch reference
+
+
+def test_a_backend_can_declare_the_precisions_it_runs(micro_artifact):
+    """A backend for existing precisions is one registration: no PrecisionSpec is edited."""
+    backends.register(backends.BackendSpec(
+        "toy2", "onnx", ("cpu",), _opener("toy2"), unavailable=lambda device: None,
+        target=lambda settings: "toy2", runs={"fp32": 0, "fp16": None}, targets=("toy2",),
+    ))
+    try:
+        assert precisions.for_backend("toy2") == ("fp32", "fp16")
+        assert precisions.preference("toy2") == ("fp32",)  # fp16 runs only when asked for
+        session = clipdeploy.load(micro_artifact.path, backend="toy2")
+        assert session.backend == "toy2" and set(session.precision.values()) == {"fp32"}
+    finally:
+        backends.unregister("toy2")
+    assert "toy2" not in precisions.get("fp32").backends and precisions.preference("toy2") == ()
+    assert precisions.preference("onnxruntime-cpu") == ("int8", "fp32")  # the others are untouched
 
 
 def test_a_registered_backend_is_a_load_and_cli_choice(toys, micro_artifact):

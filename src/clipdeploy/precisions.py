@@ -14,14 +14,14 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from clipdeploy.errors import UsageError
 
 __all__ = [
     "PrecisionSpec", "register", "unregister", "get", "names", "quantized", "for_backend", "preference",
-    "by_default", "rank", "view", "REFERENCE", "FP32", "FP16", "INT8", "INT8_FP16", "EXPORT",
+    "by_default", "rank", "view", "allow", "disallow", "REFERENCE", "FP32", "FP16", "INT8", "INT8_FP16", "EXPORT",
 ]
 
 EXPORT = "export"  # the make step of the reference precision: `clipdeploy export` writes it
@@ -66,6 +66,27 @@ def register(spec: PrecisionSpec, *, replace: bool = False) -> PrecisionSpec:
 def unregister(name: str) -> None:
     """Remove a precision (tests and plugins that register their own)."""
     _REGISTRY.pop(name, None)
+
+
+def allow(backend: str, ranks: Mapping[str, int | None], targets: tuple[str, ...] = ()) -> None:
+    """Let a new ``backend`` run registered precisions, so that adding it edits no spec here.
+
+    ``ranks``: precision -> its place in the preference order of each of ``targets`` (lower first),
+    or None to run it only when asked for by name.
+    """
+    for name, r in ranks.items():
+        spec = get(name)
+        preference = {**spec.preference, **({t: r for t in targets} if r is not None else {})}
+        backends = tuple(dict.fromkeys((*spec.backends, backend)))
+        _REGISTRY[name] = replace(spec, backends=backends, preference=preference)
+
+
+def disallow(backend: str, targets: tuple[str, ...] = ()) -> None:
+    """Undo ``allow`` (a backend going away): no precision lists ``backend`` or ranks on ``targets`` after it."""
+    for name, spec in list(_REGISTRY.items()):
+        preference = {t: r for t, r in spec.preference.items() if t not in targets}
+        backends = tuple(b for b in spec.backends if b != backend)
+        _REGISTRY[name] = replace(spec, backends=backends, preference=preference)
 
 
 def get(name: str) -> PrecisionSpec:

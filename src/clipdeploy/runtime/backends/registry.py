@@ -11,7 +11,7 @@ when its runners are opened.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,10 @@ class BackendSpec:
     # For backend="auto": why this artifact should not use it here (None: use it). None: never chosen by auto.
     auto: Callable[[dict[str, Any], str | None, LoadSettings], str | None] | None = None
     bench_target: Callable[[str], str] | None = None  # device kind -> target, for benchmark defaults
+    # Registered precisions it runs, declared here rather than in each PrecisionSpec: name -> preference
+    # rank on its ``targets`` (None: only when asked for). See precisions.allow.
+    runs: Mapping[str, int | None] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()  # the preference targets ``target`` returns
 
     def precisions(self) -> tuple[str, ...]:
         return precisions.for_backend(self.name)
@@ -84,11 +88,16 @@ def register(spec: BackendSpec, *, first: bool = False, replace: bool = False) -
     items = list(_REGISTRY.items())
     _REGISTRY.clear()
     _REGISTRY.update([(spec.name, spec), *items] if first else [*items, (spec.name, spec)])
+    if spec.runs:
+        precisions.allow(spec.name, spec.runs, spec.targets)
     return spec
 
 
 def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
+    """Remove a backend; no precision lists it afterwards."""
+    spec = _REGISTRY.pop(name, None)
+    if spec is not None:
+        precisions.disallow(name, spec.targets)
 
 
 def get(name: str) -> BackendSpec:

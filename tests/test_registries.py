@@ -75,7 +75,8 @@ def test_builtin_tables_come_from_the_registry():
     assert precisions.preference("onnxruntime-cpu") == ("int8", "fp32")
     assert precisions.preference("onnxruntime-cuda") == ("fp16", "fp32")
     assert precisions.preference("tensorrt") == ("int8-fp16", "fp16", "fp32")
-    assert backends.choices() == ("auto", "tensorrt", "onnxruntime")
+    assert backends.choices() == ("auto", "onnxruntime", "tensorrt")
+    assert backends.auto_order() == ("tensorrt", "onnxruntime")
     from clipdeploy.benchmarks.contenders import default_precisions
     from clipdeploy.engines.engine_validate import TOLERANCES
     from clipdeploy.precision.gate import DEFAULT_THRESHOLDS
@@ -154,11 +155,12 @@ def test_a_backend_can_declare_the_precisions_it_runs(micro_artifact):
     backends.register(backends.BackendSpec(
         "toy2", "onnx", ("cpu",), _opener("toy2"), unavailable=lambda device: None,
         target=lambda settings: "toy2", runs={"fp32": 0, "fp16": None}, targets=("toy2",),
+        auto=lambda manifest, precision, settings: None, auto_rank=-1,  # auto tries it before TensorRT
     ))
     try:
         assert precisions.for_backend("toy2") == ("fp32", "fp16")
         assert precisions.preference("toy2") == ("fp32",)  # fp16 runs only when asked for
-        session = clipdeploy.load(micro_artifact.path, backend="toy2")
+        session = clipdeploy.load(micro_artifact.path)  # backend="auto"
         assert session.backend == "toy2" and set(session.precision.values()) == {"fp32"}
     finally:
         backends.unregister("toy2")
@@ -173,5 +175,5 @@ def test_a_registered_backend_is_a_load_and_cli_choice(toys, micro_artifact):
     args = build_parser().parse_args(["embed", str(micro_artifact.path), "--backend", TOY_BACKEND, "--text", "x"])
     assert args.backend == TOY_BACKEND
     backends.unregister(TOY_BACKEND)
-    with pytest.raises(UsageError, match="backend 'toy' is not one of auto, tensorrt, onnxruntime"):
+    with pytest.raises(UsageError, match="backend 'toy' is not one of auto, onnxruntime, tensorrt$"):
         clipdeploy.load(micro_artifact.path, backend=TOY_BACKEND)

@@ -31,7 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def backends() -> tuple[str, ...]:
     """What a benchmark can measure: PyTorch (the reference) and every registered runtime backend."""
-    return (TORCH, *sorted(registry.names(), key=lambda b: (b != "onnxruntime", b)))
+    return (TORCH, *registry.names())
 
 
 BACKENDS = backends()  # the built-in ones, for defaults; a backend registered later is still accepted

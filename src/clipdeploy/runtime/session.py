@@ -319,9 +319,9 @@ def load(
 
 
 def _auto(manifest: dict[str, Any], precision: str | None, settings: registry.LoadSettings) -> str:
-    """The first registered backend (in ``auto`` order) that this artifact can use here; logs which and why."""
+    """The first backend in ``registry.auto_order()`` that this artifact can use here; logs which and why."""
     reasons = []
-    for name in registry.names():
+    for name in registry.auto_order():
         spec = registry.get(name)
         reason = "not chosen by auto" if spec.auto is None else spec.auto(manifest, precision, settings)
         if reason is None:

@@ -589,7 +589,11 @@ def _default_variant(cfg: TritonConfig, models: list[TowerModel]) -> TowerModel:
 
 def _onnx_target(cfg: TritonConfig) -> str:
     # The ONNX Runtime preference target the served instance kind matches (see PrecisionSpec.preference).
-    return "onnxruntime-cuda" if cfg.onnx_device == "gpu" else "onnxruntime-cpu"
+    from clipdeploy.runtime.backends import registry  # the runtime's registry; triton needs it only here
+
+    spec = registry.get("onnxruntime")
+    device = "cuda" if cfg.onnx_device == "gpu" else "cpu"
+    return spec.bench_target(device) if spec.bench_target else spec.name
 
 
 def _write_plan(cfg: TritonConfig, plan: Plan, repo: Path, warnings: list[str]) -> dict[str, Any]:

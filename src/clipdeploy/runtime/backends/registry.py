@@ -24,7 +24,7 @@ from clipdeploy.runtime.backends.base import Runner
 
 __all__ = [
     "BackendSpec", "LoadSettings", "register", "unregister", "get", "names", "choices", "has_module",
-    "select_variant", "AUTO",
+    "select_variant", "AUTO", "auto_order",
 ]
 
 AUTO = "auto"
@@ -62,6 +62,7 @@ class BackendSpec:
     target: Callable[[LoadSettings], str]
     # For backend="auto": why this artifact should not use it here (None: use it). None: never chosen by auto.
     auto: Callable[[dict[str, Any], str | None, LoadSettings], str | None] | None = None
+    auto_rank: int = 50  # auto tries backends lowest rank first (ties: registration order)
     bench_target: Callable[[str], str] | None = None  # device kind -> target, for benchmark defaults
     # Registered precisions it runs, declared here rather than in each PrecisionSpec: name -> preference
     # rank on its ``targets`` (None: only when asked for). See precisions.allow.
@@ -78,16 +79,13 @@ class BackendSpec:
 _REGISTRY: dict[str, BackendSpec] = {}
 
 
-def register(spec: BackendSpec, *, first: bool = False, replace: bool = False) -> BackendSpec:
-    """Add a backend. ``auto`` tries backends in registration order, ``first=True`` puts this one ahead."""
+def register(spec: BackendSpec, *, replace: bool = False) -> BackendSpec:
+    """Add a backend; registration order is the order of ``--backend`` choices."""
     if spec.name in _REGISTRY and not replace:
         raise UsageError(f"backend {spec.name!r} is already registered; pass replace=True to redefine it")
     if spec.name == AUTO:
         raise UsageError(f"{AUTO!r} is reserved: it means 'pick a backend'; name the backend something else")
-    _REGISTRY.pop(spec.name, None)
-    items = list(_REGISTRY.items())
-    _REGISTRY.clear()
-    _REGISTRY.update([(spec.name, spec), *items] if first else [*items, (spec.name, spec)])
+    _REGISTRY[spec.name] = spec
     if spec.runs:
         precisions.allow(spec.name, spec.runs, spec.targets)
     return spec
@@ -107,8 +105,13 @@ def get(name: str) -> BackendSpec:
 
 
 def names() -> tuple[str, ...]:
-    """Registered backends, in the order ``auto`` tries them."""
+    """Registered backends, in registration order."""
     return tuple(_REGISTRY)
+
+
+def auto_order() -> tuple[str, ...]:
+    """The order ``backend="auto"`` tries them: by ``auto_rank``, then registration order."""
+    return tuple(sorted(_REGISTRY, key=lambda n: _REGISTRY[n].auto_rank))
 
 
 def choices() -> tuple[str, ...]:
@@ -261,10 +264,11 @@ def _trt_unavailable(device: str) -> str | None:
 
 # auto tries TensorRT first (when the artifact has engines that fit here), then ONNX Runtime, which always opens.
 register(BackendSpec(
-    "tensorrt", "tensorrt", ("cuda",), _trt_open, _trt_unavailable,
-    target=lambda settings: "tensorrt", auto=_trt_auto, bench_target=lambda device: "tensorrt",
+    "onnxruntime", "onnx", ("cpu", "cuda"), _ort_open, _ort_unavailable,
+    target=_ort_target, auto=lambda manifest, precision, settings: None, auto_rank=100,
+    bench_target=_ort_bench_target,
 ))
 register(BackendSpec(
-    "onnxruntime", "onnx", ("cpu", "cuda"), _ort_open, _ort_unavailable,
-    target=_ort_target, auto=lambda manifest, precision, settings: None, bench_target=_ort_bench_target,
+    "tensorrt", "tensorrt", ("cuda",), _trt_open, _trt_unavailable,
+    target=lambda settings: "tensorrt", auto=_trt_auto, auto_rank=0, bench_target=lambda device: "tensorrt",
 ))

@@ -38,6 +38,7 @@ from clipdeploy.manifest import (
     verify_files,
 )
 from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.runtime.backends import registry as backends
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
@@ -589,9 +590,7 @@ def _default_variant(cfg: TritonConfig, models: list[TowerModel]) -> TowerModel:
 
 def _onnx_target(cfg: TritonConfig) -> str:
     # The ONNX Runtime preference target the served instance kind matches (see PrecisionSpec.preference).
-    from clipdeploy.runtime.backends import registry  # the runtime's registry; triton needs it only here
-
-    spec = registry.get("onnxruntime")
+    spec = backends.get("onnxruntime")
     device = "cuda" if cfg.onnx_device == "gpu" else "cpu"
     return spec.bench_target(device) if spec.bench_target else spec.name
 

@@ -178,6 +178,8 @@ def open_onnx_files(
 
 
 # ---- ONNX Runtime -------------------------------------------------------------------------------------
+# Each backend's module is imported inside its functions, on first use: the registry stays a table that
+# costs nothing to import, and one backend's module (TensorRT's is 600 lines) never loads for another's.
 
 
 def _ort_options(settings: LoadSettings) -> Any:

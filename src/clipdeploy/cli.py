@@ -18,6 +18,7 @@ from typing import Any
 
 from clipdeploy import __version__, deps, progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, InputError, UsageError
+from clipdeploy.runtime.backends import registry as backends
 
 
 def _positive_int(text: str) -> int:
@@ -212,7 +213,7 @@ def add_embed(sub: Any) -> None:
         "-o", "--output", metavar="DIR", help="write .npy files to this directory instead of printing numbers; "
         "an earlier embed's files there are replaced as a set"
     )
-    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"))
+    p.add_argument("--backend", default=backends.AUTO, choices=backends.choices())
     p.add_argument("--precision", help="variant to run (default: the fastest accepted one)")
     p.add_argument("--threads", type=_positive_int, help="ONNX Runtime intra-op threads")
     p.add_argument("--no-normalize", action="store_true", help="return raw, not L2-normalized, embeddings")

@@ -19,7 +19,6 @@ from clipdeploy.errors import ArtifactError, unreadable
 from clipdeploy.manifest_schema import (  # the vocabulary lives with the schema; re-exported here
     FORMATS,  # noqa: F401
     MANIFEST_NAME,
-    PRECISIONS,  # noqa: F401
     TOWERS,  # noqa: F401
     SchemaError,
     check_paths,
@@ -39,7 +38,7 @@ class Variant:
     """One compiled form of one tower: an ONNX file or a TensorRT plan."""
 
     tower: str  # "image" or "text"
-    precision: str  # one of PRECISIONS
+    precision: str  # a registered precision (clipdeploy.precisions)
     format: str  # "onnx" or "tensorrt"
     file: str  # path relative to the artifact directory
     sha256: str
@@ -68,6 +67,15 @@ class Variant:
             validation=dict(d.get("validation") or {}),
             extra={k: v for k, v in d.items() if k not in known},
         )
+
+
+def __getattr__(name: str) -> Any:
+    # PRECISIONS stays importable from here: the precision registry's names, read when asked for.
+    if name == "PRECISIONS":
+        from clipdeploy import precisions
+
+        return precisions.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

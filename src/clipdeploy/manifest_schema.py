@@ -16,12 +16,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from clipdeploy import precisions
 from clipdeploy.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 TOWERS = ("image", "text")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-fp16")
 FORMATS = ("onnx", "tensorrt")
+
+def __getattr__(name: str) -> Any:
+    # PRECISIONS is the registry's current list, so a precision registered later is in it too.
+    if name == "PRECISIONS":
+        return precisions.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["SchemaError", "check_schema", "manifest_paths", "check_paths", "resolve_member"]
 
@@ -93,10 +100,13 @@ def boolean() -> Check:
     return check
 
 
-def one_of(*values: Any) -> Check:
+def one_of(*values: Any, live: Callable[[], tuple[Any, ...]] | None = None) -> Check:
+    """A value from ``values``, or from ``live()`` read at check time (a registry that may grow)."""
+
     def check(v: Any, key: str) -> None:
-        if not isinstance(v, (str, int, float, bool)) or v not in values:
-            raise SchemaError(key, "one of " + ", ".join(map(repr, values)), v)
+        allowed = live() if live is not None else values
+        if not isinstance(v, (str, int, float, bool)) or v not in allowed:
+            raise SchemaError(key, "one of " + ", ".join(map(repr, allowed)), v)
 
     return check
 
@@ -191,7 +201,7 @@ _batch_axis = obj({"min": array(integer(0)), "opt": array(integer(0)), "max": ar
 VARIANT = obj(
     {
         "tower": one_of(*TOWERS),
-        "precision": one_of(*PRECISIONS),
+        "precision": one_of(live=precisions.names),
         "format": one_of(*FORMATS),
         "file": string(nonempty=True),
         "sha256": sha256(),

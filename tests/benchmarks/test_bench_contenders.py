@@ -7,6 +7,7 @@ import pytest
 from clipdeploy.benchmarks import contenders as contenders_mod
 from clipdeploy.benchmarks.contenders import ContenderSpec, discover
 from clipdeploy.errors import UsageError
+from clipdeploy.runtime.backends import registry as backends_mod
 
 
 def _variant(tower, precision, fmt="onnx", passed=True):
@@ -30,8 +31,10 @@ def _labels(specs):
 
 @pytest.fixture(autouse=True)
 def _everything_installed(monkeypatch):
-    monkeypatch.setattr(contenders_mod, "has_module", lambda name: True)
-    monkeypatch.setattr(contenders_mod, "_ort_providers", lambda: ["CPUExecutionProvider"])
+    # The torch check lives in contenders, the backends' own checks in the backend registry.
+    for mod in (contenders_mod, backends_mod):
+        monkeypatch.setattr(mod, "has_module", lambda name: True)
+    monkeypatch.setattr(backends_mod, "_ort_providers", lambda: ["CPUExecutionProvider"])
 
 
 def test_cpu_defaults_fp32_and_int8_and_explain_the_rest():
@@ -90,7 +93,8 @@ def test_gpu_runs_pytorch_peers_and_tensorrt():
 
 
 def test_missing_packages_are_reasons(monkeypatch):
-    monkeypatch.setattr(contenders_mod, "has_module", lambda name: name not in ("torch", "tensorrt"))
+    for mod in (contenders_mod, backends_mod):
+        monkeypatch.setattr(mod, "has_module", lambda name: name not in ("torch", "tensorrt"))
     m = _manifest(_variant("image", "fp32"), _variant("image", "int8", "tensorrt"))
     specs, skipped = discover(m, backends=("torch", "onnxruntime", "tensorrt"), towers=("image",), device="cuda")
     assert _labels(specs) == []  # no CUDA provider for the fp32 ONNX either

@@ -34,6 +34,7 @@ from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynam
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import TOWERS, read_manifest
+from clipdeploy.precisions import REFERENCE
 from clipdeploy.progress import active as progress_active
 from clipdeploy.progress import write as progress_write
 from clipdeploy.validation import cosine_rows
@@ -254,7 +255,7 @@ def _records(
             emb = res.embeddings[Case(r["tower"], r["batch"], r["seq_len"]).key]
             records.append(_record(spec, r, emb, ref))
     for rec in records:
-        if rec["backend"] == "onnxruntime" and rec["precision"] == "fp32" and rec["cos_min"] is not None:
+        if rec["backend"] == "onnxruntime" and rec["precision"] == REFERENCE and rec["cos_min"] is not None:
             if rec["cos_min"] < _SAME_WEIGHTS_COSINE:
                 notes.append(
                     f"the fp32 {rec['tower']} variant agrees with the PyTorch reference only to cosine "

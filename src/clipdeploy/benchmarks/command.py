@@ -54,9 +54,10 @@ def _seconds(text: str | None) -> float | None:
 def config_from_args(args: argparse.Namespace) -> Any:
     """A BenchConfig from parsed arguments; every bad value is a one-line UsageError."""
     from clipdeploy.benchmarks.bench import BenchConfig
-    from clipdeploy.benchmarks.contenders import BACKENDS
+    from clipdeploy.benchmarks.contenders import BACKENDS, backends
     from clipdeploy.benchmarks.harness import TimingConfig
-    from clipdeploy.manifest import PRECISIONS, TOWERS
+    from clipdeploy.manifest import TOWERS
+    from clipdeploy.precisions import names as precision_names
 
     artifact = Path(args.artifact)
     if not artifact.is_dir():
@@ -68,8 +69,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return BenchConfig(
         artifact=artifact,
         output=output,
-        backends=_csv("--backends", args.backends, BACKENDS) or BACKENDS,
-        precisions=_csv("--precisions", args.precisions, PRECISIONS),
+        backends=_csv("--backends", args.backends, backends()) or BACKENDS,
+        precisions=_csv("--precisions", args.precisions, precision_names()),
         batches=_batches(args.batch),
         towers=_csv("--towers", args.towers, TOWERS) or TOWERS,
         timing=TimingConfig(
@@ -105,8 +106,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench(sub: Any) -> None:
-    from clipdeploy.benchmarks.contenders import BACKENDS, DEVICES
-    from clipdeploy.manifest import PRECISIONS, TOWERS
+    from clipdeploy.benchmarks.contenders import BACKENDS, DEVICES, default_precisions
+    from clipdeploy.manifest import TOWERS
+    from clipdeploy.precisions import names as precision_names
 
     p = sub.add_parser(
         "bench",
@@ -128,8 +130,9 @@ def add_bench(sub: Any) -> None:
     p.add_argument(
         "--precisions",
         metavar="LIST",
-        help=f"variant precisions to measure, from {','.join(PRECISIONS)} (default: those the runtime would pick "
-        "on this device: fp32 and int8 on CPU); PyTorch always runs fp32",
+        help=f"variant precisions to measure, from {','.join(precision_names())} (default: those the runtime "
+        f"would pick on this device: {' and '.join(default_precisions('cpu'))} on CPU); PyTorch always runs "
+        "the reference",
     )
     p.add_argument("--batch", default="1,8,32", metavar="LIST", help="batch sizes (default: 1,8,32)")
     p.add_argument("--towers", default=",".join(TOWERS), metavar="LIST", help="default: image,text")

@@ -9,7 +9,6 @@ contract: host arrays in, host arrays out, so every contender pays for the same 
 
 from __future__ import annotations
 
-import importlib.util
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,13 +21,32 @@ from clipdeploy.benchmarks.inputs import text_is_dynamic
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.manifest import variants
 from clipdeploy.deps import require
+from clipdeploy.precisions import REFERENCE, by_default, rank
+from clipdeploy.runtime.backends import registry
+from clipdeploy.runtime.backends.registry import has_module
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+TORCH = "torch"
+AUTOCAST = "fp16-autocast"  # PyTorch's own mixed precision, a peer rather than a variant
 DEVICES = ("auto", "cpu", "cuda")
-# What the session prefers on each device when it picks for itself; other precisions are measured
-# only when asked for by name (fp16 on ONNX Runtime CPU is emulated and slow).
-_DEFAULT_ORT_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16", "int8", "int8-fp16")}
-_FORMAT = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
+
+
+def backends() -> tuple[str, ...]:
+    """What a benchmark can measure: PyTorch (the reference) and every registered runtime backend."""
+    return (TORCH, *registry.names())
+
+
+BACKENDS = backends()  # the built-in ones, for defaults; a backend registered later is still accepted
+
+
+def default_precisions(device: str, backend: str = "onnxruntime") -> tuple[str, ...]:
+    """What is measured unasked on ``device``: what ``backend`` runs there, less what it only emulates."""
+    spec = registry.get(backend)
+    return by_default(backend, spec.bench_target(device) if spec.bench_target else backend)
+
+
+def precision_rank(precision: str) -> float:
+    """Display order of a contender's precision: the registry's, with PyTorch autocast after the reference."""
+    return rank(REFERENCE) + 0.5 if precision == AUTOCAST else rank(precision)
 
 
 @dataclass(frozen=True)
@@ -84,19 +102,6 @@ class Skipped:
         return f"{self.backend} {self.precision}" + (f" ({where})" if where else "") + f": {self.reason}"
 
 
-def has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _ort_providers() -> list[str]:
-    onnxruntime = require("onnxruntime", "cpu")
-
-    return list(onnxruntime.get_available_providers())
-
-
 def discover(
     manifest: dict[str, Any],
     *,
@@ -110,48 +115,34 @@ def discover(
     ``precisions`` filters the compiled variants only; PyTorch always runs eager fp32 (the
     reference), and on a GPU also fp16 autocast and ``torch.compile`` (peers).
     """
+    known = globals()["backends"]()  # the parameter shadows the function
     for b in backends:
-        if b not in BACKENDS:
-            raise UsageError(f"backend {b!r} is not one of {', '.join(BACKENDS)}; e.g. --backends torch,onnxruntime")
+        if b not in known:
+            raise UsageError(f"backend {b!r} is not one of {', '.join(known)}; e.g. --backends torch,onnxruntime")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"device {device!r} is not cpu or cuda")
     towers = tuple(t for t in towers if t in manifest["towers"])
     specs: list[ContenderSpec] = []
     skipped: list[Skipped] = []
 
-    if "torch" in backends:
+    if TORCH in backends:
         if not (has_module("torch") and has_module("open_clip")):
             skipped.append(
-                Skipped("torch", "fp32", "PyTorch or open_clip is not installed; pip install 'clipdeploy[export]'")
+                Skipped(TORCH, REFERENCE, "PyTorch or open_clip is not installed; pip install 'clipdeploy[export]'")
             )
         else:
-            specs.append(ContenderSpec("torch", "fp32", device, towers, "reference"))
+            specs.append(ContenderSpec(TORCH, REFERENCE, device, towers, "reference"))
             if device == "cuda":
-                specs.append(ContenderSpec("torch", "fp16-autocast", device, towers, "peer"))
-                specs.append(ContenderSpec("torch.compile", "fp32", device, towers, "peer"))
+                specs.append(ContenderSpec(TORCH, AUTOCAST, device, towers, "peer"))
+                specs.append(ContenderSpec("torch.compile", REFERENCE, device, towers, "peer"))
 
-    for backend in ("onnxruntime", "tensorrt"):
+    for backend in known[1:]:
         if backend not in backends:
             continue
         found, why = _variant_contenders(manifest, backend, towers, device, precisions)
         specs += found
         skipped += why
     return specs, skipped
-
-
-def _unavailable(backend: str, device: str) -> str | None:
-    """Why ``backend`` cannot run on ``device`` here; None when it can."""
-    if backend == "tensorrt":
-        if device != "cuda":
-            return "needs an NVIDIA GPU, and none was found (nvidia-smi); run the benchmark on a GPU machine"
-        if not has_module("tensorrt"):
-            return "TensorRT is not installed; pip install 'clipdeploy[tensorrt]'"
-        return None
-    if not has_module("onnxruntime"):
-        return "ONNX Runtime is not installed; pip install 'clipdeploy[cpu]' or 'clipdeploy[gpu]'"
-    if device == "cuda" and "CUDAExecutionProvider" not in _ort_providers():
-        return "this ONNX Runtime has no CUDAExecutionProvider; pip install 'clipdeploy[gpu]' (instead of [cpu])"
-    return None
 
 
 def _variant_contenders(
@@ -161,7 +152,8 @@ def _variant_contenders(
     device: str,
     precisions: tuple[str, ...] | None,
 ) -> tuple[list[ContenderSpec], list[Skipped]]:
-    fmt = _FORMAT[backend]
+    spec = registry.get(backend)
+    fmt = spec.format
     by_precision: dict[str, dict[str, bool]] = defaultdict(dict)
     for v in variants(manifest):
         if v.format == fmt and v.tower in towers:
@@ -169,7 +161,7 @@ def _variant_contenders(
             by_precision[v.precision][v.tower] = by_precision[v.precision].get(v.tower, False) or v.accepted
     wanted = sorted(by_precision) if precisions is None else [p for p in precisions if p in by_precision]
     # A backend that cannot run here is one reason, whatever the artifact holds.
-    reason = _unavailable(backend, device)
+    reason = spec.unavailable(device)
     if reason:
         return [], [Skipped(backend, p, reason) for p in wanted or ["-"]]
     skipped = []
@@ -188,10 +180,10 @@ def _variant_contenders(
         return [], skipped
 
     specs = []
-    order = {p: i for i, p in enumerate(("fp32", "fp16", "int8", "int8-fp16"))}
-    for precision in sorted(by_precision, key=lambda p: (order.get(p, 99), p)):
+    measured = default_precisions(device, backend)
+    for precision in sorted(by_precision, key=lambda p: (rank(p), p)):
         tower_ok = by_precision[precision]
-        if backend == "onnxruntime" and precisions is None and precision not in _DEFAULT_ORT_PRECISIONS[device]:
+        if precisions is None and precision not in measured:
             skipped.append(
                 Skipped(
                     backend,
@@ -203,7 +195,7 @@ def _variant_contenders(
             continue
         run = tuple(t for t in towers if tower_ok.get(t))
         for t in towers:
-            if t in tower_ok and not tower_ok[t] and backend == "onnxruntime":
+            if t in tower_ok and not tower_ok[t] and fmt == "onnx":
                 skipped.append(
                     Skipped(
                         backend,
@@ -212,8 +204,8 @@ def _variant_contenders(
                         tower=t,
                     )
                 )
-        if backend == "tensorrt":
-            run = tuple(t for t in towers if t in tower_ok)  # the runtime decides which engine loads
+        if fmt != "onnx":
+            run = tuple(t for t in towers if t in tower_ok)  # engines: the runtime decides which one loads
         if run:
             specs.append(ContenderSpec(backend, precision, device, run, "clipdeploy"))
     return specs, skipped

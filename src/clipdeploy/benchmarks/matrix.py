@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.benchmarks.bench import DEFAULT_BATCHES, BenchConfig, resolve_device, run_bench
-from clipdeploy.benchmarks.contenders import has_module
+from clipdeploy.benchmarks.contenders import default_precisions, has_module
 from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.benchmarks.report import REPORT_DOC_HINT, markdown, schema_doc, summary_rows
 from clipdeploy.errors import ClipDeployError, UsageError
 from clipdeploy.manifest import MANIFEST_NAME, atomic_write_text, read_manifest
+from clipdeploy.precisions import REFERENCE
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16", "RN50", "convnext_base", "ViT-L-14")
-# What the matrix measures by default: what the runtime would pick on the device, plus fp32.
-DEFAULT_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16", "int8", "int8-fp16")}
 
 
 @dataclass
@@ -79,7 +78,7 @@ def prepare_artifact(
         if code != 0:
             return None, [f"export failed: {err}"]
     have = {(v["format"], v["precision"]) for v in read_manifest(art)["variants"]}
-    reduced = [p for p in precisions if p != "fp32" and ("onnx", p) not in have]
+    reduced = [p for p in precisions if p != REFERENCE and ("onnx", p) not in have]
     if reduced and cfg.quantize:
         if not has_module("clipdeploy.precision"):
             notes.append(
@@ -109,7 +108,7 @@ def run_matrix(cfg: MatrixConfig) -> Path:
     """Run every model and write the page; returns its path."""
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    precisions = cfg.precisions or DEFAULT_PRECISIONS[device]
+    precisions = cfg.precisions or default_precisions(device)
     assets = cfg.output.parent / cfg.output.stem  # docs/benchmarks/ beside docs/benchmarks.md
     sections: list[tuple[str, dict[str, Any] | None, list[str]]] = []
     machine = cfg.machine

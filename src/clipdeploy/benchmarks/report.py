@@ -49,7 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.benchmarks.contenders import precision_rank
 from clipdeploy.manifest import atomic_write_text
+from clipdeploy.precisions import FP32, INT8
 
 REPORT_DOC_HINT = "Each model's `bench.json` follows the schema `clipdeploy-bench/1`, given at the end of this page."
 
@@ -73,17 +75,16 @@ class Target:
 # Issue #6, for ViT-B-32 on a 2-core CPU at batch 8, against PyTorch eager fp32 in the same run.
 TARGETS_MODEL, TARGETS_BATCH = "ViT-B-32", 8
 TARGETS = (
-    Target("image", "fp32", False, 2.0),
-    Target("text", "fp32", False, 2.0),
-    Target("image", "int8", False, 4.0),
-    Target("text", "int8", False, 4.0),
-    Target("text", "fp32", True, 5.0),
-    Target("text", "int8", True, 5.0),
+    Target("image", FP32, False, 2.0),
+    Target("text", FP32, False, 2.0),
+    Target("image", INT8, False, 4.0),
+    Target("text", INT8, False, 4.0),
+    Target("text", FP32, True, 5.0),
+    Target("text", INT8, True, 5.0),
 )
 
 _TOWER_ORDER = {"image": 0, "text": 1}
 _BACKEND_ORDER = {"torch": 0, "onnxruntime": 1, "tensorrt": 2, "torch.compile": 3}
-_PRECISION_ORDER = {"fp32": 0, "fp16-autocast": 1, "fp16": 2, "int8": 3, "int8-fp16": 4}
 
 
 def contender_label(rec: dict[str, Any]) -> str:
@@ -96,7 +97,7 @@ def sort_key(rec: dict[str, Any]) -> tuple[Any, ...]:
         _TOWER_ORDER.get(rec["tower"], 9),
         -(rec.get("seq_len") or 0),
         _BACKEND_ORDER.get(rec["backend"], 9),
-        _PRECISION_ORDER.get(rec["precision"], 9),
+        precision_rank(rec["precision"]),
         rec["batch"],
     )
 

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import precisions
 from clipdeploy.errors import UsageError
-from clipdeploy.manifest import PRECISIONS, TOWERS
+from clipdeploy.manifest import TOWERS
 
 
 def _non_negative_int(text: str) -> int:
@@ -86,7 +87,8 @@ def add_build(sub: Any) -> None:
         "'clipdeploy[tensorrt10]' (TensorRT 10, CUDA 12).",
     )
     p.add_argument("artifact", help="artifact directory made by `clipdeploy export`")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="ONNX variant to compile (default: fp32)")
+    p.add_argument("--precision", default=precisions.REFERENCE, choices=precisions.names(),
+                   help=f"ONNX variant to compile (default: {precisions.REFERENCE})")
     p.add_argument("--tower", action="append", choices=TOWERS, help="build only this tower (repeatable; default: all)")
     p.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="batch profile (default: 1:8:64)")
     p.add_argument(
@@ -154,7 +156,7 @@ def add_validate(sub: Any) -> None:
         "Exits 1 when an engine is outside its precision's tolerance.",
     )
     p.add_argument("artifact", help="artifact directory with engines made by `clipdeploy build`")
-    p.add_argument("--precision", choices=PRECISIONS, help="validate only engines of this precision")
+    p.add_argument("--precision", choices=precisions.names(), help="validate only engines of this precision")
     p.add_argument("--device", type=_non_negative_int, default=0, metavar="N", help="CUDA device (default: 0)")
     p.add_argument(
         "--allow-host-code", action="store_true", help="load version-compatible plans, which embed host code"

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipdeploy import precisions
 from clipdeploy.errors import UsageError
-from clipdeploy.manifest import PRECISIONS, TOWERS
+from clipdeploy.manifest import TOWERS
 from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT
 
 Range = tuple[int, int, int]  # min, opt, max of one dynamic axis
@@ -27,7 +28,7 @@ class BuildConfig:
     """Everything `clipdeploy build` takes."""
 
     artifact: Path  # the artifact directory made by `clipdeploy export` (and `quantize`)
-    precision: str = "fp32"  # which ONNX variant to compile: fp32, fp16, int8 or int8-fp16
+    precision: str = precisions.REFERENCE  # which ONNX variant to compile: one of precisions.names()
     towers: tuple[str, ...] = ()  # towers to build; empty builds every tower in the manifest
     batch: Range = (1, 8, 64)  # min/opt/max of the batch axis in the optimization profile
     shapes: dict[str, Range] = field(default_factory=dict)  # min/opt/max of other named dynamic axes, e.g. "sequence"
@@ -42,8 +43,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         self.artifact = Path(self.artifact)
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        precisions.get(self.precision)  # an unknown name: one line with a suggestion
         unknown = [t for t in self.towers if t not in TOWERS]
         if unknown:
             raise UsageError(f"tower(s) {', '.join(unknown)} unknown; choose from {', '.join(TOWERS)}")

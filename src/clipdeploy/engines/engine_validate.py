@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy import progress
+from clipdeploy import precisions, progress
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
 from clipdeploy.runtime import cuda
@@ -38,12 +38,8 @@ class EngineTolerance:
 
 # TF32 (on by default) puts fp32 engines near 1e-3 relative error. int8 kernels round differently from
 # ONNX Runtime's integer ops, so for them only the direction of the embedding is gated.
-TOLERANCES = {
-    "fp32": EngineTolerance(min_cosine=0.9999, max_abs_rel=1e-2),
-    "fp16": EngineTolerance(min_cosine=0.999, max_abs_rel=5e-2),
-    "int8": EngineTolerance(min_cosine=0.99, max_abs_rel=None),
-    "int8-fp16": EngineTolerance(min_cosine=0.99, max_abs_rel=None),
-}
+# The values live in each precision's spec (clipdeploy.precisions); this is a live view of them.
+TOLERANCES = precisions.view(lambda spec: EngineTolerance(**spec.engine_tolerance))
 
 
 def sample_inputs(root: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -155,7 +151,7 @@ def validate_engines(
         which = f"{precision} " if precision else ""
         raise UsageError(
             f"no {which}TensorRT engines to validate in {str(root)!r}; build one with "
-            f"`clipdeploy build {root} --precision {precision or 'fp16'}`"
+            f"`clipdeploy build {root} --precision {precision or precisions.FP16}`"
         )
     trt = import_tensorrt()
     gpu = cuda.gpu_info(device)

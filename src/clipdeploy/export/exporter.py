@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy import __version__, progress
+from clipdeploy import __version__, precisions, progress
 from clipdeploy.errors import UsageError
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
@@ -313,7 +313,7 @@ def _tower_entry(spec: TowerSpec, model: Any, embed_dim: int) -> dict[str, Any]:
 def _variant_entry(ex: ExportedTower, root: Path, opset: int, validation: dict[str, Any]) -> dict[str, Any]:
     return {
         "tower": ex.spec.tower,
-        "precision": "fp32",
+        "precision": precisions.REFERENCE,
         "format": "onnx",
         "file": ex.path.name,
         "sha256": file_sha256(ex.path),

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import UsageError
-from clipdeploy.manifest import PRECISIONS
 from clipdeploy.pipeline.schema import (
     ConfigError,
     Invalid,
@@ -46,6 +45,8 @@ from clipdeploy.pipeline.schema import (
     section_kwargs,
     unknown_key_message,
 )
+from clipdeploy.precisions import names as precision_names
+from clipdeploy.precisions import quantized as quantized_precisions
 
 STAGES = ("export", "quantize", "build", "validate", "bench")
 SCHEMA_VERSION = 1
@@ -136,16 +137,16 @@ def _list_of(value: Any, choices: tuple[str, ...], origin: Origin, what: str, pr
 def _quantize_configs(
     entry: YMap, precisions: tuple[str, ...], artifact: Path, base_dir: Path, problems: Problems, origin: Origin
 ) -> dict[str, Any]:
-    from clipdeploy.precision.stage import QUANT_PRECISIONS, QuantizeConfig
+    from clipdeploy.precision.stage import QuantizeConfig
 
     section = entry.get("quantize")
     if section is not None and not isinstance(section, YMap):
         problems.add(entry.at("quantize"), f"got {section!r}, expected a mapping of QuantizeConfig fields")
         return {}
     allowed = [f for f in field_names(QuantizeConfig) if f not in _PIPELINE_SET["quantize"]]
-    common = section_kwargs(QuantizeConfig, section, allowed, base_dir, problems, skip=QUANT_PRECISIONS)
+    common = section_kwargs(QuantizeConfig, section, allowed, base_dir, problems, skip=quantized_precisions())
     out = {}
-    for precision in QUANT_PRECISIONS:
+    for precision in quantized_precisions():
         sub = section.get(precision) if section is not None else None
         if sub is not None and not isinstance(sub, YMap):
             problems.add(
@@ -206,7 +207,7 @@ def _resolve_model(
     if pretrained and checkpoint:
         problems.add(m.at("checkpoint"), "both pretrained and checkpoint are set; keep one source of weights")
     stages = _list_of(m.get("stages", list(STAGES)), STAGES, m.at("stages"), "stages", problems)
-    precisions = _list_of(m.get("precisions", []), PRECISIONS, m.at("precisions"), "precisions", problems)
+    precisions = _list_of(m.get("precisions", []), precision_names(), m.at("precisions"), "precisions", problems)
     for key in _SECTIONS:
         if key in m and m[key] is not None and not isinstance(m[key], YMap):
             problems.add(m.at(key), f"got {m[key]!r}, expected a mapping of settings")

@@ -21,6 +21,7 @@ from typing import Any
 
 from clipdeploy import __version__
 from clipdeploy.errors import DependencyError
+from clipdeploy.precisions import REFERENCE
 from clipdeploy.manifest import file_sha256, read_manifest
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan
 from clipdeploy.pipeline.fingerprint import config_values, image_sources_digest, versions
@@ -71,7 +72,7 @@ class Result:
 def units(plan: ModelPlan) -> list[Unit]:
     """The model's units in run order."""
     out = [Unit("export")]
-    out += [Unit("quantize", p) for p in plan.precisions if p != "fp32"]
+    out += [Unit("quantize", p) for p in plan.precisions if p != REFERENCE]
     out += [Unit("build", p) for p in plan.precisions]
     out += [Unit("validate", p) for p in plan.precisions]
     out.append(Unit("bench"))
@@ -82,7 +83,7 @@ def deps(unit: Unit, plan: ModelPlan) -> list[Dep]:
     if unit.stage == "quantize":
         return [Dep(Unit("export"))]
     if unit.stage == "build":
-        return [Dep(Unit("export") if unit.precision == "fp32" else Unit("quantize", unit.precision))]
+        return [Dep(Unit("export") if unit.precision == REFERENCE else Unit("quantize", unit.precision))]
     if unit.stage == "validate":
         return [Dep(Unit("build", unit.precision))]
     if unit.stage == "bench":
@@ -283,7 +284,7 @@ class BuildStage:
 
     def inputs(self, unit: Unit, ctx: Context) -> dict[str, Any]:
         cfg = ctx.plan.build[unit.precision]
-        source = "export" if unit.precision == "fp32" else f"quantize:{unit.precision}"
+        source = "export" if unit.precision == REFERENCE else f"quantize:{unit.precision}"
         return {
             "source": ctx.keys[source],
             # The timing cache only speeds the build up; the device is replaced by the GPU's identity.
@@ -334,7 +335,7 @@ class ValidateStage:
         cfg = ctx.plan.build[unit.precision]
         return {
             "build": ctx.keys[f"build:{unit.precision}"],
-            "tolerance": dataclasses.asdict(TOLERANCES[unit.precision or "fp32"]),
+            "tolerance": dataclasses.asdict(TOLERANCES[unit.precision or REFERENCE]),
             "target": tensorrt_target(cfg.device),
             "tools": _tools("onnxruntime"),
         }

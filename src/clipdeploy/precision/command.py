@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import precisions
+
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from clipdeploy.errors import AccuracyError
@@ -79,7 +81,7 @@ def add_quantize(sub: Any) -> None:
         "by keeping its most sensitive nodes in higher precision, within a bound.",
     )
     p.add_argument("artifact", help="artifact directory made by `clipdeploy export`")
-    p.add_argument("--precision", required=True, choices=("fp16", "int8", "int8-fp16"),
+    p.add_argument("--precision", required=True, choices=precisions.quantized(),
                    help="int8: Q/DQ with fp32 elsewhere (best on ONNX Runtime CPU); int8-fp16: Q/DQ with fp16 "
                    "elsewhere (best on TensorRT)")
     data = p.add_argument_group("data")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy import precisions
 from clipdeploy.runtime.backends.base import Runner
 from clipdeploy.validation import cosine_rows
 
@@ -33,12 +34,8 @@ class GateThresholds:
         return {"min_cosine": self.min_cosine, "min_mean_cosine": self.min_mean_cosine, "min_top1": self.min_top1}
 
 
-DEFAULT_THRESHOLDS = {
-    "fp16": GateThresholds(min_cosine=0.999),
-    # The per-sample floor catches the image a good mean hides (mean 0.996 with one sample at 0.76).
-    "int8": GateThresholds(min_cosine=0.95, min_mean_cosine=0.99, min_top1=0.95),
-    "int8-fp16": GateThresholds(min_cosine=0.95, min_mean_cosine=0.99, min_top1=0.95),
-}
+# Each precision's defaults live in its spec (clipdeploy.precisions); this is a live view of them.
+DEFAULT_THRESHOLDS = precisions.view(lambda spec: GateThresholds(**spec.gate), precisions.quantized)
 
 
 def cosine_figures(cos: np.ndarray, ids: list[str] | None = None, worst: int = WORST_REPORTED) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy import progress
+from clipdeploy import precisions, progress
 from clipdeploy.calibration import dataset, sources
 from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
 from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
@@ -29,7 +29,6 @@ from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
 
 log = logging.getLogger(__name__)
 
-QUANT_PRECISIONS = ("fp16", "int8", "int8-fp16")
 QUANTIZE_PREFIX = ".quantize-"  # the stage's temporary directory inside the artifact
 CALIB_BATCH = 8
 RANGE_SAMPLES = 64  # calibration samples the fp16 pass observes for value ranges
@@ -42,7 +41,7 @@ class QuantizeConfig:
     """Everything `clipdeploy quantize` takes. CLI, YAML and API all resolve through this."""
 
     artifact: Path  # the artifact directory, made by `clipdeploy export`
-    precision: str  # fp16, int8 or int8-fp16
+    precision: str  # a precision `quantize` makes: precisions.quantized()
     calib_images: list[Path] = field(default_factory=list)  # folders or .tar shards of real images
     calib_texts: Path | None = None  # one caption per line; default: ImageNet classes x templates
     method: str = "minmax"  # int8 activation calibration: minmax, entropy or percentile
@@ -70,8 +69,9 @@ class QuantizeConfig:
 
     def check(self) -> None:
         """Refuse settings that would make the gate meaningless. The CLI, YAML pipeline and API all call it."""
-        if self.precision not in QUANT_PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(QUANT_PRECISIONS)}")
+        made = precisions.quantized()
+        if precisions.get(self.precision).name not in made:
+            raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(made)}")
         if self.method not in int8.METHODS:
             raise UsageError(f"--method {self.method!r} is not one of {', '.join(int8.METHODS)}")
         for name in ("samples", "min_samples"):
@@ -131,10 +131,13 @@ class _Stage:
             raise UsageError(
                 f"{self.root} already has a {cfg.precision} variant ({existing[0].file}); pass --force to replace it"
             )
-        self.session = load(self.root, backend="onnxruntime", precision="fp32", intra_op_num_threads=cfg.threads)
+        self.session = load(
+            self.root, backend="onnxruntime", precision=precisions.REFERENCE, intra_op_num_threads=cfg.threads
+        )
         self.towers = list(self.session.variants)
         self.fp32 = self.session.variants
         self.options = self.session.runners[self.towers[0]].options  # same settings for every model we run
+        self.qdq: dict[str, Path] = {}  # tower -> its plain (unrecovered) QDQ graph, which recovery ranks nodes on
 
     # ---- data ------------------------------------------------------------------------------
 
@@ -195,26 +198,26 @@ class _Stage:
         out = work / f"{tower}.{cfg.precision}{suffix}.onnx"
         for stale in work.glob(out.name + "*"):
             stale.unlink()
-        info: dict[str, Any] = {}
-        if cfg.precision == "fp16":
-            info["fp16"] = fp16.convert(src, out, self.feeds(tower, RANGE_SAMPLES))
-            graph.check(out)
-            return out, info
+        # The precision's own make step (PrecisionSpec.make) writes `out`; see make_fp16 and friends below.
+        info: dict[str, Any] = precisions.get(cfg.precision).make_step()(self, tower, src, out, work, exclude, suffix)
+        graph.check(out)
+        return out, info
+
+    def quantize_int8(self, tower: str, qdq: Path, work: Path, exclude: list[str], suffix: str) -> dict[str, Any]:
+        """Calibrate and write the int8 QDQ graph of ``tower`` to ``qdq``, keeping ``exclude`` unquantized."""
+        cfg = self.cfg
         prepared = self.prepared(tower, work)
         cache = _cache_path(self.root, tower, self.fp32[tower].sha256, cfg.method, self.sets[tower].fingerprint)
         cache.parent.mkdir(exist_ok=True)
-        info["calibration_cache"] = {"file": cache.relative_to(self.root).as_posix(), "reused": cache.exists()}
-        qdq = out if cfg.precision == "int8" else work / f"{tower}.qdq{suffix}.onnx"
+        info: dict[str, Any] = {
+            "calibration_cache": {"file": cache.relative_to(self.root).as_posix(), "reused": cache.exists()}
+        }
         with progress.muted_stdout():  # ONNX Runtime's entropy/percentile calibrators print to stdout
             layernorms = int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=cache, exclude=exclude)
         info["layernorm_after_conv_quantized"] = len(layernorms)
-        if cfg.precision == "int8-fp16":
-            keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
-            tmp = work / f"{tower}.fp16pass{suffix}.onnx"
-            info["fp16"] = fp16.convert(qdq, tmp, self.feeds(tower, RANGE_SAMPLES), keep_fp32_ops=keep)
-            graph.save(int8.fold_qdq_into_fp16(graph.load(tmp)), out)
-        graph.check(out)
-        return out, info
+        if not suffix:
+            self.qdq[tower] = qdq
+        return info
 
     def runner(self, path: Path) -> Any:
         from clipdeploy.runtime.backends.onnxruntime import OrtRunner
@@ -267,7 +270,7 @@ class _Stage:
         bounds: dict[str, int] = {}
         ranking: dict[str, Any] = {}
         for tower in failing:
-            qdq = paths[tower] if cfg.precision == "int8" else work / f"{tower}.qdq.onnx"
+            qdq = self.qdq[tower]
             feeds, ranking[tower] = self.ranking_feeds(tower, paths[tower])
             with progress.stage(f"recovery: ranking the {tower} tower's nodes by their error"):
                 ranked[tower] = recovery.rank_nodes(qdq, self.prepared(tower, work), feeds)
@@ -326,12 +329,13 @@ class _Stage:
             with progress.stage(f"{cfg.precision} gate on held-out data") as step:
                 report = self.evaluate(paths)
                 step.note("pass" if report["passed"] else "; ".join(report["failures"]))
-            if not report["passed"] and cfg.precision != "fp16" and cfg.recover:
+            calibrated = precisions.get(cfg.precision).calibrated
+            if not report["passed"] and calibrated and cfg.recover:
                 log.warning("%s misses its gate (%s); trying recovery", cfg.precision, "; ".join(report["failures"]))
                 paths, report = self.recover(work, paths, report)
             report.update({
-                "reference": "fp32 onnx on onnxruntime CPU",
-                "method": cfg.method if cfg.precision != "fp16" else None,
+                "reference": f"{precisions.REFERENCE} onnx on onnxruntime CPU",
+                "method": cfg.method if calibrated else None,
                 "data": {"image": self.images.report(), "text": self.texts.report(), "seed": cfg.seed,
                          "gate_prompts": self.prompt_source,
                          "gate_text_length": int(self.prompt_ids.shape[1])},
@@ -370,7 +374,7 @@ class _Stage:
                     "opset": _opset(final),
                     "source": self.fp32[tower].file,
                     "validation": {
-                        "reference": "fp32",
+                        "reference": precisions.REFERENCE,
                         "passed": True,
                         **report[tower],
                         **({"top1_agreement": report["top1_agreement"]} if "top1_agreement" in report else {}),
@@ -380,6 +384,34 @@ class _Stage:
                 v for v in manifest["variants"] if not (v["precision"] == cfg.precision and v["format"] == "onnx")
             ] + entries
         write_manifest(self.root, manifest)
+
+
+# ---- make steps: each precision's PrecisionSpec.make names one of these ---------------------------------
+# Signature: (stage, tower, fp32 source, output path, work dir, nodes to keep unquantized, file suffix) -> info.
+
+
+def make_fp16(
+    stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str
+) -> dict[str, Any]:
+    return {"fp16": fp16.convert(src, out, stage.feeds(tower, RANGE_SAMPLES))}
+
+
+def make_int8(
+    stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str
+) -> dict[str, Any]:
+    return stage.quantize_int8(tower, out, work, exclude, suffix)
+
+
+def make_int8_fp16(
+    stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str
+) -> dict[str, Any]:
+    qdq = work / f"{tower}.qdq{suffix}.onnx"
+    info = stage.quantize_int8(tower, qdq, work, exclude, suffix)
+    keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
+    tmp = work / f"{tower}.fp16pass{suffix}.onnx"
+    info["fp16"] = fp16.convert(qdq, tmp, stage.feeds(tower, RANGE_SAMPLES), keep_fp32_ops=keep)
+    graph.save(int8.fold_qdq_into_fp16(graph.load(tmp)), out)
+    return info
 
 
 def _opset(path: Path) -> int:

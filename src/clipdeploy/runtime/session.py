@@ -14,29 +14,16 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy import precisions
 from clipdeploy.errors import ArtifactError, InputError, UsageError
-from clipdeploy.manifest import (
-    PRECISIONS,
-    Variant,
-    read_manifest,
-    variant_files,
-    variants,
-    verify_files,
-)
-from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.manifest import Variant, read_manifest, verify_files
+from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.base import Runner
 from clipdeploy.runtime.preprocess import ImageLike, PreprocessConfig, Preprocessor
 from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
-# Fastest first, for precision=None. fp16 is slow on CPU, so ONNX Runtime CPU never picks it.
-PREFERENCE = {
-    "onnxruntime-cpu": ("int8", "fp32"),
-    "onnxruntime-cuda": ("fp16", "fp32"),
-    "tensorrt": ("int8-fp16", "fp16", "fp32"),
-}
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -285,35 +272,6 @@ def _as_list(items: Any, kind: str) -> list[Any]:
     return items
 
 
-def _select(
-    manifest: dict[str, Any], tower: str, fmt: str, precision: str | None, preference: tuple[str, ...]
-) -> Variant:
-    candidates = [v for v in variants(manifest) if v.tower == tower and v.format == fmt]
-    if precision is not None:
-        if precision not in PRECISIONS:
-            raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        for v in candidates:
-            if v.precision == precision:
-                if not v.accepted:
-                    raise ArtifactError(
-                        f"the {precision} {tower} variant did not pass its accuracy gate; "
-                        "re-run `clipdeploy quantize` or choose another precision"
-                    )
-                return v
-        have = sorted({v.precision for v in candidates}) or ["none"]
-        raise ArtifactError(
-            f"no {precision} {fmt} variant of the {tower} tower (have: {', '.join(have)}); "
-            f"make one with `clipdeploy quantize --precision {precision}`"
-        )
-    for want in preference:
-        for v in candidates:
-            if v.precision == want and v.accepted:
-                return v
-    raise ArtifactError(
-        f"no accepted {fmt} variant of the {tower} tower; re-export the model with `clipdeploy export --force`"
-    )
-
-
 def load(
     path: str | os.PathLike[str],
     backend: str = "auto",
@@ -336,52 +294,40 @@ def load(
     version and TensorRT and a GPU are present, else ONNX Runtime; it logs which and why.
     ``device``, ``cuda_graphs`` and ``engine_host_code_allowed`` are TensorRT settings (see ``TrtOptions``).
     """
-    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
-
-    if backend not in BACKENDS:
-        raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    root = Path(path)
-    manifest = read_manifest(root)
-    # TensorRT first when asked for (or when 'auto' finds a usable engine); else ONNX Runtime below.
-    if backend in ("tensorrt", "auto"):
-        from clipdeploy.runtime.backends import tensorrt as trt_backend
-
-        trt_options = trt_backend.TrtOptions(
-            device=device, cuda_graphs=cuda_graphs, engine_host_code_allowed=engine_host_code_allowed
-        )
-        if backend == "auto":
-            reason = trt_backend.unavailable_reason(manifest, precision, trt_options, PREFERENCE["tensorrt"])
-            backend = "tensorrt" if reason is None else "onnxruntime"
-            log.info("clipdeploy: backend='auto' chose %s%s", backend, f" ({reason})" if reason else "")
-        if backend == "tensorrt":
-            chosen_trt, runners_trt = trt_backend.load_runners(
-                root, manifest, precision, trt_options, PREFERENCE["tensorrt"], verify=verify
-            )
-            if verify:
-                verify_files(root, sorted(manifest.get("files", {}).items()))
-            session = ClipSession(root, manifest, runners_trt, chosen_trt, "tensorrt")
-            log.info("clipdeploy: loaded %s", session.describe())
-            return session
-    options = OrtOptions(
+    if backend not in registry.choices():
+        raise UsageError(f"backend {backend!r} is not one of {', '.join(registry.choices())}")
+    if precision is not None:
+        precisions.get(precision)  # an unknown name: one line with a suggestion
+    settings = registry.LoadSettings(
         providers=tuple(providers or ("CPUExecutionProvider",)),
         intra_op_num_threads=intra_op_num_threads,
         inter_op_num_threads=inter_op_num_threads,
         graph_optimization_level=graph_optimization_level,
+        device=device,
+        cuda_graphs=cuda_graphs,
+        engine_host_code_allowed=engine_host_code_allowed,
     )
-    first = options.providers[0] if isinstance(options.providers[0], str) else options.providers[0][0]
-    ort_device = "cpu" if first == "CPUExecutionProvider" else "cuda"
-    preference = PREFERENCE[f"onnxruntime-{ort_device}"]
-    chosen: dict[str, Variant] = {}
-    runners: dict[str, Runner] = {}
-    for tower in manifest["towers"]:
-        variant = _select(manifest, tower, "onnx", precision, preference)
-        if verify:
-            verify_files(root, variant_files(variant))
-        check_variant_external_data(root, variant.file, variant.external_data)
-        runners[tower] = OrtRunner(root / variant.file, options)
-        chosen[tower] = variant
+    root = Path(path)
+    manifest = read_manifest(root)
+    if backend == registry.AUTO:
+        backend = _auto(manifest, precision, settings)
+    chosen, runners = registry.get(backend).open(root, manifest, precision, settings, verify)
     if verify:
         verify_files(root, sorted(manifest.get("files", {}).items()))
-    session = ClipSession(root, manifest, runners, chosen, "onnxruntime")
+    session = ClipSession(root, manifest, runners, chosen, backend)
     log.info("clipdeploy: loaded %s", session.describe())
     return session
+
+
+def _auto(manifest: dict[str, Any], precision: str | None, settings: registry.LoadSettings) -> str:
+    """The first backend in ``registry.auto_order()`` that this artifact can use here; logs which and why."""
+    reasons = []
+    for name in registry.auto_order():
+        spec = registry.get(name)
+        reason = "not chosen by auto" if spec.auto is None else spec.auto(manifest, precision, settings)
+        if reason is None:
+            why = f" ({'; '.join(reasons)})" if reasons else ""
+            log.info("clipdeploy: backend='auto' chose %s%s", name, why)
+            return name
+        reasons.append(f"{name}: {reason}" if len(registry.names()) > 2 else reason)
+    raise ArtifactError(f"no backend can run this artifact here ({'; '.join(reasons)}); install ONNX Runtime")

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import precisions
+
 
 def cmd_triton(args: argparse.Namespace) -> int:
     import sys
@@ -63,7 +65,7 @@ def add_triton(sub: Any) -> None:
     p.add_argument(
         "--precision",
         action="append",
-        choices=("fp32", "fp16", "int8", "int8-fp16"),
+        choices=precisions.names(),
         help="serve only this precision (repeatable; default: every accepted one)",
     )
     p.add_argument(

@@ -26,11 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import __version__
+from clipdeploy import __version__, precisions
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.manifest import (
     FORMATS,
-    PRECISIONS,
     Variant,
     read_manifest,
     swap_directory,
@@ -39,6 +38,7 @@ from clipdeploy.manifest import (
     verify_files,
 )
 from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.runtime.backends import registry as backends
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
@@ -92,9 +92,8 @@ class TritonConfig:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise UsageError(f"--format {bad[0] if bad else '(none)'!r} is not one of {', '.join(FORMATS)}")
-        bad = [p for p in self.precisions if p not in PRECISIONS]
-        if bad:
-            raise UsageError(f"--precision {bad[0]!r} is not one of {', '.join(PRECISIONS)}")
+        for p in self.precisions:
+            precisions.get(p)  # an unknown name: one line with a suggestion
         if self.onnx_device not in ONNX_DEVICES:
             raise UsageError(f"--onnx-device {self.onnx_device!r} is not one of {', '.join(ONNX_DEVICES)}")
         for name in ("onnx_max_batch_size", "instances", "python_instances"):
@@ -168,9 +167,7 @@ def _batching(cfg: TritonConfig) -> dict[str, Any]:
 
 def collect(cfg: TritonConfig, warnings: list[str], notes: set[str]) -> list[Plan]:
     """Read each artifact and pick the variants to serve; warns about (or notes) those left out and why."""
-    from clipdeploy.runtime.session import PREFERENCE
-
-    onnx_default = PREFERENCE["onnxruntime-cuda" if cfg.onnx_device == "gpu" else "onnxruntime-cpu"]
+    onnx_default = precisions.preference(_onnx_target(cfg))
     plans = []
     for i, path in enumerate(cfg.artifacts):
         root = Path(path)
@@ -585,17 +582,22 @@ def _ensemble(repo: Path, name: str, tower: TowerModel, pre: str, norm: str, mbs
 
 def _default_variant(cfg: TritonConfig, models: list[TowerModel]) -> TowerModel:
     """The variant the runtime would pick: TensorRT first when served, else ONNX Runtime's order on that device."""
-    from clipdeploy.runtime.session import PREFERENCE
-
-    order = [("tensorrt", p) for p in PREFERENCE["tensorrt"]]
-    order += [("onnx", p) for p in PREFERENCE["onnxruntime-cuda" if cfg.onnx_device == "gpu" else "onnxruntime-cpu"]]
+    order = [("tensorrt", p) for p in precisions.preference("tensorrt")]
+    order += [("onnx", p) for p in precisions.preference(_onnx_target(cfg))]
     rank = {k: i for i, k in enumerate(order)}
     return min(models, key=lambda m: rank.get((m.format, m.precision), len(rank)))
 
 
+def _onnx_target(cfg: TritonConfig) -> str:
+    # The ONNX Runtime preference target the served instance kind matches (see PrecisionSpec.preference).
+    spec = backends.get("onnxruntime")
+    device = "cuda" if cfg.onnx_device == "gpu" else "cpu"
+    return spec.bench_target(device) if spec.bench_target else spec.name
+
+
 def _write_plan(cfg: TritonConfig, plan: Plan, repo: Path, warnings: list[str]) -> dict[str, Any]:
     towers: list[TowerModel] = []
-    for v in sorted(plan.onnx, key=lambda v: (v.tower, PRECISIONS.index(v.precision))):
+    for v in sorted(plan.onnx, key=lambda v: (v.tower, precisions.rank(v.precision))):
         if len(plan.manifest["towers"][v.tower]["inputs"]) != 1:
             warnings.append(f"{plan.root}: the {v.tower} tower has several inputs; not served")
             continue

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.errors import ArtifactError, ClipDeployError, EngineError, InputError, UsageError
-from clipdeploy.manifest import PRECISIONS, Variant, variant_files, variants, verify_files
+from clipdeploy import precisions
+from clipdeploy.manifest import Variant, variant_files, variants, verify_files
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 from clipdeploy.deps import require
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def _engines(manifest: dict[str, Any], tower: str, precision: str | None) -> list[Variant]:
-    if precision is not None and precision not in PRECISIONS:
-        raise UsageError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision is not None:
+        precisions.get(precision)  # an unknown name: one line with a suggestion
     return [
         v
         for v in variants(manifest)
@@ -43,7 +44,7 @@ def _no_engine(tower: str, precision: str | None) -> ArtifactError:
     what = f"{precision} " if precision else ""
     return ArtifactError(
         f"no {what}TensorRT engine of the {tower} tower in this artifact; build one with "
-        f"`clipdeploy build DIR --precision {precision or 'fp16'}`"
+        f"`clipdeploy build DIR --precision {precision or precisions.FP16}`"
     )
 
 

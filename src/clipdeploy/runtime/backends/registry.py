@@ -1,0 +1,276 @@
+"""The backend registry: every runtime backend, how to tell it is available, and how to open its runners.
+
+``load(backend=...)`` validates against it and resolves ``"auto"`` through it, the CLI's ``--backend``
+choices and the benchmark's contenders come from it. Adding a backend is one ``register(BackendSpec(...))``
+call plus its runner module; which precisions it runs is each ``PrecisionSpec.backends``.
+
+Light: availability checks use ``importlib.util.find_spec``; a backend's module is imported only
+when its runners are opened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipdeploy import precisions
+from clipdeploy.errors import ArtifactError, UsageError
+from clipdeploy.manifest import Variant, variant_files, variants, verify_files
+from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.runtime.backends.base import Runner
+
+__all__ = [
+    "BackendSpec", "LoadSettings", "register", "unregister", "get", "names", "choices", "has_module",
+    "select_variant", "AUTO", "auto_order",
+]
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """The backend settings ``load()`` takes; each backend reads those it understands."""
+
+    providers: tuple[Any, ...] = ("CPUExecutionProvider",)  # ONNX Runtime
+    intra_op_num_threads: int | None = None
+    inter_op_num_threads: int | None = None
+    graph_optimization_level: str = "all"
+    device: int = 0  # TensorRT
+    cuda_graphs: bool = False
+    engine_host_code_allowed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # for registered backends
+
+
+Opened = tuple[dict[str, Variant], dict[str, Runner]]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One runtime backend."""
+
+    name: str
+    format: str  # the manifest variant format it runs ("onnx", "tensorrt")
+    devices: tuple[str, ...]  # device kinds it can run on: "cpu", "cuda"
+    # Runners for every tower: (root, manifest, precision or None, settings, verify) -> (variants, runners).
+    open: Callable[[Path, dict[str, Any], str | None, LoadSettings, bool], Opened]
+    # Why it cannot run on device kind ("cpu"/"cuda") here, cheaply (no heavy import); None when it can.
+    unavailable: Callable[[str], str | None]
+    # The precision-preference target for these settings (see PrecisionSpec.preference).
+    target: Callable[[LoadSettings], str]
+    # For backend="auto": why this artifact should not use it here (None: use it). None: never chosen by auto.
+    auto: Callable[[dict[str, Any], str | None, LoadSettings], str | None] | None = None
+    auto_rank: int = 50  # auto tries backends lowest rank first (ties: registration order)
+    bench_target: Callable[[str], str] | None = None  # device kind -> target, for benchmark defaults
+    # Registered precisions it runs, declared here rather than in each PrecisionSpec: name -> preference
+    # rank on its ``targets`` (None: only when asked for). See precisions.allow.
+    runs: Mapping[str, int | None] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()  # the preference targets ``target`` returns
+
+    def precisions(self) -> tuple[str, ...]:
+        return precisions.for_backend(self.name)
+
+    def preference(self, settings: LoadSettings) -> tuple[str, ...]:
+        return tuple(p for p in precisions.preference(self.target(settings)) if p in self.precisions())
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+
+
+def register(spec: BackendSpec, *, replace: bool = False) -> BackendSpec:
+    """Add a backend; registration order is the order of ``--backend`` choices."""
+    if spec.name in _REGISTRY and not replace:
+        raise UsageError(f"backend {spec.name!r} is already registered; pass replace=True to redefine it")
+    if spec.name == AUTO:
+        raise UsageError(f"{AUTO!r} is reserved: it means 'pick a backend'; name the backend something else")
+    _REGISTRY[spec.name] = spec
+    if spec.runs:
+        precisions.allow(spec.name, spec.runs, spec.targets)
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a backend; no precision lists it afterwards."""
+    spec = _REGISTRY.pop(name, None)
+    if spec is not None:
+        precisions.disallow(name, spec.targets)
+
+
+def get(name: str) -> BackendSpec:
+    if name not in _REGISTRY:
+        raise UsageError(f"backend {name!r} is not one of {', '.join(choices())}")
+    return _REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+    """Registered backends, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def auto_order() -> tuple[str, ...]:
+    """The order ``backend="auto"`` tries them: by ``auto_rank``, then registration order."""
+    return tuple(sorted(_REGISTRY, key=lambda n: _REGISTRY[n].auto_rank))
+
+
+def choices() -> tuple[str, ...]:
+    """What ``load(backend=...)`` and ``--backend`` accept."""
+    return (AUTO, *_REGISTRY)
+
+
+def has_module(name: str) -> bool:
+    """Whether ``name`` is importable, without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def select_variant(
+    manifest: dict[str, Any], tower: str, fmt: str, precision: str | None, preference: Sequence[str]
+) -> Variant:
+    """The ``fmt`` variant of ``tower`` to run: ``precision`` when named, else the first accepted in ``preference``."""
+    candidates = [v for v in variants(manifest) if v.tower == tower and v.format == fmt]
+    if precision is not None:
+        precisions.get(precision)  # an unknown name: one line with a suggestion
+        for v in candidates:
+            if v.precision == precision:
+                if not v.accepted:
+                    raise ArtifactError(
+                        f"the {precision} {tower} variant did not pass its accuracy gate; "
+                        "re-run `clipdeploy quantize` or choose another precision"
+                    )
+                return v
+        have = sorted({v.precision for v in candidates}) or ["none"]
+        raise ArtifactError(
+            f"no {precision} {fmt} variant of the {tower} tower (have: {', '.join(have)}); "
+            f"make one with `clipdeploy quantize --precision {precision}`"
+        )
+    for want in preference:
+        for v in candidates:
+            if v.precision == want and v.accepted:
+                return v
+    raise ArtifactError(
+        f"no accepted {fmt} variant of the {tower} tower; re-export the model with `clipdeploy export --force`"
+    )
+
+
+def open_onnx_files(
+    root: Path,
+    manifest: dict[str, Any],
+    precision: str | None,
+    preference: Sequence[str],
+    verify: bool,
+    make_runner: Callable[[Path], Runner],
+) -> Opened:
+    """Pick, check and open each tower's ONNX variant; for any backend that runs ONNX files."""
+    chosen: dict[str, Variant] = {}
+    runners: dict[str, Runner] = {}
+    for tower in manifest["towers"]:
+        variant = select_variant(manifest, tower, "onnx", precision, preference)
+        if verify:
+            verify_files(root, variant_files(variant))
+        check_variant_external_data(root, variant.file, variant.external_data)
+        runners[tower] = make_runner(root / variant.file)
+        chosen[tower] = variant
+    return chosen, runners
+
+
+# ---- ONNX Runtime -------------------------------------------------------------------------------------
+# Each backend's module is imported inside its functions, on first use: the registry stays a table that
+# costs nothing to import, and one backend's module (TensorRT's is 600 lines) never loads for another's.
+
+
+def _ort_options(settings: LoadSettings) -> Any:
+    from clipdeploy.runtime.backends.onnxruntime import OrtOptions
+
+    return OrtOptions(
+        providers=tuple(settings.providers or ("CPUExecutionProvider",)),
+        intra_op_num_threads=settings.intra_op_num_threads,
+        inter_op_num_threads=settings.inter_op_num_threads,
+        graph_optimization_level=settings.graph_optimization_level,
+    )
+
+
+def _ort_target(settings: LoadSettings) -> str:
+    providers = settings.providers or ("CPUExecutionProvider",)
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    return _ort_bench_target("cpu" if first == "CPUExecutionProvider" else "cuda")
+
+
+def _ort_bench_target(device: str) -> str:
+    return f"onnxruntime-{device}"
+
+
+def _ort_open(
+    root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool
+) -> Opened:
+    from clipdeploy.runtime.backends.onnxruntime import OrtRunner
+
+    options = _ort_options(settings)
+    preference = get("onnxruntime").preference(settings)
+    return open_onnx_files(root, manifest, precision, preference, verify, lambda path: OrtRunner(path, options))
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime  # only a CUDA check pays for the import, and only once ONNX Runtime is known installed
+
+    return list(onnxruntime.get_available_providers())
+
+
+def _ort_unavailable(device: str) -> str | None:
+    if not has_module("onnxruntime"):
+        return "ONNX Runtime is not installed; pip install 'clipdeploy[cpu]' or 'clipdeploy[gpu]'"
+    if device == "cuda" and "CUDAExecutionProvider" not in _ort_providers():
+        return "this ONNX Runtime has no CUDAExecutionProvider; pip install 'clipdeploy[gpu]' (instead of [cpu])"
+    return None
+
+
+# ---- TensorRT -----------------------------------------------------------------------------------------
+
+
+def _trt_options(settings: LoadSettings) -> Any:
+    from clipdeploy.runtime.backends.tensorrt import TrtOptions
+
+    return TrtOptions(
+        device=settings.device,
+        cuda_graphs=settings.cuda_graphs,
+        engine_host_code_allowed=settings.engine_host_code_allowed,
+    )
+
+
+def _trt_open(
+    root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool
+) -> Opened:
+    from clipdeploy.runtime.backends import tensorrt
+
+    preference = get("tensorrt").preference(settings)
+    return tensorrt.load_runners(root, manifest, precision, _trt_options(settings), preference, verify=verify)
+
+
+def _trt_auto(manifest: dict[str, Any], precision: str | None, settings: LoadSettings) -> str | None:
+    from clipdeploy.runtime.backends import tensorrt
+
+    preference = get("tensorrt").preference(settings)
+    return tensorrt.unavailable_reason(manifest, precision, _trt_options(settings), preference)
+
+
+def _trt_unavailable(device: str) -> str | None:
+    if device != "cuda":
+        return "needs an NVIDIA GPU, and none was found (nvidia-smi); run the benchmark on a GPU machine"
+    if not has_module("tensorrt"):
+        return "TensorRT is not installed; pip install 'clipdeploy[tensorrt]'"
+    return None
+
+
+# auto tries TensorRT first (when the artifact has engines that fit here), then ONNX Runtime, which always opens.
+register(BackendSpec(
+    "onnxruntime", "onnx", ("cpu", "cuda"), _ort_open, _ort_unavailable,
+    target=_ort_target, auto=lambda manifest, precision, settings: None, auto_rank=100,
+    bench_target=_ort_bench_target,
+))
+register(BackendSpec(
+    "tensorrt", "tensorrt", ("cuda",), _trt_open, _trt_unavailable,
+    target=lambda settings: "tensorrt", auto=_trt_auto, auto_rank=0, bench_target=lambda device: "tensorrt",
+))

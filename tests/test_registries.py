@@ -1,0 +1,179 @@
+"""The precision and backend registries: a toy precision and a toy backend, registered here and nowhere
+else, flow through `quantize` (make step and gate), `load`, the manifest schema and the bench."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clipdeploy
+from clipdeploy import manifest_schema, precisions
+from clipdeploy.errors import ArtifactError, UsageError
+from clipdeploy.manifest import read_manifest
+from clipdeploy.manifest_schema import SchemaError
+from clipdeploy.runtime.backends import registry as backends
+
+TOY_PRECISION = "fp32-copy"
+TOY_BACKEND = "toy"
+TOY_GATE = {"min_cosine": 0.99999, "min_mean_cosine": None, "min_top1": 0.99}
+
+
+def make_copy(stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str) -> dict:
+    """The toy precision's make step: the fp32 graph, unchanged."""
+    shutil.copyfile(src, out)
+    return {"copied_from": src.name}
+
+
+def _opener(name: str):
+    """A toy backend's runners: ONNX Runtime on CPU, under another backend's name and preference."""
+
+    def open_runners(root, manifest, precision, settings, verify):
+        from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+
+        options = OrtOptions(providers=("CPUExecutionProvider",), intra_op_num_threads=1)
+        preference = backends.get(name).preference(settings)
+        return backends.open_onnx_files(root, manifest, precision, preference, verify, lambda p: OrtRunner(p, options))
+
+    return open_runners
+
+
+@pytest.fixture
+def toys():
+    """Register the toy precision and backend for one test, and take them away after it."""
+    precisions.register(precisions.PrecisionSpec(
+        TOY_PRECISION, f"{__name__}:make_copy", gate=TOY_GATE,
+        engine_tolerance={"min_cosine": 0.9999, "max_abs_rel": 1e-3},
+        backends=("onnxruntime", TOY_BACKEND), preference={TOY_BACKEND: 0},
+    ))
+    backends.register(backends.BackendSpec(
+        TOY_BACKEND, "onnx", ("cpu",), _opener(TOY_BACKEND),
+        unavailable=lambda device: None if device == "cpu" else "the toy backend runs on CPU only",
+        target=lambda settings: TOY_BACKEND, bench_target=lambda device: TOY_BACKEND,
+    ))
+    yield
+    precisions.unregister(TOY_PRECISION)
+    backends.unregister(TOY_BACKEND)
+
+
+def _images(folder: Path, n: int = 80) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_builtin_tables_come_from_the_registry():
+    assert precisions.names() == ("fp32", "fp16", "int8", "int8-fp16")
+    assert precisions.quantized() == ("fp16", "int8", "int8-fp16")
+    # DESIGN: ONNX Runtime CPU int8 then fp32; TensorRT int8-fp16 then fp16 then fp32.
+    assert precisions.preference("onnxruntime-cpu") == ("int8", "fp32")
+    assert precisions.preference("onnxruntime-cuda") == ("fp16", "fp32")
+    assert precisions.preference("tensorrt") == ("int8-fp16", "fp16", "fp32")
+    assert backends.choices() == ("auto", "onnxruntime", "tensorrt")
+    assert backends.auto_order() == ("tensorrt", "onnxruntime")
+    from clipdeploy.benchmarks.contenders import default_precisions
+    from clipdeploy.engines.engine_validate import TOLERANCES
+    from clipdeploy.precision.gate import DEFAULT_THRESHOLDS
+
+    assert default_precisions("cpu") == ("fp32", "int8")
+    assert default_precisions("cuda") == precisions.names()
+    assert DEFAULT_THRESHOLDS["fp16"].min_cosine == 0.999 and DEFAULT_THRESHOLDS["int8"].min_top1 == 0.95
+    assert "fp32" not in DEFAULT_THRESHOLDS  # the reference has no gate
+    assert TOLERANCES["fp32"].max_abs_rel == 1e-2 and TOLERANCES["int8-fp16"].max_abs_rel is None
+
+
+def test_an_unknown_precision_is_one_line_with_a_suggestion():
+    with pytest.raises(UsageError, match=r"precision 'int8fp16' is not one of .*did you mean 'int8-fp16'\?"):
+        precisions.get("int8fp16")
+    with pytest.raises(UsageError, match="already registered"):
+        precisions.register(precisions.PrecisionSpec("fp16", "x:y"))
+    with pytest.raises(UsageError, match="'module:function'"):
+        precisions.register(precisions.PrecisionSpec("fp99", "nocolon"))
+    assert "fp99" not in precisions.names()
+
+
+def test_the_manifest_schema_reads_the_registry_when_it_checks(toys):
+    variant = {"tower": "image", "precision": TOY_PRECISION, "format": "onnx", "file": "a.onnx", "sha256": "0"}
+    from clipdeploy.manifest_schema import PRECISIONS
+
+    assert TOY_PRECISION in PRECISIONS
+    check = manifest_schema.VARIANT
+    check(variant, "variants[0]")  # accepted while registered
+    precisions.unregister(TOY_PRECISION)
+    with pytest.raises(SchemaError, match="fp32-copy"):
+        check(variant, "variants[0]")
+
+
+def test_toy_precision_and_backend_flow_through_quantize_load_and_bench(toys, micro_artifact, tmp_path):
+    pytest.importorskip("onnx")
+    from clipdeploy.benchmarks.bench import BenchConfig, run_bench
+    from clipdeploy.benchmarks.harness import TimingConfig
+    from clipdeploy.precision.stage import QuantizeConfig, quantize
+
+    art = tmp_path / "art"
+    shutil.copytree(micro_artifact.path, art)
+    cfg = QuantizeConfig(art, precision=TOY_PRECISION, calib_images=[_images(tmp_path / "images")],
+                         samples=32, holdout=32, min_samples=8, threads=1)
+    # The gate: the toy's own defaults, with nothing else told about it.
+    assert cfg.thresholds().to_dict() == TOY_GATE
+    report = quantize(cfg)
+    assert report["passed"] and report["build"]["image"] == {"copied_from": "image.fp32.onnx"}
+    assert report["image"]["min_cosine"] == pytest.approx(1.0, abs=1e-6)
+    manifest = read_manifest(art)  # the schema accepts the new precision
+    made = {v["tower"] for v in manifest["variants"] if v["precision"] == TOY_PRECISION}
+    assert made == {"image", "text"}
+
+    # load: the toy backend picks the toy precision by its preference; ONNX Runtime still picks fp32.
+    session = clipdeploy.load(art, backend=TOY_BACKEND)
+    assert session.backend == TOY_BACKEND and session.precision == {"image": TOY_PRECISION, "text": TOY_PRECISION}
+    reference = clipdeploy.load(art, backend="onnxruntime")
+    assert set(reference.precision.values()) == {"fp32"}
+    np.testing.assert_allclose(session.encode_text(["a photo of a cat"]), reference.encode_text(["a photo of a cat"]),
+                               atol=1e-6)
+    with pytest.raises(ArtifactError, match="no fp16 onnx variant"):
+        clipdeploy.load(art, backend=TOY_BACKEND, precision="fp16")
+
+    # bench: the toy backend is a contender beside PyTorch, measuring the toy precision.
+    bench = run_bench(BenchConfig(
+        artifact=art, backends=("torch", TOY_BACKEND), batches=(2,), towers=("image",),
+        timing=TimingConfig(iters=2, warmup=1), threads=1, isolate=False, progress=False,
+        checkpoint=micro_artifact.checkpoint, device="cpu",
+    ))
+    toy = [r for r in bench["records"] if r["backend"] == TOY_BACKEND]
+    assert [r["precision"] for r in toy] == [TOY_PRECISION]
+    assert toy[0]["cos_min"] == pytest.approx(1.0, abs=1e-4)  # same weights as the PyTorch reference
+
+
+def test_a_backend_can_declare_the_precisions_it_runs(micro_artifact):
+    """A backend for existing precisions is one registration: no PrecisionSpec is edited."""
+    backends.register(backends.BackendSpec(
+        "toy2", "onnx", ("cpu",), _opener("toy2"), unavailable=lambda device: None,
+        target=lambda settings: "toy2", runs={"fp32": 0, "fp16": None}, targets=("toy2",),
+        auto=lambda manifest, precision, settings: None, auto_rank=-1,  # auto tries it before TensorRT
+    ))
+    try:
+        assert precisions.for_backend("toy2") == ("fp32", "fp16")
+        assert precisions.preference("toy2") == ("fp32",)  # fp16 runs only when asked for
+        session = clipdeploy.load(micro_artifact.path)  # backend="auto"
+        assert session.backend == "toy2" and set(session.precision.values()) == {"fp32"}
+    finally:
+        backends.unregister("toy2")
+    assert "toy2" not in precisions.get("fp32").backends and precisions.preference("toy2") == ()
+    assert precisions.preference("onnxruntime-cpu") == ("int8", "fp32")  # the others are untouched
+
+
+def test_a_registered_backend_is_a_load_and_cli_choice(toys, micro_artifact):
+    from clipdeploy.cli import build_parser
+
+    assert TOY_BACKEND in backends.choices()
+    args = build_parser().parse_args(["embed", str(micro_artifact.path), "--backend", TOY_BACKEND, "--text", "x"])
+    assert args.backend == TOY_BACKEND
+    backends.unregister(TOY_BACKEND)
+    with pytest.raises(UsageError, match="backend 'toy' is not one of auto, onnxruntime, tensorrt$"):
+        clipdeploy.load(micro_artifact.path, backend=TOY_BACKEND)

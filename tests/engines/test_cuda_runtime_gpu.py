@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-import gpu_fake_trt as fake
+from tests.engines import gpu_fake_trt as fake
 import numpy as np
 import pytest
 

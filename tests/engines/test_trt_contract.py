@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from trt_bindings import require
-from trt_fakes import Recorder, check_call, parse_signature, signatures
+from tests.engines.trt_bindings import require
+from tests.engines.trt_fakes import Recorder, check_call, parse_signature, signatures
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]  # on the harness's PYTHONPATH: it imports tests.support and tests.engines
 MAJORS = (10, 11)
 
 
@@ -35,7 +36,7 @@ def contract(request: pytest.FixtureRequest, tiny_template: Path, tmp_path_facto
     out = work / "record.json"
     result = subprocess.run(
         [sys.executable, str(HERE / "contract_harness.py"), str(tiny_template), str(work), str(out)],
-        env=site.env([HERE]),
+        env=site.env([REPO]),
         capture_output=True,
         text=True,
         timeout=600,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_fakes import FakeStages
+from tests.pipeline.pipeline_fakes import FakeStages
 
 from clipdeploy.pipeline import stages
 from clipdeploy.pipeline.stages import Unavailable

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fakes import IMAGES, calib_dir, fake_gpu, write_config
+from tests.pipeline.pipeline_fakes import IMAGES, calib_dir, fake_gpu, write_config
 
 from clipdeploy.cli import main
 from clipdeploy.errors import UsageError

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-MICRO_CONFIG = TESTS / "data" / "micro-vit.json"
+TESTS = Path(__file__).resolve().parents[1]
+MICRO_CONFIG = TESTS / "data" / "micro-vit.json"  # models.MODELS["micro-vit"].config_path
 # Held-out data: none of these images or strings is used by the exporter's own parity check.
 HELD_OUT_SKIMAGE = ("horse", "brick", "retina", "immunohistochemistry", "cell", "grass", "gravel")
 HELD_OUT_TEXTS = (

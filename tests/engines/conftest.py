@@ -1,4 +1,4 @@
-"""Fixtures for the build stage: a tiny torch-free artifact. The TensorRT bindings come from trt_bindings.py."""
+"""Fixtures for the build stage: a tiny torch-free artifact. The TensorRT bindings come from tests/support/trt_bindings.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.models import MODELS
-from tests.engines.trt_bindings import unavailable
+from tests.support.trt_bindings import unavailable
 
 
 @pytest.fixture(scope="session")

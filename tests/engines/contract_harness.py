@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from tests.support.tiny_artifact import expected
-from tests.engines.trt_fakes import CudaWorld, FakeObject, HarnessError, Recorder, TrtWorld
+from tests.support.trt_fakes import CudaWorld, FakeObject, HarnessError, Recorder, TrtWorld
 
 REAL_TRT = importlib.import_module("tensorrt")
 REAL_CUDART = importlib.import_module("cuda.bindings.runtime")

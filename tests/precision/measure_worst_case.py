@@ -2,7 +2,7 @@
 
     PYTHONPATH=src:. python tests/precision/measure_worst_case.py OUT_DIR [BASE_SRC]
 
-Models: the trained micro ViT of synthetic.py (on its rendered shapes, and on photo crops) and the
+Models: the trained micro ViT of tests/support/synthetic.py (on its rendered shapes, and on photo crops) and the
 micro ResNet / ConvNeXt of tests/support/models.py (random weights, on photo crops). Data: 600 images per
 set (shapes rendered with seed 5; crops of the bundled scikit-image photographs, as the tests make
 them). AFTER: this tree's defaults (300 calibration, 256 held out, min cosine 0.95 with recovery).

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from testdata import HELD_OUT_SKIMAGE, MICRO_CONFIG, Exported
+from tests.support.models import MODELS
+from tests.support.testdata import HELD_OUT_SKIMAGE, Exported
 
 
 def _export_from_checkpoint(tmp: Path, name: str, seed: int, model_config: Path | None = None) -> Exported:
@@ -39,7 +40,8 @@ def _export_from_checkpoint(tmp: Path, name: str, seed: int, model_config: Path 
 def micro_artifact(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """A tiny ViT given as a JSON config: exports in seconds, for runtime and CLI tests."""
     pytest.importorskip("open_clip")
-    return _export_from_checkpoint(tmp_path_factory.mktemp("micro"), "micro-vit", 7, MICRO_CONFIG)
+    m = MODELS["micro-vit"]
+    return _export_from_checkpoint(tmp_path_factory.mktemp("micro"), m.name, m.seed, m.config_path)
 
 
 @pytest.fixture(scope="session")

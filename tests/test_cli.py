@@ -13,7 +13,7 @@ import pytest
 import clipdeploy
 from clipdeploy.cli import main
 
-from testdata import MICRO_CONFIG
+from tests.support.testdata import MICRO_CONFIG
 
 SAMPLES = sorted((Path(clipdeploy.__file__).parent / "data" / "images").glob("*.jpg"))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from testdata import MICRO_CONFIG
+from tests.support.testdata import MICRO_CONFIG
 
 import clipdeploy
 from clipdeploy.cli import main

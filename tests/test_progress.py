@@ -21,7 +21,7 @@ import pytest
 import clipdeploy
 from clipdeploy import progress
 
-from testdata import MICRO_CONFIG
+from tests.support.testdata import MICRO_CONFIG
 
 SRC = Path(clipdeploy.__file__).resolve().parents[1]
 EXPORT_STAGES = (

@@ -9,7 +9,7 @@ from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.benchmarks.matrix import MatrixConfig, prepare_artifact, run_matrix
 from clipdeploy.manifest import write_manifest
 
-from bench_fakes import make_report
+from tests.support.bench_fakes import make_report
 
 
 def test_page_names_the_machine_and_has_every_model(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from clipdeploy.benchmarks.torch_reference import (
 from clipdeploy.errors import CheckpointError, UsageError
 from clipdeploy.manifest import read_manifest
 
-from testdata import MICRO_CONFIG
+from tests.support.testdata import MICRO_CONFIG
 
 
 def test_checkpoint_checks(micro_artifact, tmp_path):

@@ -16,7 +16,7 @@ from clipdeploy.benchmarks.report import (
     write_reports,
 )
 
-from bench_fakes import make_report
+from tests.support.bench_fakes import make_report
 
 # The record fields the issue asks for, and the ones the schema adds.
 REQUIRED = (

@@ -1,4 +1,4 @@
-"""Fixtures for the build stage: a tiny torch-free artifact. The TensorRT bindings come from trt_bindings.py."""
+"""Fixtures for the build stage: a tiny torch-free artifact. The TensorRT bindings come from tests/support/trt_bindings.py."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_artifact import make_tiny_artifact
-from trt_bindings import unavailable
+from tests.support.models import MODELS
+from tests.support.trt_bindings import unavailable
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def tiny_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A two-tower artifact of tiny ONNX graphs (dynamic batch and sequence axes), made without torch."""
     pytest.importorskip("onnx")
     try:
-        return make_tiny_artifact(tmp_path_factory.mktemp("tiny") / "artifact")
+        return MODELS["tiny-onnx"].make(tmp_path_factory.mktemp("tiny") / "artifact")
     except FileNotFoundError as e:
         unavailable(f"the tiny artifact needs {e}")
         raise

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tiny_artifact import expected
-from trt_fakes import CudaWorld, FakeObject, HarnessError, Recorder, TrtWorld
+from tests.support.tiny_artifact import expected
+from tests.support.trt_fakes import CudaWorld, FakeObject, HarnessError, Recorder, TrtWorld
 
 REAL_TRT = importlib.import_module("tensorrt")
 REAL_CUDART = importlib.import_module("cuda.bindings.runtime")

@@ -282,7 +282,7 @@ def test_onnxruntime_takes_providers_with_options(tiny_artifact):
 def test_torch_tensors_in_and_out_on_the_host_path(tiny_artifact):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from tiny_artifact import expected
+    from tests.support.tiny_artifact import expected
 
     s = clipdeploy.load(tiny_artifact, backend="onnxruntime")
     x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)

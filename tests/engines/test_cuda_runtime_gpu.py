@@ -2,7 +2,7 @@
 
 This checks our side on the GPU, wherever a GPU and cuda-python exist, TensorRT or not: pinned and
 device buffers, copies, per-thread streams, CUDA graph capture and replay, batch splitting, and the
-torch zero-copy path with its stream ordering. The fake engine (gpu_fake_trt.py) copies part of each
+torch zero-copy path with its stream ordering. The fake engine (tests/support/gpu_fake_trt.py) copies part of each
 input row, so every result is exact. TensorRT itself is covered by test_trt_gpu.py (-m tensorrt).
 Run: pytest -m gpu tests/engines/test_cuda_runtime_gpu.py
 """
@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-import gpu_fake_trt as fake
+from tests.support import gpu_fake_trt as fake
 import numpy as np
 import pytest
 

@@ -3,9 +3,9 @@
 These prove how the APIs are used (every name exists in both versions, every call fits a published
 signature), not that an engine builds or runs: that is what the GPU tests (``-m tensorrt``) are for.
 
-How: the real bindings import here with stub native libraries (see trt_bindings.py). One process can
+How: the real bindings import here with stub native libraries (see tests/support/trt_bindings.py). One process can
 import one TensorRT only, so contract_harness.py runs per version in a subprocess. It executes the
-real build, validate, CLI and runtime code against recording fakes (trt_fakes.py) that check every
+real build, validate, CLI and runtime code against recording fakes (tests/support/trt_fakes.py) that check every
 attribute against the real classes and bind every call to the signature parsed from the real
 docstring, and records what it saw; the tests below assert on that record.
 """
@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from trt_bindings import require
-from trt_fakes import Recorder, check_call, parse_signature, signatures
+from tests.support.trt_bindings import require
+from tests.support.trt_fakes import Recorder, check_call, parse_signature, signatures
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]  # on the harness's PYTHONPATH: it imports tests.support
 MAJORS = (10, 11)
 
 
@@ -35,7 +36,7 @@ def contract(request: pytest.FixtureRequest, tiny_template: Path, tmp_path_facto
     out = work / "record.json"
     result = subprocess.run(
         [sys.executable, str(HERE / "contract_harness.py"), str(tiny_template), str(work), str(out)],
-        env=site.env([HERE]),
+        env=site.env([REPO]),
         capture_output=True,
         text=True,
         timeout=600,

@@ -199,7 +199,7 @@ def test_torch_cuda_tensors_run_in_place(artifact, built):
 
 
 def test_sequence_profile_of_a_dynamic_length_text_tower(trt_version, tiny_artifact):
-    from tiny_artifact import expected
+    from tests.support.tiny_artifact import expected
 
     (entry,) = build_engines(
         BuildConfig(tiny_artifact, towers=("text",), shapes={"sequence": (2, 8, 16)}, batch=(1, 4, 8))

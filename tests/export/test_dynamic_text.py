@@ -14,7 +14,7 @@ from clipdeploy.errors import InputError
 from clipdeploy.manifest import read_manifest
 from clipdeploy.validation import cosine_rows
 
-from testdata import HELD_OUT_TEXTS, Exported
+from tests.support.testdata import HELD_OUT_TEXTS, Exported
 
 pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")

@@ -13,7 +13,7 @@ from clipdeploy.errors import AccuracyError, CheckpointError, UsageError
 from clipdeploy.manifest import MANIFEST_NAME, file_sha256, read_manifest
 from clipdeploy.validation import cosine_rows
 
-from testdata import HELD_OUT_TEXTS, MICRO_CONFIG, Exported
+from tests.support.testdata import HELD_OUT_TEXTS, MICRO_CONFIG, Exported
 
 pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")

@@ -12,7 +12,7 @@ from clipdeploy.errors import ArtifactError
 from clipdeploy.manifest import file_sha256, read_manifest
 from clipdeploy.validation import cosine_rows
 
-from testdata import MICRO_CONFIG
+from tests.support.testdata import MICRO_CONFIG
 
 pytest.importorskip("open_clip")
 pytest.importorskip("torch")

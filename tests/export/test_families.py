@@ -70,7 +70,7 @@ CASES = {
 
 def _hf_text_config(tmp: Path) -> dict[str, Any]:
     """A micro roberta text tower and tokenizer, both in local folders (what the hub would serve)."""
-    import hf_tokenizers
+    from tests.support import hf_tokenizers
 
     model_dir = tmp / "tiny-roberta"
     model_dir.mkdir()

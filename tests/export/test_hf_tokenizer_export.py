@@ -14,13 +14,13 @@ from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.manifest import read_manifest
 from clipdeploy.validation import cosine_rows
 
-from testdata import HELD_OUT_TEXTS, TESTS
+from tests.support.testdata import HELD_OUT_TEXTS, TESTS
 
 pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers", reason="open_clip's HFTokenizer needs transformers")
 
-import hf_tokenizers  # noqa: E402
+from tests.support import hf_tokenizers  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 
 CONFIG = TESTS / "data" / "micro-siglip.json"

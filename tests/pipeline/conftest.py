@@ -1,9 +1,9 @@
-"""Fixtures for the pipeline tests; the helpers live in pipeline_fakes.py."""
+"""Fixtures for the pipeline tests; the helpers live in tests/support/pipeline_fakes.py."""
 
 from __future__ import annotations
 
 import pytest
-from pipeline_fakes import FakeStages
+from tests.support.pipeline_fakes import FakeStages
 
 from clipdeploy.pipeline import stages
 from clipdeploy.pipeline.stages import Unavailable

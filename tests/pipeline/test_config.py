@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pipeline_fakes import write_config
+from tests.support.pipeline_fakes import write_config
 
 from clipdeploy.benchmarks.bench import BenchConfig
 from clipdeploy.engines.config import BuildConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline_fakes import IMAGES
+from tests.support.pipeline_fakes import IMAGES
 
 from clipdeploy.pipeline.fingerprint import changed, config_values, image_sources_digest, key_of, path_digest
 

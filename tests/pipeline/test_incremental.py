@@ -1,4 +1,4 @@
-"""Incremental runs, failure isolation and the stage state, with stage work faked (see pipeline_fakes.py).
+"""Incremental runs, failure isolation and the stage state, with stage work faked (see tests/support/pipeline_fakes.py).
 
 The keys are the real ones: hashes of the real checkpoint file, calibration images and config values.
 """
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fakes import IMAGES, calib_dir, fake_gpu, write_config
+from tests.support.pipeline_fakes import IMAGES, calib_dir, fake_gpu, write_config
 
 from clipdeploy.cli import main
 from clipdeploy.errors import UsageError

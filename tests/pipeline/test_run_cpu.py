@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fakes import IMAGES, calib_dir, write_config
+from tests.support.pipeline_fakes import IMAGES, calib_dir, write_config
 
 pytest.importorskip("open_clip")
 pytest.importorskip("onnxruntime")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline_fakes import calib_dir, write_config
+from tests.support.pipeline_fakes import calib_dir, write_config
 
 from clipdeploy.cli import main
 

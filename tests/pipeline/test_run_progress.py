@@ -7,7 +7,7 @@ import re
 import sys
 
 import pytest
-from pipeline_fakes import calib_dir, write_config
+from tests.support.pipeline_fakes import calib_dir, write_config
 
 from clipdeploy import progress
 from clipdeploy.cli import main

@@ -1,9 +1,9 @@
 """int8 worst case on the project's own micro models, before and after the per-sample gate.
 
-    PYTHONPATH=src:tests:tests/precision python tests/precision/measure_worst_case.py OUT_DIR [BASE_SRC]
+    PYTHONPATH=src:. python tests/precision/measure_worst_case.py OUT_DIR [BASE_SRC]
 
-Models: the trained micro ViT of synthetic.py (on its rendered shapes, and on photo crops) and the
-micro ResNet / ConvNeXt of test_cnn_towers.py (random weights, on photo crops). Data: 600 images per
+Models: the trained micro ViT of tests/support/synthetic.py (on its rendered shapes, and on photo crops) and the
+micro ResNet / ConvNeXt of tests/support/models.py (random weights, on photo crops). Data: 600 images per
 set (shapes rendered with seed 5; crops of the bundled scikit-image photographs, as the tests make
 them). AFTER: this tree's defaults (300 calibration, 256 held out, min cosine 0.95 with recovery).
 BEFORE (optional): the gate of the source tree BASE_SRC (e.g. `git archive 74fe713 src`), run with
@@ -43,7 +43,7 @@ def crops(folder: Path, n: int = N_IMAGES) -> Path:
 
 
 def shapes(folder: Path) -> dict[str, Path]:
-    import synthetic
+    from tests.support import synthetic
 
     synthetic.write_dataset(folder / "images", N_IMAGES, seed=5)
     rng = np.random.default_rng(6)
@@ -53,8 +53,8 @@ def shapes(folder: Path) -> dict[str, Path]:
 
 
 def export_models(root: Path) -> dict[str, Path]:
-    import synthetic
-    from test_cnn_towers import CONFIGS
+    from tests.support import synthetic
+    from tests.support.models import MODELS
 
     from clipdeploy.export.exporter import ExportConfig, export_model
 
@@ -65,12 +65,11 @@ def export_models(root: Path) -> dict[str, Path]:
         export_model(ExportConfig(model=synthetic.MODEL_NAME, output=vit, checkpoint=synthetic.trained_checkpoint(),
                                   model_config=synthetic.config_file(root)))
     out["micro-vit (trained)"] = vit
-    for name, config in CONFIGS.items():
+    for name in ("micro-resnet", "micro-convnext"):
         art = root / name
         if not art.exists():
-            path = root / f"{name}.json"
-            path.write_text(json.dumps(config))
-            export_model(ExportConfig(model=name, output=art, model_config=path, seed=0))
+            model = MODELS[name]
+            export_model(ExportConfig(model=name, output=art, model_config=model.config_file(root), seed=model.seed))
         out[f"{name} (random)"] = art
     return out
 

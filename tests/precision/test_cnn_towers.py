@@ -23,20 +23,9 @@ from clipdeploy.export.exporter import ExportConfig, export_model, sample_images
 from clipdeploy.manifest import read_manifest  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 
-TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
-CONFIGS = {
-    "micro-resnet": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
-        "text_cfg": TEXT,
-    },
-    "micro-convnext": {
-        "embed_dim": 64,
-        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
-                       "timm_proj": "linear", "image_size": 64},
-        "text_cfg": TEXT,
-    },
-}
+from tests.support.models import MODELS  # noqa: E402
+
+CNN_MODELS = ("micro-convnext", "micro-resnet")  # registry names, also the test ids
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +42,17 @@ def crops(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=CNN_MODELS)
 def artifact(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    config = tmp / f"{request.param}.json"
-    config.write_text(json.dumps(CONFIGS[request.param]))
+    model = MODELS[request.param]
     out = tmp / "artifact"
-    export_model(ExportConfig(model=request.param, output=out, model_config=config, seed=0))
+    export_model(ExportConfig(model=model.name, output=out, model_config=model.config_file(tmp), seed=model.seed))
     return out
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-fp16"])
-def test_cnn_variant_passes_its_gate_on_photos(artifact, crops, precision):
+def test_cnn_variant_passes_its_gate_on_photos(artifact, crops, precision, request):
     report = quantize(QuantizeConfig(artifact=artifact, precision=precision, calib_images=[crops],
                                      samples=96, holdout=48, threads=2, force=True))
     assert report["passed"], report["failures"]
@@ -97,9 +85,10 @@ def test_cnn_variant_passes_its_gate_on_photos(artifact, crops, precision):
     emb = session.encode_image(sorted(crops.glob("*.jpg"))[:4])
     ref = clipdeploy.load(artifact, precision="fp32").encode_image(sorted(crops.glob("*.jpg"))[:4])
     assert emb.dtype == np.float32 and emb.shape == ref.shape
-    assert float(np.min(np.sum(emb * ref, axis=1))) > 0.98  # embeddings are L2-normalized
+    min_cosine = MODELS[request.node.callspec.params["artifact"]].expected["min_cosine"]
+    assert float(np.min(np.sum(emb * ref, axis=1))) > min_cosine  # embeddings are L2-normalized
 
 
-def test_cnn_families_are_what_the_test_claims(artifact):
+def test_cnn_families_are_what_the_test_claims(artifact, request):
     family = json.loads((Path(artifact) / "manifest.json").read_text())["model"]["family"]
-    assert family in ("modified-resnet", "convnext")
+    assert family == MODELS[request.node.callspec.params["artifact"]].expected["family"]

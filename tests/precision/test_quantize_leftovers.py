@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 from clipdeploy.manifest import read_manifest  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 
-import synthetic  # noqa: E402
+from tests.support import synthetic  # noqa: E402
 
 
 def test_next_quantize_removes_a_dead_runs_temporary(micro_artifact, tmp_path):

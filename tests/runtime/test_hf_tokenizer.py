@@ -30,10 +30,10 @@ from clipdeploy.export.tokenizer_assets import describe_tokenizer  # noqa: E402
 from clipdeploy.runtime.hf_tokenizer import HfTokenizer  # noqa: E402
 from clipdeploy.runtime.tokenizer import load_tokenizer  # noqa: E402
 
-from test_tokenizer import CORPUS  # noqa: E402  (the hard-string corpus, shared with the BPE tests)
+from tests.runtime.test_tokenizer import CORPUS  # noqa: E402  (the hard-string corpus, shared with the BPE tests)
 
-import hf_tokenizers  # noqa: E402
-from hf_tokenizers import Kind  # noqa: E402
+from tests.support import hf_tokenizers  # noqa: E402
+from tests.support.hf_tokenizers import Kind  # noqa: E402
 
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 hf_tokenizers.EXTRA_TRAIN[:] = CORPUS

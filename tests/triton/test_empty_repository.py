@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from triton_helpers import add_engine, add_onnx_copy, copy_artifact
+from tests.support.triton_helpers import add_engine, add_onnx_copy, copy_artifact
 
 from clipdeploy.cli import main
 

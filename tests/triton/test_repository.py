@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from triton_helpers import add_engine, add_onnx_copy, all_configs, copy_artifact, run_ensemble
+from tests.support.triton_helpers import add_engine, add_onnx_copy, all_configs, copy_artifact, run_ensemble
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritonclient[grpc]: pip install -e '.[dev]'")
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from clipdeploy.manifest import file_sha256, read_manifest, write_manifest
 
-HERE = Path(__file__).resolve().parent
+SIM = Path(__file__).resolve().parents[1] / "triton" / "ensemble_sim.py"  # a script, run beside its stub/
 
 
 def copy_artifact(src: Path, dst: Path) -> Path:
@@ -94,7 +94,7 @@ def run_ensemble(repo: Path, ensemble: str, requests: list[list[str]], tmp: Path
     request.write_text(json.dumps({"requests": [[str(x) for x in r] for r in requests]}), encoding="utf-8")
     out = tmp / f"{ensemble}.out.npz"
     proc = subprocess.run(
-        [sys.executable, str(HERE / "ensemble_sim.py"), str(repo), ensemble, str(request), str(out)],
+        [sys.executable, str(SIM), str(repo), ensemble, str(request), str(out)],
         capture_output=True,
         text=True,
         check=False,

@@ -54,7 +54,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from clipdeploy.errors import CheckpointError  # noqa: E402
-from testdata import MICRO_CONFIG  # noqa: E402
+from tests.support.testdata import MICRO_CONFIG  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

@@ -251,7 +251,8 @@ def fold_qdq_into_fp16(model: Any) -> Any:
         else:
             y = node.outputs[0]
             for c in list(dict.fromkeys(c for c, _ in y.uses())):
-                if c.op_type == "Cast" and graph.cast_to(c) == ir.DataType.FLOAT16 and not c.outputs[0].is_graph_output():
+                folds = c.op_type == "Cast" and graph.cast_to(c) == ir.DataType.FLOAT16
+                if folds and not c.outputs[0].is_graph_output():
                     # Its consumers read the DequantizeLinear output directly.
                     c.outputs[0].replace_all_uses_with(y)
                     g.remove(c, safe=True)

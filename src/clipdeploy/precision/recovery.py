@@ -62,7 +62,8 @@ def _quantized_nodes(model: Any) -> dict[str, tuple[Any, list[_QuantizedInput]]]
             axis = q.attributes.get_int("axis")
             scale = q.inputs[1].const_value.numpy()
             source = q.inputs[0]
-            inputs.append(_QuantizedInput(k, source.name, scale, axis if scale.size > 1 else None, source.is_initializer()))
+            per_channel = axis if scale.size > 1 else None
+            inputs.append(_QuantizedInput(k, source.name, scale, per_channel, source.is_initializer()))
         if inputs:
             found[node.name] = (node, inputs)
     return found

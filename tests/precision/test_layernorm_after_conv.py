@@ -113,17 +113,23 @@ def test_layernorm_stays_float_when_recovery_keeps_its_conv(tmp_path):
     assert _producers(model)[ln.input[0]].op_type == "Transpose"
 
 
-def test_int8_fp16_folds_the_layernorm_qdq(tmp_path):
-    """int8-fp16: the LayerNorm's Q/DQ takes an fp16 scale like the others and the graph still checks."""
+def _int8_fp16(tmp_path, qdq):
+    """The int8-fp16 variant of ``qdq`` as the stage makes it (fp16 pass, then the fold), checked."""
     from clipdeploy.precision import fp16
 
-    _, qdq, _, _ = _quantized(tmp_path)
     tmp = tmp_path / "m.fp16pass.onnx"
     fp16.convert(qdq, tmp, _feeds(4), keep_fp32_ops=fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear"))
     model = int8.fold_qdq_into_fp16(graph.load(tmp))
     out = tmp_path / "m.int8-fp16.onnx"
     graph.save(model, out)
     graph.check(out)
+    return model, out
+
+
+def test_int8_fp16_folds_the_layernorm_qdq(tmp_path):
+    """int8-fp16: the LayerNorm's Q/DQ takes an fp16 scale like the others and the graph still checks."""
+    _, qdq, _, _ = _quantized(tmp_path)
+    model, out = _int8_fp16(tmp_path, qdq)
     producers = _producers(model)
     ln = next(n for n in model.graph.node if n.name == "ln_conv")
     cast = producers[ln.input[0]]  # the fp16 DequantizeLinear output, cast up for the fp32 LayerNorm
@@ -184,16 +190,9 @@ def test_recovery_ranks_named_nodes_only_when_some_are_unnamed(tmp_path):
 
 def test_int8_fp16_with_unnamed_nodes(tmp_path):
     """The fold edits by value links, not names: an unnamed graph folds like a named one."""
-    from clipdeploy.precision import fp16
-
     _, qdq, _, done = _quantized(tmp_path, named=False)
     assert done == ["ln1"]
-    tmp = tmp_path / "m.fp16pass.onnx"
-    fp16.convert(qdq, tmp, _feeds(4), keep_fp32_ops=fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear"))
-    model = int8.fold_qdq_into_fp16(graph.load(tmp))
-    out = tmp_path / "m.int8-fp16.onnx"
-    graph.save(model, out)
-    graph.check(out)
+    model, out = _int8_fp16(tmp_path, qdq)
     inits = {i.name: i for i in model.graph.initializer}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]  # x, conv_w, mm_w, ln1 and the LN pair
     assert len(dqs) == 5 and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in dqs)

@@ -19,6 +19,7 @@ command: str | None = None
 # The pip names of the modules, where they differ from the import name.
 _PIP_NAMES = {
     "open_clip": "open_clip_torch",
+    "onnx_ir": "onnx-ir",
     "cuda": "cuda-python",
     "skimage": "scikit-image",
     "onnxruntime": "onnxruntime (or onnxruntime-gpu)",
@@ -26,7 +27,7 @@ _PIP_NAMES = {
 # The extra that installs each optional library: a library that is missing underneath another one
 # (onnxruntime's fp16 converter needs onnx) is reported with its own extra.
 _EXTRAS = {
-    "onnx": "export", "onnxscript": "export", "torch": "export", "torchvision": "export", "open_clip": "export",
+    "onnx": "export", "onnx_ir": "export", "onnxscript": "export", "torch": "export", "torchvision": "export", "open_clip": "export",
     "transformers": "export", "timm": "export", "safetensors": "export", "onnxruntime": "cpu",
     "tensorrt": "tensorrt", "cuda": "tensorrt", "matplotlib": "bench", "tqdm": "bench", "tritonclient": "triton",
 }

@@ -113,17 +113,23 @@ def test_layernorm_stays_float_when_recovery_keeps_its_conv(tmp_path):
     assert _producers(model)[ln.input[0]].op_type == "Transpose"
 
 
-def test_int8_fp16_folds_the_layernorm_qdq(tmp_path):
-    """int8-fp16: the LayerNorm's Q/DQ takes an fp16 scale like the others and the graph still checks."""
+def _int8_fp16(tmp_path, qdq):
+    """The int8-fp16 variant of ``qdq`` as the stage makes it (fp16 pass, then the fold), checked."""
     from clipdeploy.precision import fp16
 
-    _, qdq, _, _ = _quantized(tmp_path)
     tmp = tmp_path / "m.fp16pass.onnx"
     fp16.convert(qdq, tmp, _feeds(4), keep_fp32_ops=fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear"))
     model = int8.fold_qdq_into_fp16(graph.load(tmp))
     out = tmp_path / "m.int8-fp16.onnx"
     graph.save(model, out)
     graph.check(out)
+    return model, out
+
+
+def test_int8_fp16_folds_the_layernorm_qdq(tmp_path):
+    """int8-fp16: the LayerNorm's Q/DQ takes an fp16 scale like the others and the graph still checks."""
+    _, qdq, _, _ = _quantized(tmp_path)
+    model, out = _int8_fp16(tmp_path, qdq)
     producers = _producers(model)
     ln = next(n for n in model.graph.node if n.name == "ln_conv")
     cast = producers[ln.input[0]]  # the fp16 DequantizeLinear output, cast up for the fp32 LayerNorm
@@ -161,3 +167,41 @@ def test_external_data_is_not_written_twice(tmp_path, monkeypatch):
     assert side.is_file()
     stored = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
     assert side.stat().st_size <= stored + 4096  # alignment padding at most, never a second copy
+
+
+def test_recovery_ranks_named_nodes_only_when_some_are_unnamed(tmp_path):
+    """Recovery keeps nodes in fp32 by name: an unnamed Conv cannot be kept, and must not take the
+    place of another unnamed node under the shared empty name (which once scored the wrong node)."""
+    from clipdeploy.precision import recovery
+
+    src = _model(tmp_path / "m.onnx", named=False)
+    model = onnx.load(str(src))
+    model.graph.node[3].name = "matmul"  # the MatMul only; Conv and both LayerNorms stay unnamed
+    onnx.save(model, str(src))
+    prepared = tmp_path / "m.prepared.onnx"
+    int8.prepare(src, prepared)
+    qdq = tmp_path / "m.int8.onnx"
+    int8.quantize(prepared, qdq, _feeds(), method="minmax", cache=tmp_path / "cache.json")
+    singles = [{"x": f["x"][i : i + 1]} for f in _feeds(4) for i in range(2)]
+    ranked = recovery.rank_nodes(qdq, prepared, singles)
+    assert [name for name, _ in ranked] == ["matmul"]
+    assert 0 < ranked[0][1] < 0.5  # the MatMul's own int8 error: small but not zero
+
+
+def test_int8_fp16_with_unnamed_nodes(tmp_path):
+    """The fold edits by value links, not names: an unnamed graph folds like a named one."""
+    _, qdq, _, done = _quantized(tmp_path, named=False)
+    assert done == ["ln1"]
+    model, out = _int8_fp16(tmp_path, qdq)
+    inits = {i.name: i for i in model.graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]  # x, conv_w, mm_w, ln1 and the LN pair
+    assert len(dqs) == 5 and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in dqs)
+    # Every unnamed MatMul/Conv reads its DequantizeLinear directly (no Cast between).
+    producers = _producers(model)
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Conv"):
+            assert not n.name and producers[n.input[0]].op_type == "DequantizeLinear"
+    feed = _feeds(1)[0]
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert cosine_rows(y.reshape(-1, C).astype(np.float32), ref.reshape(-1, C)).min() > 0.95

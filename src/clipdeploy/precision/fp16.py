@@ -60,7 +60,7 @@ def convert(
         keep_io_types=True,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32_ops),
         node_block_list=kept,
-        disable_shape_infer=not graph._fits(proto),
+        disable_shape_infer=not graph.fits(proto),
     )
     # The converter records fp16 types for initializers it left in fp32 (LayerNorm's weights, say);
     # an initializer carries its own type, so drop those records. The other records stay: without
@@ -69,9 +69,11 @@ def convert(
     records = [vi for vi in converted.graph.value_info if vi.name not in initializers]
     del converted.graph.value_info[:]
     converted.graph.value_info.extend(records)
-    graph.drop_fp16_round_trips(converted)
-    graph.toposort(converted.graph)  # the converter appends its Casts at the end
-    side = graph.save(converted, dst)
+    edited = graph.to_ir(converted)
+    del converted
+    graph.drop_fp16_round_trips(edited)
+    edited.graph.sort()  # the converter appends its Casts at the end
+    side = graph.save(graph.to_proto(edited), dst)
     peak = max((v for v in ranges.values() if np.isfinite(v)), default=0.0)
     return {
         "fp32_ops": list(keep_fp32_ops),

@@ -6,10 +6,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from clipdeploy.deps import require
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 # Same threshold as the exporter: protobuf cannot hold more than 2 GiB in one message.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
@@ -29,7 +32,7 @@ def save(model: Any, path: Path) -> list[Path]:
     """
     onnx = require("onnx", "export")
 
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits(model) else True
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if fits(model) else True
     if large:
         data = path.with_name(path.name + ".data")
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
@@ -38,7 +41,8 @@ def save(model: Any, path: Path) -> list[Path]:
     return []
 
 
-def _fits(model: Any) -> bool:
+def fits(model: Any) -> bool:
+    """Whether protobuf can serialize ``model`` in one message (under 2 GiB)."""
     try:
         model.ByteSize()
         return True
@@ -58,7 +62,7 @@ def float_tensors(model: Any) -> dict[str, int]:
     """Every float tensor a node produces, with its element type, from ONNX shape inference."""
     onnx = require("onnx", "export")
 
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False) if _fits(model) else model
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False) if fits(model) else model
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
     types.update({o.name: o.type.tensor_type.elem_type for o in inferred.graph.output})
     produced = {o for n in model.graph.node for o in n.output if o}
@@ -108,73 +112,79 @@ def abs_max(model_path: Path, feeds: Iterable[dict[str, np.ndarray]]) -> dict[st
     return result
 
 
-def fp32_tensors(model: Any) -> set[str]:
-    """Tensors typed float32, from the model's own type records and Cast targets (re-inferring types
+def to_ir(model: Any) -> ir.Model:
+    """``model`` (a ModelProto, external data loaded) as an onnx_ir model for editing: values link to
+    their producer and their uses, so edits never look nodes up by name (ONNX leaves names optional)."""
+    ir = require("onnx_ir", "export")
+
+    edited = ir.from_proto(model)
+    # The type records go back as they came (see to_proto): copies, so the proto can be freed.
+    edited.meta[_VALUE_INFO] = [vi.SerializeToString() for vi in model.graph.value_info]
+    return edited
+
+
+def to_proto(model: ir.Model) -> Any:
+    """The edited model back as a ModelProto, with the type records it came in with."""
+    import onnx
+    ir = require("onnx_ir", "export")
+
+    proto = ir.to_proto(model)
+    # onnx_ir writes its own records (one per initializer too) and drops those naming no value.
+    # ONNX Runtime's fp16 converter places its Casts differently when records change, so the edits
+    # (which add no typed values) keep the original records, and the graphs come out as before.
+    del proto.graph.value_info[:]
+    for data in model.meta.get(_VALUE_INFO, []):
+        proto.graph.value_info.add().CopyFrom(onnx.ValueInfoProto.FromString(data))
+    return proto
+
+
+_VALUE_INFO = "clipdeploy.value_info"
+
+
+def cast_to(node: ir.Node) -> int | None:
+    """The element type a Cast converts to."""
+    return node.attributes.get_int("to")
+
+
+def fp32_values(model: ir.Model) -> set[ir.Value]:
+    """Values typed float32, from the model's own type records and Cast targets (re-inferring types
     can clash with the records a converter already wrote)."""
-    require("onnx", "export")
-    from onnx import TensorProto
+    ir = require("onnx_ir", "export")
 
     g = model.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
-    types.update({i.name: i.data_type for i in g.initializer})
-    for n in g.node:
-        if n.op_type == "Cast":
-            types[n.output[0]] = next(a.i for a in n.attribute if a.name == "to")
-    return {name for name, t in types.items() if t == TensorProto.FLOAT}
+    found = set()
+    for v in [*g.inputs, *g.outputs, *g.initializers.values(), *(o for n in g for o in n.outputs)]:
+        producer = v.producer()
+        if producer is not None and producer.op_type == "Cast":
+            dtype = ir.DataType(cast_to(producer))
+        else:
+            dtype = v.const_value.dtype if v.const_value is not None else v.dtype
+        if dtype == ir.DataType.FLOAT:
+            found.add(v)
+    return found
 
 
-def drop_fp16_round_trips(model: Any) -> int:
+def drop_fp16_round_trips(model: ir.Model) -> int:
     """Remove Cast(fp32→fp16)→Cast(fp16→fp32) chains, so that fp32 values pass between two nodes kept
-    in fp32 without being squeezed through fp16 on the way (which overflows past 65504)."""
-    require("onnx", "export")
-    from onnx import TensorProto
+    in fp32 without being squeezed through fp16 on the way (which overflows past 65504).
+
+    Returns the number of Casts removed."""
+    ir = require("onnx_ir", "export")
 
     g = model.graph
-    fp32 = fp32_tensors(model)
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    def to(n: Any) -> int:
-        return next(a.i for a in n.attribute if a.name == "to")
-
-    outputs = {o.name for o in g.output}
-    removed: set[int] = set()
-    for down in g.node:
-        if down.op_type != "Cast" or to(down) != TensorProto.FLOAT16 or down.input[0] not in fp32:
+    fp32 = fp32_values(model)
+    removed = 0
+    for down in list(g):
+        if down.op_type != "Cast" or cast_to(down) != ir.DataType.FLOAT16 or down.inputs[0] not in fp32:
             continue
-        for up in consumers.get(down.output[0], []):
+        half = down.outputs[0]
+        for up, _ in list(half.uses()):
             # A graph output keeps its name, so a chain that ends in one stays.
-            if up.op_type == "Cast" and to(up) == TensorProto.FLOAT and up.output[0] not in outputs:
-                for c in consumers.get(up.output[0], []):
-                    c.input[:] = [down.input[0] if i == up.output[0] else i for i in c.input]
-                removed.add(id(up))
-        if down.output[0] not in outputs and all(id(c) in removed for c in consumers.get(down.output[0], [])):
-            removed.add(id(down))
-    kept = [n for n in g.node if id(n) not in removed]
-    del g.node[:]
-    g.node.extend(kept)
-    return len(removed)
-
-
-def toposort(g: Any) -> None:
-    """Order nodes so each comes after the producers of its inputs, as the ONNX spec requires."""
-    available = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    pending = list(g.node)
-    ordered = []
-    while pending:
-        progressed = []
-        rest = []
-        for n in pending:
-            if all(i in available for i in n.input):
-                progressed.append(n)
-                available.update(n.output)
-            else:
-                rest.append(n)
-        if not progressed:
-            raise RuntimeError(f"graph has a cycle or a missing input near {rest[0].name}")
-        ordered += progressed
-        pending = rest
-    del g.node[:]
-    g.node.extend(ordered)
+            if up.op_type == "Cast" and cast_to(up) == ir.DataType.FLOAT and not up.outputs[0].is_graph_output():
+                up.outputs[0].replace_all_uses_with(down.inputs[0])
+                g.remove(up, safe=True)
+                removed += 1
+        if not half.is_graph_output() and not half.uses():
+            g.remove(down, safe=True)
+            removed += 1
+    return removed

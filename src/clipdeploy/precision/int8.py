@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clipdeploy import progress
 from clipdeploy.precision import graph
 from clipdeploy.deps import require
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +117,12 @@ def quantize(
         extra_options=dict(QDQ_OPTIONS),
         calibration_cache_path=str(cache),
     )
-    model = graph.load(dst)
+    model = graph.to_ir(graph.load(dst))
     layernorms = quantize_layernorm_after_conv(model, calibrated_ranges(cache), exclude)
     if layernorms:
         # onnx appends to an existing side file: drop the one ONNX Runtime wrote before saving again.
         dst.with_name(dst.name + ".data").unlink(missing_ok=True)
-        graph.save(model, dst)
+        graph.save(graph.to_proto(model), dst)
     return layernorms
 
 
@@ -142,37 +145,35 @@ def calibrated_ranges(cache: Path) -> dict[str, tuple[float, float]]:
     }
 
 
-def conv_fed_layernorms(model: Any) -> list[tuple[Any, Any]]:
+def conv_fed_layernorms(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
     """(LayerNorm node, its Conv node) for each LayerNorm whose input is a Conv output, directly or
     through layout ops only."""
-    producers = {o: n for n in model.graph.node for o in n.output}
     found = []
-    for node in model.graph.node:
+    for node in model.graph:
         if node.op_type != "LayerNormalization":
             continue
-        src = producers.get(node.input[0])
+        src = node.inputs[0].producer()
         while src is not None and src.op_type in LAYOUT_OPS:
-            src = producers.get(src.input[0])
+            src = src.inputs[0].producer()
         if src is not None and src.op_type == "Conv":
             found.append((node, src))
     return found
 
 
 def quantize_layernorm_after_conv(
-    model: Any, ranges: dict[str, tuple[float, float]], exclude: Sequence[str] = ()
+    model: ir.Model, ranges: dict[str, tuple[float, float]], exclude: Sequence[str] = ()
 ) -> list[str]:
     """Put a symmetric int8 Q/DQ pair on the input of each LayerNorm fed by a Conv, so TensorRT can
     let the Conv write int8. Its scale is the Conv output's calibrated range (layout ops keep the
     values); gamma, beta and the output stay fp32. Skipped where recovery keeps that Conv in fp32.
     Returns the LayerNorms it quantized (by name, or by output tensor for an unnamed node)."""
-    require("onnx", "export")
-    from onnx import helper, numpy_helper
+    ir = require("onnx_ir", "export")
 
     g = model.graph
     excluded = set(exclude)
     done = []
     for ln, conv in conv_fed_layernorms(model):
-        conv_out = conv.output[0]
+        conv_out = conv.outputs[0].name
         if (conv.name and conv.name in excluded) or conv_out not in ranges:
             continue
         lo, hi = ranges[conv_out]
@@ -180,99 +181,93 @@ def quantize_layernorm_after_conv(
         if not np.isfinite(amax) or amax <= 0:
             continue
         # Named after the LayerNorm's output, which is unique even where node names are empty.
-        tag = f"{ln.output[0]}_ln_input"
-        scale, zero = f"{tag}_scale", f"{tag}_zero_point"
-        g.initializer.extend([
-            numpy_helper.from_array(np.array(amax / 127.0, dtype=np.float32), scale),
-            numpy_helper.from_array(np.array(0, dtype=np.int8), zero),
-        ])
-        q_out, dq_out = f"{tag}_quantized", f"{tag}_dequantized"
-        g.node.extend([
-            helper.make_node("QuantizeLinear", [ln.input[0], scale, zero], [q_out], name=f"{tag}_QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [q_out, scale, zero], [dq_out], name=f"{tag}_DequantizeLinear"),
-        ])
-        ln.input[0] = dq_out
-        done.append(ln.name or ln.output[0])
-    if done:
-        graph.toposort(g)
+        tag = f"{ln.outputs[0].name}_ln_input"
+        scale = _initializer(g, f"{tag}_scale", np.array(amax / 127.0, dtype=np.float32))
+        zero = _initializer(g, f"{tag}_zero_point", np.array(0, dtype=np.int8))
+        q = ir.node("QuantizeLinear", [ln.inputs[0], scale, zero], name=f"{tag}_QuantizeLinear")
+        q.outputs[0].name = f"{tag}_quantized"
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{tag}_DequantizeLinear")
+        dq.outputs[0].name = f"{tag}_dequantized"
+        g.insert_before(ln, [q, dq])  # right after the input's producer's turn: order stays valid
+        ln.replace_input_with(0, dq.outputs[0])
+        done.append(ln.name or ln.outputs[0].name)
     return done
+
+
+def _initializer(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    ir = require("onnx_ir", "export")
+
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
+                     const_value=ir.tensor(array, name=name))
+    g.register_initializer(value)
+    return value
 
 
 # ---- int8 with fp16 elsewhere -----------------------------------------------------------------
 
 
-def _to_fp16_initializer(model: Any, name: str) -> None:
-    require("onnx", "export")
-    from onnx import numpy_helper
+def _to_fp16_initializer(value: ir.Value) -> None:
+    ir = require("onnx_ir", "export")
 
-    for init in model.graph.initializer:
-        if init.name == name and init.data_type == 1:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), name))
-            return
+    if value.is_initializer() and value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT:
+        value.const_value = ir.tensor(value.const_value.numpy().astype(np.float16), name=value.name)
+        value.dtype = ir.DataType.FLOAT16
 
 
 def fold_qdq_into_fp16(model: Any) -> Any:
     """After the fp16 pass (with Q/DQ kept in fp32), make every Q/DQ fp16-typed and drop the Casts
-    the pass put around them, so DequantizeLinear outputs feed fp16 MatMul/Conv directly."""
-    require("onnx", "export")
-    from onnx import TensorProto, helper
+    the pass put around them, so DequantizeLinear outputs feed fp16 MatMul/Conv directly.
 
-    g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    initializers = {i.name for i in g.initializer}
-    fp32_tensors = graph.fp32_tensors(model)
-    new_nodes: list[Any] = []
-    removed: set[int] = set()
+    Takes and returns a ModelProto (a new one)."""
+    ir = require("onnx_ir", "export")
+
+    m = graph.to_ir(model)
+    del model
+    g = m.graph
+    fp32 = graph.fp32_values(m)
     counter = 0
 
-    def cast(src: str, to: int) -> str:
+    def cast(src: ir.Value, to: ir.DataType) -> ir.Value:
         nonlocal counter
         counter += 1
-        out = f"{src}_qdq_cast{counter}"
-        new_nodes.append(helper.make_node("Cast", [src], [out], to=to, name=f"qdq_cast_{counter}"))
-        return out
+        node = ir.node("Cast", [src], {"to": int(to)}, name=f"qdq_cast_{counter}")
+        node.outputs[0].name = f"{src.name}_qdq_cast{counter}"
+        g.append(node)  # placed by the sort below
+        return node.outputs[0]
 
-    for node in list(g.node):
+    for node in list(g):
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        for scale in node.input[1:2]:
-            _to_fp16_initializer(model, scale)
+        for scale in node.inputs[1:2]:
+            _to_fp16_initializer(scale)
         if node.op_type == "QuantizeLinear":
-            x = node.input[0]
-            src = producers.get(x)
-            if x in initializers:
-                _to_fp16_initializer(model, x)
-            elif src is not None and src.op_type == "Cast" and src.input[0] not in fp32_tensors:
-                node.input[0] = src.input[0]  # bypass the fp16->fp32 Cast the pass inserted
-                if all(c is node for c in consumers.get(x, [])):
-                    removed.add(id(src))
-            elif x in fp32_tensors:
-                node.input[0] = cast(x, TensorProto.FLOAT16)
+            x = node.inputs[0]
+            src = x.producer()
+            if x.is_initializer():
+                _to_fp16_initializer(x)
+            elif src is not None and src.op_type == "Cast" and src.inputs[0] not in fp32:
+                node.replace_input_with(0, src.inputs[0])  # bypass the fp16->fp32 Cast the pass inserted
+                if not x.uses() and not x.is_graph_output():
+                    g.remove(src, safe=True)
+            elif x in fp32:
+                node.replace_input_with(0, cast(x, ir.DataType.FLOAT16))
         else:
-            y = node.output[0]
-            for c in consumers.get(y, []):
-                if c.op_type == "Cast" and c.attribute[0].i == TensorProto.FLOAT16:
+            y = node.outputs[0]
+            for c in list(dict.fromkeys(c for c, _ in y.uses())):
+                folds = c.op_type == "Cast" and graph.cast_to(c) == ir.DataType.FLOAT16
+                if folds and not c.outputs[0].is_graph_output():
                     # Its consumers read the DequantizeLinear output directly.
-                    for cc in consumers.get(c.output[0], []):
-                        for k, name in enumerate(cc.input):
-                            if name == c.output[0]:
-                                cc.input[k] = y
-                    removed.add(id(c))
+                    c.outputs[0].replace_all_uses_with(y)
+                    g.remove(c, safe=True)
                 elif c.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-                    fp32_view = cast(y, TensorProto.FLOAT)
-                    for k, name in enumerate(c.input):
-                        if name == y:
-                            c.input[k] = fp32_view
-    kept = [n for n in g.node if id(n) not in removed]
-    del g.node[:]
-    g.node.extend(kept + new_nodes)
-    graph.toposort(g)
-    del g.value_info[:]  # types changed; let the consumers re-infer them
-    for opset in model.opset_import:
+                    fp32_view = cast(y, ir.DataType.FLOAT)
+                    for k, v in enumerate(c.inputs):
+                        if v is y:
+                            c.replace_input_with(k, fp32_view)
+    g.sort()
+    proto = graph.to_proto(m)
+    del proto.graph.value_info[:]  # types changed; let the consumers re-infer them
+    for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version < FP16_SCALE_OPSET:
             opset.version = FP16_SCALE_OPSET
-    return model
+    return proto

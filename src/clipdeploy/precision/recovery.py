@@ -47,24 +47,24 @@ class _QuantizedInput:
 
 
 def _quantized_nodes(model: Any) -> dict[str, tuple[Any, list[_QuantizedInput]]]:
-    require("onnx", "export")
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
+    """Each named MatMul/Gemm/Conv whose inputs read a QuantizeLinear→DequantizeLinear pair, with
+    those inputs. Unnamed nodes are left out: recovery keeps nodes in fp32 by name, and ONNX Runtime
+    excludes nodes from quantization by name too."""
     found = {}
-    for node in model.graph.node:
-        if node.op_type not in OPS_TO_QUANTIZE:
+    for node in graph.to_ir(model).graph:
+        if node.op_type not in OPS_TO_QUANTIZE or not node.name:
             continue
         inputs = []
-        for k, name in enumerate(node.input):
-            dq = producers.get(name)
-            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        for k, value in enumerate(node.inputs):
+            dq = value.producer() if value is not None else None
+            q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
             if q is None or q.op_type != "QuantizeLinear":
                 continue
-            axis = next((a.i for a in q.attribute if a.name == "axis"), None)
-            scale = numpy_helper.to_array(inits[q.input[1]])
-            inputs.append(_QuantizedInput(k, q.input[0], scale, axis if scale.size > 1 else None, q.input[0] in inits))
+            axis = q.attributes.get_int("axis")
+            scale = q.inputs[1].const_value.numpy()
+            source = q.inputs[0]
+            per_channel = axis if scale.size > 1 else None
+            inputs.append(_QuantizedInput(k, source.name, scale, per_channel, source.is_initializer()))
         if inputs:
             found[node.name] = (node, inputs)
     return found

@@ -75,7 +75,8 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int8-fp16"])
-def test_variant_passes_its_gate_on_a_trained_model(trained, shapes, precision):
+def test_variant_passes_its_gate_on_a_trained_model(trained, shapes, tmp_path, precision):
+    trained = _copy(trained, tmp_path)  # the fixture is shared: later tests must not find this variant
     report = quantize(_cfg(trained, shapes, precision, force=True))
     print(f"{precision}: image {report['image']}, text {report['text']}, top-1 {report['top1_agreement']}")
     assert report["passed"], report["failures"]

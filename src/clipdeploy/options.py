@@ -69,10 +69,10 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _default_help(f: dataclasses.Field, meta: Mapping[str, Any]) -> str:
-    if "default_text" in meta:
+def _default_help(f: dataclasses.Field, meta: Mapping[str, Any], base: Any = None) -> str:
+    if "default_text" in meta and base is None:
         return f" (default: {meta['default_text']})"
-    value = _default(f)
+    value = _default(f) if base is None else getattr(base, f.name)
     if value is dataclasses.MISSING or value is None or value is False or value == () or value == []:
         return ""
     if value is True:
@@ -86,8 +86,13 @@ def add_dataclass_options(
     cls: type,
     fields: Iterable[str],
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    base: Any = None,
 ) -> None:
-    """Add an option for each named field of ``cls``, from its ``opt(...)`` metadata (plus ``overrides``)."""
+    """Add an option for each named field of ``cls``, from its ``opt(...)`` metadata (plus ``overrides``).
+
+    ``base``: an instance whose values are this command's defaults instead of the class's (the help
+    shows them; pass the same instance to ``config_from_args``).
+    """
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     for name in fields:
@@ -98,11 +103,11 @@ def add_dataclass_options(
         flags = [meta.get("flag") or "--" + name.replace("_", "-")]
         if "short" in meta:
             flags.insert(0, meta["short"])
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": meta["help"] + _default_help(f, meta)}
-        if _default(f) is dataclasses.MISSING:
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": meta["help"] + _default_help(f, meta, base)}
+        if _default(f) is dataclasses.MISSING and base is None:
             kwargs["required"] = True
-        base = _base_type(hints[name])
-        if base is bool:
+        kind = _base_type(hints[name])
+        if kind is bool:
             if "negate" in meta:
                 flags = [meta["negate"]]
                 kwargs["action"] = "store_const"
@@ -116,15 +121,18 @@ def add_dataclass_options(
                     kwargs[key] = meta[key]
             if "choices" in meta:
                 kwargs["choices"] = tuple(meta["choices"])
-            if base in (int, float) and "metavar" not in meta and "choices" not in meta:
-                kwargs["metavar"] = "N" if base is int else "X"
+            if kind in (int, float) and "metavar" not in meta and "choices" not in meta:
+                kwargs["metavar"] = "N" if kind is int else "X"
             if "parse" not in meta:  # parsed later, into a one-line UsageError, when it has its own parser
-                kwargs["type"] = base if base in (int, float, Path) else str
+                kwargs["type"] = kind if kind in (int, float, Path) else str
         parser.add_argument(*flags, **kwargs)
 
 
-def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
-    """``cls(**fixed, **given)``: only the options given on the command line, each through its ``parse``."""
+def config_from_args(cls: type, args: argparse.Namespace, base: Any = None, **fixed: Any) -> Any:
+    """``cls(**fixed, **given)``: only the options given on the command line, each through its ``parse``.
+
+    With ``base`` (an instance of ``cls``), ``replace(base, **fixed, **given)``.
+    """
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
@@ -138,7 +146,7 @@ def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
         if hint is tuple and isinstance(value, list):
             value = tuple(dict.fromkeys(value))  # a repeated option: each value once, in order
         kwargs[f.name] = value
-    return cls(**fixed, **kwargs)
+    return cls(**fixed, **kwargs) if base is None else dataclasses.replace(base, **fixed, **kwargs)
 
 
 # ---- parsers with one-line errors that name the option ------------------------------------------------

@@ -6,9 +6,13 @@ through ``--checkpoint``, the offline path users take with their own weights.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# The repository root, so tests import the developer tools as `tools.coverage`, `tools.bench_matrix`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testdata import HELD_OUT_SKIMAGE, MICRO_CONFIG, Exported
 

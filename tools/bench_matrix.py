@@ -1,37 +1,58 @@
 """The benchmark matrix: several models, each across its precisions and batch sizes, into docs/benchmarks.md.
 
-    python -m clipdeploy.benchmarks.matrix --work-dir artifacts/bench-matrix
+    python tools/bench_matrix.py --work-dir artifacts/bench-matrix
 
-For each model it exports an artifact into the work directory if there is none (random weights,
-offline), makes the reduced-precision variants with `clipdeploy quantize` when the precision stage is
-installed (and TensorRT engines with `clipdeploy build` on a GPU, when that stage is installed), runs
-`clipdeploy bench` on it, and writes one Markdown page naming the machine, with every model's table
+A developer tool of the repository (not in the wheel). For each model it runs `clipdeploy run`'s
+pipeline, built in memory: export (random weights, offline), the reduced-precision variants when the
+precision stage is installed, and TensorRT engines on a GPU when that stage is installed. Like
+`clipdeploy run`, it is incremental: what is current in the work directory is not redone. Then it
+benchmarks each artifact and writes one Markdown page naming the machine, with every model's table
 and plot. Nothing is estimated: a contender that could not run is listed with its reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipdeploy.benchmarks.bench import DEFAULT_BATCHES, BenchConfig, resolve_device, run_bench
+from clipdeploy import options
+from clipdeploy.benchmarks.bench import (
+    DEFAULT_BATCHES,
+    BenchConfig,
+    resolve_device,
+    run_bench,
+)
 from clipdeploy.benchmarks.contenders import has_module
 from clipdeploy.benchmarks.harness import TimingConfig
-from clipdeploy.benchmarks.report import REPORT_DOC_HINT, markdown, schema_doc, summary_rows
+from clipdeploy.benchmarks.report import (
+    REPORT_DOC_HINT,
+    markdown,
+    schema_doc,
+    summary_rows,
+)
+from clipdeploy.cli import build_parser
+from clipdeploy.engines.command import config_from_args as build_config_from_args
 from clipdeploy.errors import ClipDeployError, UsageError
-from clipdeploy.manifest import MANIFEST_NAME, atomic_write_text, read_manifest
+from clipdeploy.export.exporter import ExportConfig
+from clipdeploy.manifest import atomic_write_text
+from clipdeploy.options import config_from_args
+from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan, PipelineConfig
+from clipdeploy.pipeline.runner import RunOptions, run_pipeline
+from clipdeploy.precision.stage import QuantizeConfig
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16", "RN50", "convnext_base", "ViT-L-14")
 # What the matrix measures by default: what the runtime would pick on the device, plus fp32.
+MATRIX_TIMING = TimingConfig(iters=20, warmup=3, max_seconds=30.0)
 DEFAULT_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16", "int8", "int8-fp16")}
 
 
@@ -44,12 +65,12 @@ class MatrixConfig:
     models: tuple[str, ...] = DEFAULT_MODELS  # open_clip architectures, exported with random weights
     precisions: tuple[str, ...] | None = None  # None: fp32 and int8 on CPU; fp32, fp16, int8, int8-fp16 on GPU
     batches: tuple[int, ...] = DEFAULT_BATCHES
-    timing: TimingConfig = field(default_factory=lambda: TimingConfig(iters=20, warmup=3, max_seconds=30.0))
+    timing: TimingConfig = field(default_factory=lambda: MATRIX_TIMING)  # shorter than bench's: many models
     threads: int | None = None  # None: the cores available
     device: str = "auto"
-    quantize: bool = True  # make missing variants with `clipdeploy quantize` when it is installed
-    quantize_args: tuple[str, ...] = ()  # extra arguments for `clipdeploy quantize`, e.g. --calib-images DIR
-    build_args: tuple[str, ...] = ()  # extra arguments for `clipdeploy build`
+    quantize: bool = True  # make the variants (and engines on a GPU) when those stages are installed
+    quantize_args: tuple[str, ...] = ()  # `clipdeploy quantize` options for its config, e.g. --calib-images DIR
+    build_args: tuple[str, ...] = ()  # `clipdeploy build` options for its config
     machine: str | None = None  # the machine's name on the page; None: CPU model, cores, memory, GPU
     progress: bool = True  # progress bars on stderr
     command: str = ""  # the command line that made the page, shown on it
@@ -59,50 +80,75 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _clipdeploy(*args: str) -> tuple[int, str]:
-    """Run a clipdeploy command in a fresh process; its exit code and last error line."""
-    proc = subprocess.run([sys.executable, "-m", "clipdeploy.cli", *args], capture_output=True, text=True, check=False)
-    sys.stderr.write(proc.stdout)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    return proc.returncode, (lines[-1] if lines else "")
+def _stage_config(command: str, artifact: Path, precision: str, argv: tuple[str, ...]) -> Any:
+    """The stage's config from `clipdeploy COMMAND ARTIFACT --precision P ARGV...`, by that command's own parser."""
+    parser = build_parser()
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            args = parser.parse_args([command, str(artifact), "--precision", precision, *argv])
+    except SystemExit:
+        why = said.getvalue().strip().splitlines()[-1:] or ["invalid"]
+        raise UsageError(
+            f"--{command}-args {shlex.join(argv)!r} are not valid `clipdeploy {command}` options "
+            f"({why[0].removeprefix('clipdeploy: error: ')}); see `clipdeploy {command} --help`"
+        ) from None
+    if command == "build":
+        return build_config_from_args(args)
+    return config_from_args(QuantizeConfig, args, artifact=artifact)
+
+
+def model_plan(cfg: MatrixConfig, model: str, device: str, precisions: tuple[str, ...]) -> tuple[ModelPlan, list[str]]:
+    """The pipeline entry of one model (bench excluded: the matrix runs it), and notes on stages it lacks."""
+    artifact = cfg.work_dir / model / ARTIFACT_DIR
+    reduced = tuple(p for p in precisions if p != "fp32") if cfg.quantize else ()
+    notes: list[str] = []
+    if reduced and not has_module("clipdeploy.precision"):
+        notes.append(
+            f"no {', '.join(reduced)} variants: the precision stage (`clipdeploy quantize`) is not installed here, "
+            "so only fp32 was measured"
+        )
+        reduced = ()
+    engines = device == "cuda" and cfg.quantize
+    if engines and not has_module("clipdeploy.engines"):
+        notes.append("no TensorRT engines: the build stage (`clipdeploy build`) is not installed here")
+        engines = False
+    stages = ("export",) + (("quantize",) if reduced else ()) + (("build", "validate") if engines else ())
+    quantize = {
+        p: replace(_stage_config("quantize", artifact, p, cfg.quantize_args), force=True)
+        for p in reduced
+    }
+    built = ("fp32", *reduced) if engines else ()
+    build = {
+        p: replace(_stage_config("build", artifact, p, cfg.build_args), validate=False)
+        for p in built
+    }
+    plan = ModelPlan(
+        name=model,
+        export=ExportConfig(model=model, output=artifact, force=True),
+        precisions=("fp32", *reduced),
+        stages=stages,
+        quantize=quantize,
+        build=build,
+    )
+    return plan, notes
 
 
 def prepare_artifact(
     cfg: MatrixConfig, model: str, device: str, precisions: tuple[str, ...]
 ) -> tuple[Path | None, list[str]]:
-    """Export (if missing) and make the wanted variants (if the stages are installed); notes on what was not."""
-    art = cfg.work_dir / model
-    notes: list[str] = []
-    if not (art / MANIFEST_NAME).is_file():
-        _say(f"[{model}] exporting to {art} (random weights) ...")
-        code, err = _clipdeploy("export", model, "-o", str(art), "--force")
-        if code != 0:
-            return None, [f"export failed: {err}"]
-    have = {(v["format"], v["precision"]) for v in read_manifest(art)["variants"]}
-    reduced = [p for p in precisions if p != "fp32" and ("onnx", p) not in have]
-    if reduced and cfg.quantize:
-        if not has_module("clipdeploy.precision"):
-            notes.append(
-                f"no {', '.join(reduced)} variants: the precision stage (`clipdeploy quantize`) is not installed here, "
-                "so only fp32 was measured"
-            )
-        else:
-            for p in reduced:
-                _say(f"[{model}] clipdeploy quantize --precision {p} ...")
-                code, err = _clipdeploy("quantize", str(art), "--precision", p, *cfg.quantize_args)
-                if code != 0:
-                    notes.append(f"`clipdeploy quantize --precision {p}` failed, so {p} was not measured: {err}")
-    if device == "cuda" and cfg.quantize:
-        have = {(v["format"], v["precision"]) for v in read_manifest(art)["variants"]}
-        engines = [p for p in precisions if ("tensorrt", p) not in have and ("onnx", p) in have]
-        if engines and not has_module("clipdeploy.engines"):
-            notes.append("no TensorRT engines: the build stage (`clipdeploy build`) is not installed here")
-        for p in engines if has_module("clipdeploy.engines") else []:
-            _say(f"[{model}] clipdeploy build --precision {p} ...")
-            code, err = _clipdeploy("build", str(art), "--precision", p, *cfg.build_args)
-            if code != 0:
-                notes.append(f"`clipdeploy build --precision {p}` failed, so its engine was not measured: {err}")
-    return art, notes
+    """Run the model's pipeline (what is current is kept); the artifact, or None, and notes on what was not made."""
+    plan, notes = model_plan(cfg, model, device, precisions)
+    _say(f"[{model}] clipdeploy run: {', '.join(plan.stages)} ...")
+    pipeline = PipelineConfig(file=Path(__file__), output=cfg.work_dir, models=[plan])
+    summary = run_pipeline(pipeline, RunOptions())
+    units = {u["unit"]: u for u in summary["models"][0]["units"]}
+    if units["export"]["status"] not in ("ran", "current"):
+        return None, [f"export {units['export']['status']}: {units['export']['reason']}"]
+    for name, u in units.items():
+        if u["status"] in ("failed", "blocked") or (u["status"] == "skipped" and u["stage"] in plan.stages):
+            notes.append(f"{name} {u['status']}, so it was not measured: {u['reason']}")
+    return plan.artifact, notes
 
 
 def run_matrix(cfg: MatrixConfig) -> Path:
@@ -161,7 +207,7 @@ def render_page(
     lines = [
         "# Benchmarks",
         "",
-        "<!-- Generated by clipdeploy.benchmarks.matrix; do not edit by hand. -->",
+        "<!-- Generated by tools/bench_matrix.py; do not edit by hand. -->",
         "",
         f"Measured on **{machine}** ({device}), {datetime.now(timezone.utc).date().isoformat()}"
         + (f", with\n\n```\n{cfg.command}\n```" if cfg.command else "."),
@@ -189,13 +235,9 @@ def render_page(
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_matrix_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m clipdeploy.benchmarks.matrix",
+        prog="python tools/bench_matrix.py",
         description="Benchmark several models (exported with random weights into --work-dir when missing) and "
         "write docs/benchmarks.md.",
     )
@@ -207,53 +249,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"default: {','.join(DEFAULT_MODELS)}")
     parser.add_argument("--precisions", help="default: fp32,int8 on CPU; fp32,fp16,int8,int8-fp16 on GPU")
-    parser.add_argument("--batch", default="1,8,32", help="batch sizes (default: 1,8,32)")
-    parser.add_argument("--iters", type=int, default=20, help="timed calls per case at most (default: 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per case (default: 3)")
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="time budget per case (default: 30)")
-    parser.add_argument("--threads", type=int, help="threads per contender (default: the cores available)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--machine", help="the machine's name on the page")
+    # The same options as `clipdeploy bench`, from the same fields; the timing defaults are the matrix's.
+    options.add_dataclass_options(parser, BenchConfig, ["batches", "threads", "device", "machine", "progress"])
+    options.add_dataclass_options(parser, TimingConfig, ["iters", "warmup", "max_seconds"], base=MATRIX_TIMING)
     parser.add_argument("--no-quantize", action="store_true", help="measure only the variants already made")
     parser.add_argument(
         "--calib-images", nargs="+", metavar="PATH", help="real images for clipdeploy quantize (folders or .tar shards)"
     )
-    parser.add_argument("--quantize-args", default="", help="extra arguments for clipdeploy quantize, quoted")
-    parser.add_argument("--build-args", default="", help="extra arguments for clipdeploy build, quoted")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--quantize-args", default="", help="more `clipdeploy quantize` options, quoted")
+    parser.add_argument("--build-args", default="", help="more `clipdeploy build` options, quoted")
+    return parser
+
+
+def config_from_matrix_args(args: argparse.Namespace, argv: list[str]) -> MatrixConfig:
+    bench = options.config_from_args(BenchConfig, args, artifact=Path(args.work_dir))
+    models = options.csv()("--models", args.models)
+    return MatrixConfig(
+        work_dir=Path(args.work_dir),
+        output=Path(args.output),
+        models=models,
+        precisions=options.csv()("--precisions", args.precisions) if args.precisions else None,
+        batches=bench.batches,
+        timing=options.config_from_args(TimingConfig, args, base=MATRIX_TIMING),
+        threads=bench.threads,
+        device=bench.device,
+        quantize=not args.no_quantize,
+        quantize_args=(
+            *(["--calib-images", *args.calib_images] if args.calib_images else []),
+            *shlex.split(args.quantize_args),
+        ),
+        build_args=tuple(shlex.split(args.build_args)),
+        machine=bench.machine,
+        progress=bench.progress,
+        command=" ".join(["python tools/bench_matrix.py", *map(shlex.quote, argv)]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_matrix_parser().parse_args(argv)
     try:
-        batches = tuple(int(b) for b in _csv(args.batch))
-        if not batches or min(batches) < 1:
-            raise ValueError
-    except ValueError:
-        print(f"matrix: error: --batch {args.batch!r} must be batch sizes of 1 or more, e.g. 1,8,32", file=sys.stderr)
-        return 2
-    try:
-        cfg = MatrixConfig(
-            work_dir=Path(args.work_dir),
-            output=Path(args.output),
-            models=_csv(args.models),
-            precisions=_csv(args.precisions) if args.precisions else None,
-            batches=batches,
-            timing=TimingConfig(iters=args.iters, warmup=args.warmup, max_seconds=args.max_seconds),
-            threads=args.threads,
-            device=args.device,
-            quantize=not args.no_quantize,
-            quantize_args=(
-                *(["--calib-images", *args.calib_images] if args.calib_images else []),
-                *shlex.split(args.quantize_args),
-            ),
-            build_args=tuple(shlex.split(args.build_args)),
-            machine=args.machine,
-            progress=not args.no_progress,
-            command=" ".join(
-                ["python -m clipdeploy.benchmarks.matrix", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
-            ),
-        )
-        if not cfg.models:
-            raise UsageError("--models is empty; pass e.g. ViT-B-32,RN50")
-        path = run_matrix(cfg)
+        path = run_matrix(config_from_matrix_args(args, argv))
     except ClipDeployError as e:
         print(f"matrix: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -142,3 +142,11 @@ def test_a_device_a_command_cannot_use_is_a_one_line_error(argv, needle, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipdeploy: error: ") and needle in err and "\n" not in err
+
+
+def test_only_the_fields_given_as_options_are_read():
+    """Another option with a field's dest (a tool's own -o OUTPUT) does not land in the config."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--ratio", default="not a ratio")  # the parser's own option, not Toy.ratio
+    add_dataclass_options(p, Toy, ["count"])
+    assert config_from_args(Toy, p.parse_args(["--count", "4"]), name="n") == Toy(name="n", count=4)

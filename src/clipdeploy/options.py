@@ -95,6 +95,11 @@ def add_dataclass_options(
     """
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in dataclasses.fields(cls)}
+    fields = list(fields)
+    # Which fields of cls this parser has options for: config_from_args reads only those, so another
+    # option with the same dest (e.g. a tool's own -o) never lands in the config.
+    key = _registry_key(cls)
+    parser.set_defaults(**{key: (*parser._defaults.get(key, ()), *fields)})
     for name in fields:
         f = by_name[name]
         meta = {**f.metadata.get(_META, {}), **((overrides or {}).get(name, {}))}
@@ -128,22 +133,27 @@ def add_dataclass_options(
         parser.add_argument(*flags, **kwargs)
 
 
+def _registry_key(cls: type) -> str:
+    return f"_options_of_{cls.__module__}.{cls.__qualname__}"
+
+
 def config_from_args(cls: type, args: argparse.Namespace, base: Any = None, **fixed: Any) -> Any:
     """``cls(**fixed, **given)``: only the options given on the command line, each through its ``parse``.
 
     With ``base`` (an instance of ``cls``), ``replace(base, **fixed, **given)``.
     """
     kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    registered = getattr(args, _registry_key(cls), None)  # None: a namespace made by hand, every field
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
-        if f.name in fixed or value is None:
+        if f.name in fixed or value is None or (registered is not None and f.name not in registered):
             continue
         parse = f.metadata.get(_META, {}).get("parse")
         flag = f.metadata.get(_META, {}).get("flag") or "--" + f.name.replace("_", "-")
         if parse is not None:
             value = [parse(flag, v) for v in value] if isinstance(value, list) else parse(flag, value)
-        hint = typing.get_origin(typing.get_type_hints(cls)[f.name])
-        if hint is tuple and isinstance(value, list):
+        if typing.get_origin(hints[f.name]) is tuple and isinstance(value, list):
             value = tuple(dict.fromkeys(value))  # a repeated option: each value once, in order
         kwargs[f.name] = value
     return cls(**fixed, **kwargs) if base is None else dataclasses.replace(base, **fixed, **kwargs)

@@ -119,7 +119,8 @@ class QuantizeConfig:
         if self.holdout < dataset.MIN_HELD_OUT:
             raise UsageError(
                 f"--holdout {self.holdout} is below the {dataset.MIN_HELD_OUT} held-out samples per tower a gate "
-                f"needs to mean anything; pass --holdout {dataset.MIN_HELD_OUT} or more (default 256)"
+                f"needs to mean anything; pass --holdout {dataset.MIN_HELD_OUT} or more "
+                f"(default {QuantizeConfig.holdout})"
             )
         if self.samples < self.min_samples:
             raise UsageError(f"--samples {self.samples} is below --min-samples {self.min_samples}")

@@ -4,7 +4,7 @@ The ViT and ModifiedResNet families are covered at full size by the ViT-B-32 and
 Every other family gets a micro model here, built from the family's own tower types (the same timm
 architectures at their smallest, or the real architecture at reduced depth), so CI stays short.
 The full-size representatives (``FamilySpec.representative``) run in the slow test at the bottom,
-and the whole of open_clip in ``python -m clipdeploy.export.coverage``.
+and the whole of open_clip in ``python tools/coverage.py``.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def test_family_exports_within_tolerance(name, tmp_path):
 @pytest.mark.parametrize("family", [f for f in specs.list_families() if f.representative], ids=lambda f: f.name)
 def test_family_representative_at_full_size(family, tmp_path):
     """The real representative of each family, full size, through the coverage worker."""
-    from clipdeploy.export.coverage import run_one
+    from tools.coverage import run_one  # the repository's coverage sweep (tests/conftest.py puts it on the path)
 
     row = run_one(family.representative, reduced_depth=False, workdir=tmp_path)
     assert row["status"] == "passed", row.get("error")

@@ -2,7 +2,7 @@
 
 ``clipdeploy bench DIR`` (see :mod:`clipdeploy.benchmarks.command`) measures every variant the
 artifact holds that a backend here can run, beside the open_clip model with the same weights, on
-identical inputs, and writes JSON, Markdown and PNG reports. ``python -m clipdeploy.benchmarks.matrix``
+identical inputs, and writes JSON, Markdown and PNG reports. The repository's ``tools/bench_matrix.py``
 runs it over several models and writes ``docs/benchmarks.md``.
 
 Nothing heavy is imported here: torch, open_clip, onnxruntime and matplotlib load inside the

@@ -27,6 +27,8 @@ from clipdeploy.benchmarks.contenders import (
     ContenderSpec,
     OpenOptions,
     Skipped,
+    backends,
+    default_precisions,
     discover,
 )
 from clipdeploy.benchmarks.harness import TimingConfig
@@ -34,7 +36,9 @@ from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynam
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import TOWERS, read_manifest
+from clipdeploy.options import DEVICE_HELP, THREADS, csv, device_kind, integer, opt, show_csv
 from clipdeploy.precisions import REFERENCE
+from clipdeploy.precisions import names as precision_names
 from clipdeploy.progress import active as progress_active
 from clipdeploy.progress import write as progress_write
 from clipdeploy.validation import cosine_rows
@@ -54,19 +58,54 @@ class BenchConfig:
 
     artifact: Path  # the artifact directory to measure
     output: Path | None = None  # directory for bench.json, bench.md and bench.png; None writes nothing
-    backends: tuple[str, ...] = BACKENDS  # which of torch, onnxruntime, tensorrt to run
-    precisions: tuple[str, ...] | None = None  # variant precisions; None: those the runtime would pick here
-    batches: tuple[int, ...] = DEFAULT_BATCHES  # batch sizes, each measured on its own
-    towers: tuple[str, ...] = TOWERS  # image and/or text
+    backends: tuple[str, ...] = field(  # which of torch, onnxruntime, tensorrt to run
+        default=BACKENDS,
+        metadata=opt(f"comma-separated, from {','.join(BACKENDS)}; unavailable ones are skipped with a reason",
+                     metavar="LIST", parse=csv(backends), default_text="all"),
+    )  # fmt: skip
+    precisions: tuple[str, ...] | None = field(  # None: those the runtime would pick here
+        default=None,
+        metadata=opt(
+            f"variant precisions to measure, from {','.join(precision_names())}; PyTorch always runs the reference",
+            metavar="LIST", parse=csv(precision_names),
+            default_text="those the runtime would pick on this device: "
+            f"{' and '.join(default_precisions('cpu'))} on CPU",
+        ),
+    )  # fmt: skip
+    batches: tuple[int, ...] = field(  # each measured on its own
+        default=DEFAULT_BATCHES,
+        metadata=opt("batch sizes", flag="--batch", metavar="LIST", parse=csv(item=integer(1)), show=show_csv),
+    )
+    towers: tuple[str, ...] = field(
+        default=TOWERS, metadata=opt("towers to measure", metavar="LIST", parse=csv(TOWERS), show=show_csv)
+    )
     timing: TimingConfig = field(default_factory=TimingConfig)  # iterations, warm-up, time budget
-    threads: int | None = None  # intra-op threads for every contender; None: the cores available
-    device: str = "auto"  # cpu, cuda, or auto (cuda when nvidia-smi sees a GPU)
-    checkpoint: Path | None = None  # the checkpoint the artifact came from, for the PyTorch reference
-    graph_optimization_level: str = "all"  # ONNX Runtime graph optimizations: disable, basic, extended, all
-    prompt_length: int | None = None  # the short text length; None: the longest bundled prompt
-    isolate: bool = True  # measure each contender in a fresh process
-    progress: bool = True  # show a progress bar (tqdm) on stderr
-    machine: str | None = None  # a name for the machine in reports; None: CPU model, cores, memory, GPU
+    threads: int | None = field(default=None, metadata=THREADS)  # for every contender; None: the cores available
+    device: str = field(  # cpu, cuda, or auto (cuda when nvidia-smi sees a GPU)
+        default="auto",
+        metadata=opt(DEVICE_HELP + "; bench runs on CUDA device 0", metavar="DEVICE", parse=device_kind),
+    )
+    checkpoint: Path | None = field(  # for the PyTorch reference
+        default=None, metadata=opt("the checkpoint the artifact was exported from (for PyTorch)", metavar="FILE")
+    )
+    graph_optimization_level: str = field(
+        default="all",
+        metadata=opt(f"ONNX Runtime graph optimizations: {', '.join(_OPT_LEVELS)}", metavar="LEVEL"),
+    )
+    prompt_length: int | None = field(
+        default=None,
+        metadata=opt("short text length", metavar="N", parse=integer(2), default_text="the longest bundled prompt"),
+    )
+    isolate: bool = field(  # measure each contender in a fresh process
+        default=True,
+        metadata=opt("measure every contender in this process instead of one process each", negate="--in-process"),
+    )
+    progress: bool = field(default=True, metadata=opt("no progress bar", negate="--no-progress"))  # tqdm on stderr
+    machine: str | None = field(  # None: CPU model, cores, memory, GPU
+        default=None,
+        metadata=opt("name the machine in the reports", metavar="NAME",
+                     default_text="CPU model, cores, memory, GPU"),
+    )  # fmt: skip
 
     def check(self) -> None:
         if not self.batches:

@@ -12,21 +12,28 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from clipdeploy.errors import UsageError
+from clipdeploy.options import integer, opt, positive_number
 
 
 @dataclass(frozen=True)
 class TimingConfig:
     """How long each (contender, tower, batch, length) case is measured."""
 
-    iters: int = 30  # timed calls per case, at most
-    warmup: int = 5  # untimed calls first: lazy allocation, kernel selection, torch.compile
-    max_seconds: float | None = None  # stop timing a case after this many seconds (None: never)
+    iters: int = field(default=30, metadata=opt("timed calls per case, at most", metavar="N", parse=integer(1)))
+    warmup: int = field(  # lazy allocation, kernel selection, torch.compile
+        default=5, metadata=opt("untimed calls first", metavar="N", parse=integer(0))
+    )
+    max_seconds: float | None = field(  # None: never
+        default=None,
+        metadata=opt("stop timing a case after S seconds, once 3 calls are timed", metavar="S", parse=positive_number,
+                     default_text="no limit"),
+    )  # fmt: skip
     min_iters: int = 3  # ...but time at least this many calls, whatever the budget
 
     def __post_init__(self) -> None:

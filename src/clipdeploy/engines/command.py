@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import precisions
+from clipdeploy import options, precisions
+from clipdeploy.engines.config import BuildConfig, parse_range
 from clipdeploy.errors import UsageError
-from clipdeploy.manifest import TOWERS
+from clipdeploy.options import add_dataclass_options, cuda_index
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+_DEFAULT_DEVICE: int = next(f.default for f in fields(BuildConfig) if f.name == "device")  # type: ignore[assignment]
 
 
 def _figures(record: dict[str, Any]) -> str:
@@ -34,9 +28,7 @@ def _figures(record: dict[str, Any]) -> str:
 # ---- build --------------------------------------------------------------------------------------
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    from clipdeploy.engines.config import BuildConfig, parse_range, parse_size
-
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
     shapes = {}
     for item in args.shape or []:
         name, sep, value = item.partition("=")
@@ -45,21 +37,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         shapes[name] = parse_range(value)
     if args.seq_len:
         shapes["sequence"] = parse_range(args.seq_len)
-    return BuildConfig(
-        artifact=Path(args.artifact),
-        precision=args.precision,
-        towers=tuple(args.tower or ()),
-        batch=parse_range(args.batch),
-        shapes=shapes,
-        workspace=parse_size(args.workspace) if args.workspace else None,
-        opt_level=args.opt_level,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-        hardware_compat=args.hardware_compat,
-        version_compat=args.version_compat,
-        tf32=not args.no_tf32,
-        device=args.device,
-        validate=not args.no_validate,
-    )
+    return options.config_from_args(BuildConfig, args, artifact=Path(args.artifact), shapes=shapes)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -87,10 +65,7 @@ def add_build(sub: Any) -> None:
         "'clipdeploy[tensorrt10]' (TensorRT 10, CUDA 12).",
     )
     p.add_argument("artifact", help="artifact directory made by `clipdeploy export`")
-    p.add_argument("--precision", default=precisions.REFERENCE, choices=precisions.names(),
-                   help=f"ONNX variant to compile (default: {precisions.REFERENCE})")
-    p.add_argument("--tower", action="append", choices=TOWERS, help="build only this tower (repeatable; default: all)")
-    p.add_argument("--batch", default="1:8:64", metavar="MIN:OPT:MAX", help="batch profile (default: 1:8:64)")
+    add_dataclass_options(p, BuildConfig, ["precision", "towers", "batch"])
     p.add_argument(
         "--seq-len",
         metavar="MIN:OPT:MAX",
@@ -103,33 +78,11 @@ def add_build(sub: Any) -> None:
         metavar="AXIS=MIN:OPT:MAX",
         help="profile of any other named dynamic axis (repeatable)",
     )
-    p.add_argument("--workspace", metavar="SIZE", help="workspace memory limit, e.g. 4GiB (default: TensorRT's)")
-    p.add_argument(
-        "--opt-level",
-        type=int,
-        default=3,
-        choices=range(6),
-        metavar="0-5",
-        help="builder optimization level (default: 3)",
+    add_dataclass_options(
+        p,
+        BuildConfig,
+        ["workspace", "opt_level", "timing_cache", "hardware_compat", "version_compat", "tf32", "device", "validate"],
     )
-    p.add_argument("--timing-cache", metavar="FILE", help="timing cache to load and merge into (created if missing)")
-    p.add_argument(
-        "--hardware-compat",
-        default="none",
-        choices=("none", "same-compute-capability", "ampere-plus"),
-        help="build a plan that runs on other GPUs too (slower); default: this GPU's compute capability only",
-    )
-    p.add_argument(
-        "--version-compat",
-        action="store_true",
-        help="build a plan that later TensorRT versions of the same major can load; it embeds host code, "
-        "so loading it needs engine_host_code_allowed=True",
-    )
-    p.add_argument("--no-tf32", action="store_true", help="keep fp32 layers off TF32 tensor cores")
-    p.add_argument(
-        "--device", type=_non_negative_int, default=0, metavar="N", help="CUDA device to build on (default: 0)"
-    )
-    p.add_argument("--no-validate", action="store_true", help="skip the comparison with the ONNX source")
     p.set_defaults(func=cmd_build)
 
 
@@ -139,8 +92,9 @@ def add_build(sub: Any) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from clipdeploy.engines.engine_validate import validate_engines
 
+    device = cuda_index("--device", args.device) if args.device is not None else _DEFAULT_DEVICE
     report = validate_engines(
-        Path(args.artifact), device=args.device, precision=args.precision, engine_host_code_allowed=args.allow_host_code
+        Path(args.artifact), device=device, precision=args.precision, engine_host_code_allowed=args.allow_host_code
     )
     for file, record in report.items():
         print(f"{file}: {_figures(record)}")
@@ -157,7 +111,7 @@ def add_validate(sub: Any) -> None:
     )
     p.add_argument("artifact", help="artifact directory with engines made by `clipdeploy build`")
     p.add_argument("--precision", choices=precisions.names(), help="validate only engines of this precision")
-    p.add_argument("--device", type=_non_negative_int, default=0, metavar="N", help="CUDA device (default: 0)")
+    add_dataclass_options(p, BuildConfig, ["device"])  # the same --device as build
     p.add_argument(
         "--allow-host-code", action="store_true", help="load version-compatible plans, which embed host code"
     )

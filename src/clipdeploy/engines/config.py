@@ -6,9 +6,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipdeploy import precisions
 from clipdeploy.errors import UsageError
+from clipdeploy import precisions
 from clipdeploy.manifest import TOWERS
+from clipdeploy.options import DEVICE_HELP, cuda_index, opt
 from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT
 
 Range = tuple[int, int, int]  # min, opt, max of one dynamic axis
@@ -23,23 +24,63 @@ def check_range(name: str, r: Range) -> Range:
     return (lo, opt, hi)
 
 
+def show_range(r: Range) -> str:
+    return ":".join(map(str, r))
+
+
+# `--device` of build and validate: a CUDA device (cpu refused: TensorRT needs a GPU).
+CUDA_DEVICE = opt(DEVICE_HELP + "; TensorRT needs a GPU, so cpu is refused", metavar="DEVICE", parse=cuda_index,
+                  default_text="0")  # fmt: skip
+
+
 @dataclass
 class BuildConfig:
     """Everything `clipdeploy build` takes."""
 
     artifact: Path  # the artifact directory made by `clipdeploy export` (and `quantize`)
-    precision: str = precisions.REFERENCE  # which ONNX variant to compile: one of precisions.names()
-    towers: tuple[str, ...] = ()  # towers to build; empty builds every tower in the manifest
-    batch: Range = (1, 8, 64)  # min/opt/max of the batch axis in the optimization profile
+    precision: str = field(default=precisions.REFERENCE, metadata=opt("ONNX variant to compile", choices=precisions.names()))
+    towers: tuple[str, ...] = field(  # empty builds every tower in the manifest
+        default=(),
+        metadata=opt("build only this tower (repeatable)", flag="--tower", action="append", choices=TOWERS,
+                     default_text="all"),
+    )  # fmt: skip
+    batch: Range = field(  # min/opt/max of the batch axis in the optimization profile
+        default=(1, 8, 64),
+        metadata=opt("batch profile", metavar="MIN:OPT:MAX", parse=lambda _, text: parse_range(text), show=show_range),
+    )
     shapes: dict[str, Range] = field(default_factory=dict)  # min/opt/max of other named dynamic axes, e.g. "sequence"
-    workspace: int | None = None  # workspace pool limit in bytes; None lets TensorRT use what the GPU has
-    opt_level: int = 3  # builder optimization level 0-5 (TensorRT's default 3); 0 ignores the timing cache
-    timing_cache: Path | None = None  # timing cache file: loaded if present, merged into and saved after the build
-    hardware_compat: str = "none"  # none, same-compute-capability or ampere-plus (portable, somewhat slower)
-    version_compat: bool = False  # plans that later TensorRT versions of the same major can load (embed host code)
-    tf32: bool = True  # let fp32 layers use TF32 tensor cores (faster on Ampere+, ~1e-3 relative error)
-    device: int = 0  # CUDA device to build on; the plan is named after its compute capability
-    validate: bool = True  # compare each new engine with its ONNX source right after the build
+    workspace: int | None = field(  # workspace pool limit in bytes; None lets TensorRT use what the GPU has
+        default=None,
+        metadata=opt("workspace memory limit, e.g. 4GiB", metavar="SIZE", parse=lambda _, text: parse_size(text),
+                     default_text="TensorRT's"),
+    )  # fmt: skip
+    opt_level: int = field(  # TensorRT's default 3; 0 ignores the timing cache
+        default=3, metadata=opt("builder optimization level", choices=range(6), metavar="0-5")
+    )
+    timing_cache: Path | None = field(  # loaded if present, merged into and saved after the build
+        default=None, metadata=opt("timing cache to load and merge into (created if missing)", metavar="FILE")
+    )
+    hardware_compat: str = field(  # portable plans are somewhat slower
+        default="none",
+        metadata=opt(
+            "build a plan that runs on other GPUs too (slower); none: this GPU's compute capability only",
+            choices=HARDWARE_COMPAT,
+        ),
+    )
+    version_compat: bool = field(
+        default=False,
+        metadata=opt(
+            "build a plan that later TensorRT versions of the same major can load; it embeds host code, "
+            "so loading it needs engine_host_code_allowed=True"
+        ),
+    )
+    tf32: bool = field(  # faster on Ampere+, ~1e-3 relative error
+        default=True, metadata=opt("keep fp32 layers off TF32 tensor cores", negate="--no-tf32")
+    )
+    device: int = field(default=0, metadata=CUDA_DEVICE)  # the plan is named after its compute capability
+    validate: bool = field(  # compare each new engine with its ONNX source right after the build
+        default=True, metadata=opt("skip the comparison with the ONNX source", negate="--no-validate")
+    )
 
     def __post_init__(self) -> None:
         self.artifact = Path(self.artifact)

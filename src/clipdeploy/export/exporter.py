@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +24,7 @@ from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
 from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, context_length, detect_family
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
+from clipdeploy.options import opt
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 from clipdeploy.deps import require
@@ -42,20 +43,33 @@ class ExportConfig:
 
     model: str  # open_clip architecture name, or a name for --model-config
     output: Path  # the artifact directory to create
-    pretrained: str | None = None  # an open_clip pretrained tag (needs network)
-    checkpoint: Path | None = None  # a local state_dict / safetensors file (offline)
-    model_config: Path | None = None  # an open_clip-format architecture JSON
-    opset: int = DEFAULT_OPSET  # ONNX opset; 17 or higher
-    force: bool = False  # replace an existing artifact at `output`
-    seed: int = 0  # seeds random weights when no pretrained/checkpoint is given
-    # A folder with the Hugging Face tokenizer files (tokenizer.json, ...) for models whose tokenizer
-    # open_clip fetches from the hub; without it, and without the hub, the artifact records the
-    # tokenizer as missing (encode_tokens works, encode_text refuses).
-    tokenizer_dir: Path | None = None
+    pretrained: str | None = field(  # needs network
+        default=None, metadata=opt("open_clip pretrained tag, e.g. openai (downloads)", metavar="TAG")
+    )
+    checkpoint: Path | None = field(
+        default=None, metadata=opt("local state_dict or .safetensors file (offline)", metavar="FILE")
+    )
+    model_config: Path | None = field(
+        default=None, metadata=opt("open_clip-format architecture JSON, registered as MODEL", metavar="FILE.json")
+    )
+    opset: int = field(default=DEFAULT_OPSET, metadata=opt(f"ONNX opset, {MIN_OPSET} or higher"))
+    force: bool = field(default=False, metadata=opt("replace an existing artifact at --output"))
+    seed: int = field(default=0, metadata=opt("seed for random weights"))  # without pretrained/checkpoint
+    # Without it, and without the hub, the artifact records the tokenizer as missing (encode_tokens
+    # works, encode_text refuses).
+    tokenizer_dir: Path | None = field(
+        default=None,
+        metadata=opt(
+            "folder with the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json) for models whose "
+            "tokenizer open_clip fetches from the hub (SigLIP, CLIPA, roberta, mt5, nllb, ...); save it with "
+            "AutoTokenizer.from_pretrained(NAME).save_pretrained(DIR)",
+            metavar="DIR",
+        ),
+    )
     # Reduced-depth proof of a giant that cannot fit at full size: at most this many transformer
-    # blocks per tower, random weights only; recorded in the manifest as model.reduced_depth.
+    # blocks per tower, random weights only; recorded in the manifest as model.reduced_depth. API and
+    # the coverage tool only (no CLI option).
     depth: int | None = None
-
 
 def sample_images() -> list[Path]:
     """The bundled real photographs the parity check (and the quickstart) use."""

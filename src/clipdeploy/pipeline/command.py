@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-STAGE_CHOICES = ("export", "quantize", "build", "validate", "bench")
+from clipdeploy.options import add_dataclass_options, config_from_args
+from clipdeploy.pipeline.runner import RunOptions
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -13,10 +14,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     import sys
 
     from clipdeploy.pipeline.config import load_config
-    from clipdeploy.pipeline.runner import RunOptions, run_pipeline
+    from clipdeploy.pipeline.runner import run_pipeline
     from clipdeploy.pipeline.summary import table
 
-    options = RunOptions(force=args.force, only=args.only, fail_fast=args.fail_fast, models=tuple(args.model or ()))
+    options = config_from_args(RunOptions, args)
     options.check()
     config = load_config(args.config, output=args.output)
     summary = run_pipeline(config, options)
@@ -45,9 +46,6 @@ def add_run(sub: Any) -> None:
     )
     p.add_argument("config", help="pipeline YAML file, e.g. configs/quickstart.yaml")
     p.add_argument("-o", "--output", metavar="DIR", help="output root (default: the file's `output:`)")
-    p.add_argument("--force", action="store_true", help="re-run every selected stage, even if current")
-    p.add_argument("--only", choices=STAGE_CHOICES, help="run only this stage; the others are checked, not run")
-    p.add_argument("--fail-fast", action="store_true", help="stop everything at the first failure")
-    p.add_argument("--model", action="append", metavar="NAME", help="run only this model entry (repeatable)")
+    add_dataclass_options(p, RunOptions, ["force", "only", "fail_fast", "models"])
     p.add_argument("--json", metavar="FILE", help="also write the summary JSON here")
     p.set_defaults(func=cmd_run)

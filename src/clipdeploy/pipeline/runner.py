@@ -20,6 +20,7 @@ from typing import Any
 
 from clipdeploy import progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, UsageError
+from clipdeploy.options import opt
 from clipdeploy.pipeline.config import STAGES, ModelPlan, PipelineConfig
 from clipdeploy.pipeline.fingerprint import changed, key_of
 from clipdeploy.pipeline.stages import STAGES as IMPLS
@@ -40,10 +41,17 @@ SUMMARY_SCHEMA = "clipdeploy-pipeline-summary/1"
 class RunOptions:
     """How `clipdeploy run` runs a pipeline. CLI and API both resolve through this."""
 
-    force: bool = False  # re-run every selected unit, current or not
-    only: str | None = None  # run only this stage; others are reported as current or stale
-    fail_fast: bool = False  # stop everything at the first failure
-    models: tuple[str, ...] = ()  # run only these model names; empty runs all
+    force: bool = field(  # re-run every selected unit, current or not
+        default=False, metadata=opt("re-run every selected stage, even if current")
+    )
+    only: str | None = field(  # others are reported as current or stale
+        default=None, metadata=opt("run only this stage; the others are checked, not run", choices=STAGES)
+    )
+    fail_fast: bool = field(default=False, metadata=opt("stop everything at the first failure"))
+    models: tuple[str, ...] = field(  # empty runs all
+        default=(),
+        metadata=opt("run only this model entry (repeatable)", flag="--model", action="append", metavar="NAME"),
+    )
 
     def check(self) -> None:
         if self.only is not None and self.only not in STAGES:

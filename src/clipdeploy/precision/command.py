@@ -7,33 +7,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import precisions
+from clipdeploy.options import add_dataclass_options, config_from_args
+from clipdeploy.precision.stage import QuantizeConfig
+
+THREADS_HELP = "ONNX Runtime intra-op threads for calibration and the gate"
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from clipdeploy.errors import AccuracyError
-    from clipdeploy.precision.stage import QuantizeConfig, quantize
+    from clipdeploy.precision.stage import quantize
 
-    cfg = QuantizeConfig(
-        artifact=Path(args.artifact),
-        precision=args.precision,
-        calib_images=[Path(p) for p in args.calib_images or []],
-        calib_texts=Path(args.calib_texts) if args.calib_texts else None,
-        method=args.method,
-        samples=args.samples,
-        holdout=args.holdout,
-        min_samples=args.min_samples,
-        seed=args.seed,
-        gate_prompts=Path(args.gate_prompts) if args.gate_prompts else None,
-        min_cosine=args.min_cosine,
-        min_mean_cosine=args.min_mean_cosine,
-        min_top1=args.min_top1,
-        recover=not args.no_recover,
-        max_fp32_fraction=args.max_fp32_fraction,
-        max_rounds=args.max_rounds,
-        threads=args.threads,
-        force=args.force,
-    )
+    cfg = config_from_args(QuantizeConfig, args, artifact=Path(args.artifact))
     try:
         report = quantize(cfg)
     except AccuracyError as e:
@@ -81,33 +65,17 @@ def add_quantize(sub: Any) -> None:
         "by keeping its most sensitive nodes in higher precision, within a bound.",
     )
     p.add_argument("artifact", help="artifact directory made by `clipdeploy export`")
-    p.add_argument("--precision", required=True, choices=precisions.quantized(),
-                   help="int8: Q/DQ with fp32 elsewhere (best on ONNX Runtime CPU); int8-fp16: Q/DQ with fp16 "
-                   "elsewhere (best on TensorRT)")
-    data = p.add_argument_group("data")
-    data.add_argument("--calib-images", nargs="+", metavar="PATH", help="image folders (recursive) or .tar shards")
-    data.add_argument("--calib-texts", metavar="FILE", help="captions, one per line (default: ImageNet classes "
-                      "x open_clip's templates)")
-    data.add_argument("--samples", type=int, default=300, help="calibration samples per tower (default: 300)")
-    data.add_argument("--holdout", type=int, default=256,
-                      help="held-out samples per tower for the gate, at least 32 (default: 256; data too short for "
-                      "--samples plus --holdout is shared evenly between the two)")
-    data.add_argument("--min-samples", type=int, default=32, help="fewest calibration samples accepted (default: 32)")
-    data.add_argument("--seed", type=int, default=0, help="seed that picks the samples (default: 0)")
-    data.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
-                      help="int8 activation calibration (default: minmax)")
-    g = p.add_argument_group("gate")
-    g.add_argument("--gate-prompts", metavar="FILE", help="class prompts, one per line, for top-1 agreement "
-                   "(default: ImageNet 'a photo of a {}.')")
-    g.add_argument("--min-cosine", type=float, help="lowest cosine of any held-out sample, in (-1, 1] "
-                   "(default: 0.999 for fp16, 0.95 for int8 and int8-fp16)")
-    g.add_argument("--min-mean-cosine", type=float, help="lowest mean cosine (default: 0.99 for int8)")
-    g.add_argument("--min-top1", type=float, help="lowest top-1 agreement, in [0, 1] (default: 0.95 for int8)")
-    r = p.add_argument_group("recovery (int8)")
-    r.add_argument("--no-recover", action="store_true", help="fail at once when int8 misses its gate")
-    r.add_argument("--max-fp32-fraction", type=float, default=0.10,
-                   help="most quantizable nodes recovery may keep unquantized (default: 0.10)")
-    r.add_argument("--max-rounds", type=int, default=5, help="recovery rounds at most (default: 5)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    p.add_argument("--force", action="store_true", help="replace an existing variant of this precision")
+    add_dataclass_options(p, QuantizeConfig, ["precision"])
+    add_dataclass_options(
+        p.add_argument_group("data"),
+        QuantizeConfig,
+        ["calib_images", "calib_texts", "samples", "holdout", "min_samples", "seed", "method"],
+    )
+    add_dataclass_options(
+        p.add_argument_group("gate"), QuantizeConfig, ["gate_prompts", "min_cosine", "min_mean_cosine", "min_top1"]
+    )
+    add_dataclass_options(
+        p.add_argument_group("recovery (int8)"), QuantizeConfig, ["recover", "max_fp32_fraction", "max_rounds"]
+    )
+    add_dataclass_options(p, QuantizeConfig, ["threads", "force"], overrides={"threads": {"help": THREADS_HELP}})
     p.set_defaults(func=cmd_quantize)

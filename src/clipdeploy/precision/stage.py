@@ -21,6 +21,7 @@ from clipdeploy import precisions, progress
 from clipdeploy.calibration import dataset, sources
 from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
 from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
+from clipdeploy.options import THREADS, opt
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 from clipdeploy.runtime.padding import trim_to_pooled
@@ -41,23 +42,62 @@ class QuantizeConfig:
     """Everything `clipdeploy quantize` takes. CLI, YAML and API all resolve through this."""
 
     artifact: Path  # the artifact directory, made by `clipdeploy export`
-    precision: str  # a precision `quantize` makes: precisions.quantized()
-    calib_images: list[Path] = field(default_factory=list)  # folders or .tar shards of real images
-    calib_texts: Path | None = None  # one caption per line; default: ImageNet classes x templates
-    method: str = "minmax"  # int8 activation calibration: minmax, entropy or percentile
-    samples: int = 300  # calibration samples per tower
-    holdout: int = 256  # held-out samples per tower for the gate, disjoint from calibration (at least 32)
-    min_samples: int = 32  # fewest calibration samples accepted
-    seed: int = 0  # picks the samples
-    gate_prompts: Path | None = None  # class prompts for top-1 agreement; default ImageNet "a photo of a {}."
-    min_cosine: float | None = None  # gate thresholds; None takes the precision's default
-    min_mean_cosine: float | None = None
-    min_top1: float | None = None
-    recover: bool = True  # int8: keep the most sensitive nodes in higher precision until the gate passes
-    max_fp32_fraction: float = 0.10  # recovery keeps at most this fraction of quantizable nodes unquantized
-    max_rounds: int = 5  # recovery rounds at most
-    threads: int | None = None  # ONNX Runtime threads for calibration and the gate
-    force: bool = False  # replace an existing variant of this precision
+    precision: str = field(
+        metadata=opt(
+            "int8: Q/DQ with fp32 elsewhere (best on ONNX Runtime CPU); int8-fp16: Q/DQ with fp16 elsewhere "
+            "(best on TensorRT)",
+            choices=precisions.quantized(),
+        )
+    )
+    calib_images: list[Path] = field(
+        default_factory=list, metadata=opt("image folders (recursive) or .tar shards", nargs="+", metavar="PATH")
+    )
+    calib_texts: Path | None = field(
+        default=None,
+        metadata=opt("captions, one per line", metavar="FILE", default_text="ImageNet classes x open_clip's templates"),
+    )
+    method: str = field(
+        default="minmax", metadata=opt("int8 activation calibration", choices=("minmax", "entropy", "percentile"))
+    )
+    samples: int = field(default=300, metadata=opt("calibration samples per tower"))
+    holdout: int = field(
+        default=256,
+        metadata=opt(
+            "held-out samples per tower for the gate, disjoint from calibration, at least 32 (data too short for "
+            "--samples plus --holdout is shared evenly between the two)"
+        ),
+    )
+    min_samples: int = field(default=32, metadata=opt("fewest calibration samples accepted"))
+    seed: int = field(default=0, metadata=opt("seed that picks the samples"))
+    gate_prompts: Path | None = field(
+        default=None,
+        metadata=opt(
+            "class prompts, one per line, for top-1 agreement", metavar="FILE",
+            default_text="ImageNet 'a photo of a {}.'",
+        ),
+    )  # fmt: skip
+    # Gate thresholds; None takes the precision's default (DEFAULT_THRESHOLDS).
+    min_cosine: float | None = field(
+        default=None,
+        metadata=opt(
+            "lowest cosine of any held-out sample, in (-1, 1]", default_text="0.999 for fp16, 0.95 for int8 and int8-fp16"
+        ),
+    )
+    min_mean_cosine: float | None = field(default=None, metadata=opt("lowest mean cosine", default_text="0.99 for int8"))
+    min_top1: float | None = field(
+        default=None, metadata=opt("lowest top-1 agreement, in [0, 1]", default_text="0.95 for int8")
+    )
+    recover: bool = field(
+        default=True,
+        metadata=opt("fail at once when int8 misses its gate (no recovery by keeping nodes in higher precision)",
+                     negate="--no-recover"),
+    )  # fmt: skip
+    max_fp32_fraction: float = field(
+        default=0.10, metadata=opt("most quantizable nodes recovery may keep unquantized")
+    )
+    max_rounds: int = field(default=5, metadata=opt("recovery rounds at most"))
+    threads: int | None = field(default=None, metadata=THREADS)  # for calibration and the gate
+    force: bool = field(default=False, metadata=opt("replace an existing variant of this precision"))
 
     def thresholds(self) -> GateThresholds:
         base = DEFAULT_THRESHOLDS[self.precision]
@@ -80,7 +120,8 @@ class QuantizeConfig:
         if self.holdout < dataset.MIN_HELD_OUT:
             raise UsageError(
                 f"--holdout {self.holdout} is below the {dataset.MIN_HELD_OUT} held-out samples per tower a gate "
-                f"needs to mean anything; pass --holdout {dataset.MIN_HELD_OUT} or more (default 256)"
+                f"needs to mean anything; pass --holdout {dataset.MIN_HELD_OUT} or more "
+                f"(default {QuantizeConfig.holdout})"
             )
         if self.samples < self.min_samples:
             raise UsageError(f"--samples {self.samples} is below --min-samples {self.min_samples}")

@@ -38,6 +38,7 @@ from clipdeploy.manifest import (
     verify_files,
 )
 from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.options import opt
 from clipdeploy.runtime.backends import registry as backends
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
@@ -68,18 +69,43 @@ class TritonConfig:
 
     artifacts: list[Path]  # artifact directories (made by export/quantize/build, or `clipdeploy run`)
     output: Path  # the model repository to write
-    formats: tuple[str, ...] = FORMATS  # which variant formats to serve: onnx and/or tensorrt
-    precisions: tuple[str, ...] = ()  # which precisions to serve; empty: every accepted one
-    names: tuple[str, ...] = ()  # a model-name prefix per artifact, in order; default: from the directory
-    onnx_max_batch_size: int = 64  # max_batch_size of ONNX models (their batch axis has no profile)
-    onnx_device: str = "cpu"  # instance kind of ONNX models: cpu (validated here) or gpu (CUDA EP)
-    instances: int = 1  # instances of each tower model, per GPU (or in all, on CPU)
-    python_instances: int = 2  # CPU instances of each preprocess / tokenize / normalize model
-    max_queue_delay_us: int = 100  # dynamic batching: how long a request may wait for others
-    tensorrt_version: str | None = None  # serve engines of this TensorRT version when several are present
-    triton_release: str | None = None  # target Triton release (YY.MM): warn when its TensorRT differs
-    triton_tensorrt: str | None = None  # target server's TensorRT version, for releases not in the table
-    force: bool = False  # replace an existing repository made by this command
+    formats: tuple[str, ...] = field(  # which variant formats to serve: onnx and/or tensorrt
+        default=FORMATS,
+        metadata=opt("serve only this format (repeatable)", flag="--format", action="append",
+                     choices=("onnx", "tensorrt"), default_text="every format present"),
+    )  # fmt: skip
+    precisions: tuple[str, ...] = field(  # empty: every accepted one
+        default=(),
+        metadata=opt("serve only this precision (repeatable)", flag="--precision", action="append",
+                     choices=precisions.names(), default_text="every accepted one"),
+    )  # fmt: skip
+    names: tuple[str, ...] = field(  # default: from the directory
+        default=(),
+        metadata=opt("model-name prefix, once per artifact in order", flag="--name", action="append",
+                     metavar="NAME", default_text="the directory name"),
+    )  # fmt: skip
+    onnx_max_batch_size: int = field(  # ONNX models' batch axis has no profile
+        default=64, metadata=opt("max_batch_size of ONNX models (engines take theirs from the profile)")
+    )
+    onnx_device: str = field(  # not --device: this is the kind of Triton instance, on the server
+        default="cpu",
+        metadata=opt("Triton instance kind of ONNX models: cpu (validated here) or gpu (CUDA EP)", choices=ONNX_DEVICES),
+    )
+    instances: int = field(default=1, metadata=opt("instances of each tower model, per GPU (or in all, on CPU)"))
+    python_instances: int = field(default=2, metadata=opt("CPU instances of each preprocess/tokenize/normalize model"))
+    max_queue_delay_us: int = field(
+        default=100, metadata=opt("dynamic batching queue delay in microseconds", metavar="US")
+    )
+    tensorrt_version: str | None = field(
+        default=None, metadata=opt("serve engines of this TensorRT version when several exist", metavar="V")
+    )
+    triton_release: str | None = field(
+        default=None, metadata=opt("the Triton release you will run; warns on a TensorRT mismatch", metavar="YY.MM")
+    )
+    triton_tensorrt: str | None = field(  # for releases not in the table
+        default=None, metadata=opt("that release's TensorRT version, if clipdeploy does not know it", metavar="V")
+    )
+    force: bool = field(default=False, metadata=opt("replace an existing repository written by this command"))
 
     def check(self) -> None:
         if not self.artifacts:
@@ -103,9 +129,9 @@ class TritonConfig:
             raise UsageError(f"--max-queue-delay-us {self.max_queue_delay_us} must be 0 or more")
         if self.triton_release is not None and not re.fullmatch(r"\d\d\.\d\d", self.triton_release):
             raise UsageError(f"--triton-release {self.triton_release!r} is not a release name like 25.08")
-        for opt, v in (("--triton-tensorrt", self.triton_tensorrt), ("--tensorrt-version", self.tensorrt_version)):
+        for flag, v in (("--triton-tensorrt", self.triton_tensorrt), ("--tensorrt-version", self.tensorrt_version)):
             if v is not None and releases.base(v) is None:
-                raise UsageError(f"{opt} {v!r} is not a version like 10.13.3")
+                raise UsageError(f"{flag} {v!r} is not a version like 10.13.3")
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """The coverage sweep: export every open_clip architecture, and write ``docs/coverage.md``.
 
-    python -m clipdeploy.export.coverage                       # every architecture not yet in the cache
-    python -m clipdeploy.export.coverage --models 'ViT-B-*' RN50 --rerun
-    python -m clipdeploy.export.coverage --reduced-depth        # the giants at reduced depth too
-    python -m clipdeploy.export.coverage --report-only          # rewrite the Markdown from the cache
+    python tools/coverage.py                       # every architecture not yet in the cache
+    python tools/coverage.py --models 'ViT-B-*' RN50 --rerun
+    python tools/coverage.py --reduced-depth        # the giants at reduced depth too
+    python tools/coverage.py --report-only          # rewrite the Markdown from the cache
+
+A developer tool of the repository (not in the wheel): run it from the repository root, with
+clipdeploy installed or ``PYTHONPATH=src``.
 
 Each architecture is exported with random (seeded) weights in its own subprocess, through the same
 ``export_model`` and parity gate users run, into a temporary directory that is deleted afterwards.
@@ -193,13 +196,21 @@ def record_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     return cache
 
 
+def _clipdeploy_path() -> str:
+    """PYTHONPATH for the worker, which runs in a temporary directory: the clipdeploy this process uses."""
+    import clipdeploy
+
+    src = str(Path(clipdeploy.__file__).resolve().parent.parent)
+    return os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def _run_in_subprocess(model: str, reduced_depth: bool, timeout: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="clipdeploy-coverage-") as tmp:
         result = Path(tmp) / "row.json"
-        cmd = [sys.executable, "-m", "clipdeploy.export.coverage", "--worker", model, "--row", str(result)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, "--row", str(result)]
         if reduced_depth:
             cmd.append("--reduced-depth")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": _clipdeploy_path()}
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
@@ -372,7 +383,7 @@ def render(cache: dict[str, Any], architectures: list[str]) -> str:
     lines = [
         "# Coverage: every open_clip architecture through `clipdeploy export`",
         "",
-        "Regenerate with `python -m clipdeploy.export.coverage` (resumable: results are cached in "
+        "Regenerate with `python tools/coverage.py` (resumable: results are cached in "
         "`docs/coverage.json`; `--models PATTERN...` to pick, `--rerun` to redo, `--reduced-depth` for the giants, "
         "`--report-only` to rewrite this file, `--jobs 2` to run the lighter ones two at a time). "
         "Each row is one export with random seeded weights, checked against "
@@ -483,20 +494,8 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return 0 if ok == len(rows) else 1
 
 
-def add_coverage(sub: Any) -> None:
-    """The `clipdeploy coverage` subcommand (same options as `python -m clipdeploy.export.coverage`)."""
-    p = sub.add_parser(
-        "coverage",
-        help="export every open_clip architecture and write docs/coverage.md",
-        description="Export open_clip architectures one by one (random weights, each in its own process), "
-        "cache the figures in a JSON file so the sweep can resume, and regenerate the Markdown report.",
-    )
-    _add_arguments(p)
-    p.set_defaults(func=cmd_coverage)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clipdeploy.export.coverage", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/coverage.py", description=__doc__.split("\n\n")[0])
     _add_arguments(p)
     p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--row", type=Path, help=argparse.SUPPRESS)

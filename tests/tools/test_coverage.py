@@ -1,14 +1,19 @@
-"""The coverage command: model selection, a resumable cache, and the Markdown report."""
+"""The coverage sweep (tools/coverage.py): model selection, a resumable cache, and the Markdown report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("open_clip")
+from tools import coverage  # the repository root is on sys.path (tests/conftest.py)
 
-from clipdeploy.export import coverage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = ["RN50", "RN50-quickgelu", "RN50x4", "ViT-B-32", "ViT-B-32-256", "EVA02-E-14"]
 
@@ -126,15 +131,41 @@ def test_two_sweeps_on_one_cache_keep_each_others_rows(tmp_path, monkeypatch):
     assert set(merged["rows"]) == {"RN50", "RN50x4", "ViT-B-32"}
 
 
-def test_report_only_from_the_cli(tmp_path, monkeypatch, capsys):
-    from clipdeploy.cli import main
-
-    monkeypatch.setattr(coverage, "list_architectures", lambda: MODELS)
+def test_report_only_from_the_command_line(tmp_path):
+    """`python tools/coverage.py --report-only` rewrites the report from the cache, without open_clip."""
     cache = tmp_path / "c.json"
     cache.write_text(json.dumps({"rows": {"ViT-B-32": _row("ViT-B-32")}}))
-    assert main(["coverage", "--report-only", "--cache", str(cache), "--report", str(tmp_path / "r.md")]) == 0
-    assert "| ViT-B-32 | vit | passed |" in (tmp_path / "r.md").read_text()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(ROOT / "tools" / "coverage.py"), "--report-only", "--cache", str(cache),
+           "--report", str(tmp_path / "r.md")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "r.md").read_text()
+    assert "| ViT-B-32 | vit | passed |" in report
+    assert "Regenerate with `python tools/coverage.py`" in report
+
+
+def test_the_developer_tools_are_not_in_the_package():
+    from clipdeploy.cli import build_parser
+
+    assert importlib.util.find_spec("clipdeploy.export.coverage") is None
+    assert importlib.util.find_spec("clipdeploy.benchmarks.matrix") is None
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "coverage" not in sub.choices and "run" in sub.choices
 
 
 def test_reduced_depth_is_only_for_the_giants():
     assert set(coverage.GIANTS) == {"EVA02-E-14", "EVA02-E-14-plus", "ViT-e-14"}
+
+
+def test_the_committed_report_is_what_the_committed_cache_renders(tmp_path, monkeypatch):
+    """docs/coverage.md regenerates from docs/coverage.json (`--report-only`) and is not edited by hand."""
+    pytest.importorskip("open_clip")
+    # open_clip's own architectures, in its order, without the micro models other tests register with it.
+    rows = json.loads((ROOT / "docs" / "coverage.json").read_text(encoding="utf-8"))["rows"]
+    listed = coverage.list_architectures()
+    monkeypatch.setattr(coverage, "list_architectures", lambda: [m for m in listed if m in rows])
+    coverage.write_report(coverage.load_cache(ROOT / "docs" / "coverage.json"), tmp_path / "coverage.md")
+    assert (tmp_path / "coverage.md").read_text(encoding="utf-8") == (ROOT / "docs" / "coverage.md").read_text(
+        encoding="utf-8"
+    )

@@ -1,0 +1,1 @@
+"""Developer tools of the clipdeploy repository (not shipped in the wheel): the coverage sweep and the benchmark matrix."""

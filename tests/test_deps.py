@@ -31,10 +31,10 @@ def test_quantize_without_onnx_names_the_extra(micro_artifact, tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for i in range(8):
+    for i in range(64):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     proc = _cli_without("onnx", "quantize", str(micro_artifact.path), "--precision", "fp16",
-                        "--calib-images", str(tmp_path), "--samples", "4", "--holdout", "4", "--min-samples", "2")
+                        "--calib-images", str(tmp_path), "--samples", "32", "--holdout", "32", "--min-samples", "32")
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(err) == 1, proc.stderr

@@ -117,10 +117,32 @@ def to_ir(model: Any) -> ir.Model:
     their producer and their uses, so edits never look nodes up by name (ONNX leaves names optional)."""
     ir = require("onnx_ir", "export")
 
+    _drop_twin_producers(model)
     edited = ir.from_proto(model)
     # The type records go back as they came (see to_proto): copies, so the proto can be freed.
     edited.meta[_VALUE_INFO] = [vi.SerializeToString() for vi in model.graph.value_info]
     return edited
+
+
+def _drop_twin_producers(model: Any) -> None:
+    """Drop a node that repeats an earlier one (same op, inputs and attributes, same output names).
+
+    ONNX Runtime's fp16 converter (1.27 at least) can insert the same Cast twice under one output
+    name, which onnx_ir rightly refuses as a redeclared value; the twin computes nothing new. Two
+    different nodes naming one output are an invalid model, left for onnx_ir to refuse."""
+    producer: dict[str, tuple] = {}
+    kept = []
+    for node in model.graph.node:
+        key = (node.domain, node.op_type, tuple(node.input), tuple(node.output),
+               tuple(a.SerializeToString() for a in node.attribute))  # fmt: skip
+        if any(o in producer for o in node.output if o) and all(producer.get(o) == key for o in node.output if o):
+            continue
+        for o in node.output:
+            producer.setdefault(o, key)
+        kept.append(node)
+    if len(kept) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def to_proto(model: ir.Model) -> Any:

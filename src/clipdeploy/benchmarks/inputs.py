@@ -100,7 +100,7 @@ def _repeat(items: list[Any], n: int) -> list[Any]:
 def make_inputs(root: Path, manifest: dict[str, Any], max_batch: int) -> BenchInputs:
     """Pixels and token ids for batches up to ``max_batch``, from the artifact's own preprocessing."""
     from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.tokenizer import load_tokenizer
+    from clipdeploy.runtime.text import load_tokenizer
 
     images = sorted((DATA_DIR / "images").glob("*.jpg"))
     prompts = [p for p in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]

@@ -49,7 +49,7 @@ TOLERANCES = {
 def sample_inputs(root: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """Real inputs per tower: the bundled photographs, preprocessed, and the bundled prompts, tokenized."""
     from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.tokenizer import load_tokenizer
+    from clipdeploy.runtime.text import load_tokenizer
 
     out = {}
     if "image" in manifest["towers"]:

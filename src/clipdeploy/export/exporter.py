@@ -20,9 +20,10 @@ import numpy as np
 
 from clipdeploy import __version__, progress
 from clipdeploy.errors import UsageError
+from clipdeploy.export.geometry import context_length
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
-from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, context_length, detect_family
+from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, detect_family
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
@@ -260,7 +261,7 @@ def _check_runtime_inputs(
 ) -> tuple[dict[str, Any], list[str]]:
     """The torch-free preprocessing and tokenizer must reproduce open_clip's on this very model."""
     from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.tokenizer import load_tokenizer
+    from clipdeploy.runtime.text import load_tokenizer
 
     failures = []
     ours = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from clipdeploy.errors import UsageError
+from clipdeploy.export.geometry import context_length, image_size
 from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, causal_text_wrapper, text_layout
 
 if TYPE_CHECKING:
@@ -179,32 +180,7 @@ def detect_family(model: Any) -> FamilySpec:
     )
 
 
-# ---- helpers that read a model's geometry -----------------------------------------------------
-
-
-def image_size(model: Any) -> tuple[int, int]:
-    size = getattr(model.visual, "image_size", None)
-    if size is None:
-        size = model.visual.preprocess_cfg["size"]
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
-
-
-def context_length(model: Any) -> int:
-    """The length of the ids the text tower takes: the tokenizer's context length."""
-    length = getattr(model, "clipdeploy_context_length", None)  # set by load_model for HF text towers
-    if length is None:
-        length = getattr(model, "context_length", None)
-    if length is None:
-        length = getattr(getattr(model, "text", None), "context_length", None)
-    if length is None:
-        raise UsageError(
-            f"cannot tell the text context length of {type(model).__name__}; "
-            "pass a model whose text tower sets context_length"
-        )
-    return int(length)
+# ---- helpers that tell the families apart -----------------------------------------------------
 
 
 def _visual_class(model: Any) -> str:

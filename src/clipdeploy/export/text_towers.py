@@ -10,8 +10,11 @@ graph takes a dynamic "sequence" axis and a batch is padded only to its longest 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from clipdeploy.export.geometry import context_length
 
 # How ids are padded for the tower, as recorded in the manifest.
 PADDING_LONGEST = "longest"  # dynamic "sequence" axis: each batch padded to its longest text
@@ -42,8 +45,6 @@ class TextLayout:
 
 def text_layout(model: Any) -> TextLayout:
     """Read the text tower's pooling and attention from an open_clip model."""
-    from clipdeploy.export.specs import context_length
-
     text = getattr(model, "text", None)
     name = type(text).__name__ if text is not None else ""
     if text is None:  # CLIP: the text transformer lives on the model itself
@@ -91,21 +92,47 @@ def _parts(model: Any) -> Any:
     return text, text.pool_type, getattr(text, "eos_id", None)
 
 
-def causal_text_wrapper(model: Any) -> Any:
-    """A module computing ``encode_text`` on ids of any length from 1 to the context length.
+def causal_text_forward(model: Any) -> Callable[[Any], Any]:
+    """``encode_text`` on ids of any length from 1 to the context length, for a causal tower.
 
     It performs open_clip's own steps (token embedding, positional embedding, causal transformer,
     final LayerNorm, id-based pooling, projection) with the positional embedding and the causal mask
-    sliced to the input length. The export parity check compares it with ``encode_text`` itself on
-    full-length ids, at several lengths.
+    sliced to the input length. The caller checks that the tower is causal and pools at a position
+    read from the ids (``TextLayout.dynamic``, or the bench's own check): otherwise the result differs.
     """
     import torch
     from open_clip.transformer import text_global_pool
 
+    parts, pool_type, eos_id = _parts(model)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        cast_dtype = parts.transformer.get_cast_dtype()
+        x = parts.token_embedding(ids).to(cast_dtype)
+        x = x + parts.positional_embedding[:length].to(cast_dtype)
+        x = parts.transformer(x, attn_mask=parts.attn_mask[:length, :length])
+        x = parts.ln_final(x)
+        x = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
+        proj = parts.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return x
+
+    return forward
+
+
+def causal_text_wrapper(model: Any) -> Any:
+    """A module computing ``encode_text`` on ids of any length (see ``causal_text_forward``).
+
+    The export parity check compares it with ``encode_text`` itself on full-length ids, at several
+    lengths.
+    """
+    import torch
+
     layout = text_layout(model)
     if not layout.dynamic:
         raise ValueError(f"the text tower of {type(model).__name__} is not causal with id pooling: {layout}")
-    parts, pool_type, eos_id = _parts(model)
+    forward = causal_text_forward(model)
 
     class CausalTextTower(torch.nn.Module):
         def __init__(self) -> None:
@@ -113,17 +140,6 @@ def causal_text_wrapper(model: Any) -> Any:
             self.model = model  # registers the parameters, so export sees them as weights
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            length = ids.shape[1]
-            cast_dtype = parts.transformer.get_cast_dtype()
-            x = parts.token_embedding(ids).to(cast_dtype)
-            x = x + parts.positional_embedding[:length].to(cast_dtype)
-            mask = parts.attn_mask[:length, :length]
-            x = parts.transformer(x, attn_mask=mask)
-            x = parts.ln_final(x)
-            x = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
-            proj = parts.text_projection
-            if proj is not None:
-                x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-            return x
+            return forward(ids)
 
     return CausalTextTower().eval()

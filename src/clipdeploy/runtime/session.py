@@ -109,7 +109,7 @@ class ClipSession:
     def tokenizer(self) -> Any:
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                from clipdeploy.runtime.tokenizer import load_tokenizer
+                from clipdeploy.runtime.text import load_tokenizer
 
                 self._tokenizer = load_tokenizer(self.manifest["tokenizer"], self.root)
             return self._tokenizer

@@ -56,7 +56,7 @@ DTYPES = {
 }  # fmt: skip
 # The clipdeploy modules the Python-backend models run; the clipdeploy modules they import (at any depth,
 # inside functions too) are vendored with them.
-VENDOR_ROOTS = ("runtime/preprocess.py", "runtime/tokenizer.py")
+VENDOR_ROOTS = ("runtime/preprocess.py", "runtime/text/__init__.py")
 _MODELS_DIR = Path(__file__).resolve().parent / "python_models"
 _FMT_SUFFIX = {"tensorrt": "trt", "onnx": "onnx"}
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")

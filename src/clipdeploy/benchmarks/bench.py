@@ -92,10 +92,6 @@ class BenchConfig:
             raise UsageError(f"--prompt-length {self.prompt_length} must be 2 or more (start and end tokens)")
 
 
-def _say(message: str) -> None:
-    progress_write(message)  # stderr, without tearing a bar being drawn
-
-
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -179,7 +175,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_description(label)
         elif self.enabled:
-            _say(f"measuring {label} ...")
+            progress_write(f"measuring {label} ...")
 
     def event(self, event: dict[str, Any]) -> None:
         case = event["case"]
@@ -289,7 +285,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         manifest, backends=cfg.backends, towers=cfg.towers, device=device, precisions=cfg.precisions
     )
     for s in skipped:
-        _say(f"skipping {s.describe()}")
+        progress_write(f"skipping {s.describe()}")
     if not specs:
         raise UsageError(
             f"nothing to measure in {str(root)!r} with --backends {','.join(cfg.backends)}"
@@ -319,7 +315,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     res = run_job(job, progress.event)
                     gc.collect()
                 if res.error:
-                    _say(f"skipping {spec.label}: {res.error}")
+                    progress_write(f"skipping {spec.label}: {res.error}")
                 results.append((spec, res))
     finally:
         progress.close()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from clipdeploy.bundled import sample_images, sample_prompts
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def make_inputs(root: Path, manifest: dict[str, Any], max_batch: int) -> BenchIn
     from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
     from clipdeploy.runtime.text import load_tokenizer
 
-    images = sorted((DATA_DIR / "images").glob("*.jpg"))
-    prompts = [p for p in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+    images = sample_images()
+    prompts = sample_prompts()
     towers = manifest.get("towers", {})
     if "image" in towers:
         pixels = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)

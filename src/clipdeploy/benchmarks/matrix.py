@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import progress
 from clipdeploy.benchmarks.bench import DEFAULT_BATCHES, BenchConfig, resolve_device, run_bench
 from clipdeploy.benchmarks.contenders import has_module
 from clipdeploy.benchmarks.harness import TimingConfig
@@ -55,10 +56,6 @@ class MatrixConfig:
     command: str = ""  # the command line that made the page, shown on it
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _clipdeploy(*args: str) -> tuple[int, str]:
     """Run a clipdeploy command in a fresh process; its exit code and last error line."""
     proc = subprocess.run([sys.executable, "-m", "clipdeploy.cli", *args], capture_output=True, text=True, check=False)
@@ -74,7 +71,7 @@ def prepare_artifact(
     art = cfg.work_dir / model
     notes: list[str] = []
     if not (art / MANIFEST_NAME).is_file():
-        _say(f"[{model}] exporting to {art} (random weights) ...")
+        progress.write(f"[{model}] exporting to {art} (random weights) ...")
         code, err = _clipdeploy("export", model, "-o", str(art), "--force")
         if code != 0:
             return None, [f"export failed: {err}"]
@@ -88,7 +85,7 @@ def prepare_artifact(
             )
         else:
             for p in reduced:
-                _say(f"[{model}] clipdeploy quantize --precision {p} ...")
+                progress.write(f"[{model}] clipdeploy quantize --precision {p} ...")
                 code, err = _clipdeploy("quantize", str(art), "--precision", p, *cfg.quantize_args)
                 if code != 0:
                     notes.append(f"`clipdeploy quantize --precision {p}` failed, so {p} was not measured: {err}")
@@ -98,7 +95,7 @@ def prepare_artifact(
         if engines and not has_module("clipdeploy.engines"):
             notes.append("no TensorRT engines: the build stage (`clipdeploy build`) is not installed here")
         for p in engines if has_module("clipdeploy.engines") else []:
-            _say(f"[{model}] clipdeploy build --precision {p} ...")
+            progress.write(f"[{model}] clipdeploy build --precision {p} ...")
             code, err = _clipdeploy("build", str(art), "--precision", p, *cfg.build_args)
             if code != 0:
                 notes.append(f"`clipdeploy build --precision {p}` failed, so its engine was not measured: {err}")
@@ -117,9 +114,9 @@ def run_matrix(cfg: MatrixConfig) -> Path:
         art, notes = prepare_artifact(cfg, model, device, precisions)
         if art is None:
             sections.append((model, None, notes))
-            _say(f"[{model}] skipped: {notes[0]}")
+            progress.write(f"[{model}] skipped: {notes[0]}")
             continue
-        _say(f"[{model}] benchmarking ...")
+        progress.write(f"[{model}] benchmarking ...")
         try:
             report = run_bench(
                 BenchConfig(

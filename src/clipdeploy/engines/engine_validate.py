@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy import progress
+from clipdeploy.bundled import sample_images, sample_prompts
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
 from clipdeploy.runtime import cuda
@@ -23,7 +24,6 @@ from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Reference batches are capped: ONNX Runtime on CPU is the slow side of the comparison.
 MAX_REFERENCE_BATCH = 32
 
@@ -53,11 +53,9 @@ def sample_inputs(root: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]
 
     out = {}
     if "image" in manifest["towers"]:
-        images = sorted((DATA_DIR / "images").glob("*.jpg"))
-        out["image"] = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)
+        out["image"] = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(sample_images())
     if "text" in manifest["towers"]:
-        prompts = [p for p in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
-        out["text"] = load_tokenizer(manifest["tokenizer"], root)(prompts)
+        out["text"] = load_tokenizer(manifest["tokenizer"], root)(sample_prompts())
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy import __version__, progress
+from clipdeploy.bundled import sample_images, sample_prompts
 from clipdeploy.errors import UsageError
 from clipdeploy.export.geometry import context_length
 from clipdeploy.export.loading import LoadedModel, load_model
@@ -30,7 +31,6 @@ from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Batch sizes the parity check runs: 1, and a batch of several so batched kernels are covered too.
 PARITY_BATCHES = (1, 8)
 MIN_OPSET = 17  # LayerNormalization is a single ONNX node from opset 17 on
@@ -55,15 +55,6 @@ class ExportConfig:
     # Reduced-depth proof of a giant that cannot fit at full size: at most this many transformer
     # blocks per tower, random weights only; recorded in the manifest as model.reduced_depth.
     depth: int | None = None
-
-
-def sample_images() -> list[Path]:
-    """The bundled real photographs the parity check (and the quickstart) use."""
-    return sorted((DATA_DIR / "images").glob("*.jpg"))
-
-
-def sample_prompts() -> list[str]:
-    return [line for line in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _check_output(output: Path, force: bool) -> None:

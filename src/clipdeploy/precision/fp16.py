@@ -58,7 +58,7 @@ def convert(
         keep_io_types=True,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32_ops),
         node_block_list=kept,
-        disable_shape_infer=not graph._fits(proto),
+        disable_shape_infer=not graph.fits(proto),
     )
     # The converter records fp16 types for initializers it left in fp32 (LayerNorm's weights, say);
     # an initializer carries its own type, so drop those records. The other records stay: without

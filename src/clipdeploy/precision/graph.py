@@ -28,7 +28,7 @@ def save(model: Any, path: Path) -> list[Path]:
     """
     import onnx
 
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits(model) else True
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if fits(model) else True
     if large:
         data = path.with_name(path.name + ".data")
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
@@ -37,7 +37,8 @@ def save(model: Any, path: Path) -> list[Path]:
     return []
 
 
-def _fits(model: Any) -> bool:
+def fits(model: Any) -> bool:
+    """Whether protobuf can serialize the model in one message (under 2 GiB)."""
     try:
         model.ByteSize()
         return True
@@ -57,7 +58,7 @@ def float_tensors(model: Any) -> dict[str, int]:
     """Every float tensor a node produces, with its element type, from ONNX shape inference."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False) if _fits(model) else model
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False) if fits(model) else model
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
     types.update({o.name: o.type.tensor_type.elem_type for o in inferred.graph.output})
     produced = {o for n in model.graph.node for o in n.output if o}

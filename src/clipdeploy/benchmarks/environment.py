@@ -6,8 +6,9 @@ import os
 import platform
 import shutil
 import subprocess
-from importlib import metadata
 from typing import Any
+
+from clipdeploy.tool_versions import found_versions
 
 _DISTRIBUTIONS = (
     "clipdeploy",
@@ -110,13 +111,7 @@ def gpus() -> list[dict[str, str]]:
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for dist in _DISTRIBUTIONS:
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    return found_versions(*_DISTRIBUTIONS)
 
 
 def collect(threads: int, device: str) -> dict[str, Any]:

@@ -8,11 +8,9 @@ artifact untouched.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from clipdeploy.export.onnx_export import ExportedTower, export_tower
 from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, detect_family
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
+from clipdeploy.tool_versions import found_versions
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)
@@ -70,16 +69,8 @@ def _check_output(output: Path, force: bool) -> None:
         )
 
 
-def _tool_versions() -> dict[str, str]:
-    versions = {"clipdeploy": __version__, "python": platform.python_version()}
-    for dist in ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
+# The distributions an artifact records in its manifest's "tools".
+_TOOLS = ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy")
 # Extra texts for the text tower's length sweep: the shortest text (SOT, EOT) and one that fills the
 # whole context, so a dynamic axis is checked at its two ends as well as at every prompt's length.
 LENGTH_PROBES = ("", "a photo of " + "a very large and very fluffy orange cat, " * 20)
@@ -392,7 +383,7 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
         "tokenizer": tokenizer_entry,
         "variants": [],
         "validation": {},
-        "tools": _tool_versions(),
+        "tools": {"clipdeploy": __version__, **found_versions(*_TOOLS)},
     }
     with progress.stage("checking runtime preprocessing and tokenizer") as step:
         runtime_report, runtime_failures = _check_runtime_inputs(work, manifest, pixels, tokens, images, prompts)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +46,6 @@ def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
             out += [f"{k}.{sub}" for sub in sorted(set(a) | set(b)) if not same(a.get(sub), b.get(sub))]
         else:
             out.append(k)
-    return out
-
-
-def versions(*dists: str) -> dict[str, str | None]:
-    """Installed versions of these distributions (None when absent); onnxruntime-gpu counts as onnxruntime."""
-    out: dict[str, str | None] = {}
-    for dist in dists:
-        names = (dist, f"{dist}-gpu") if dist == "onnxruntime" else (dist,)
-        found = None
-        for name in names:
-            try:
-                found = metadata.version(name)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        out[dist] = found
     return out
 
 

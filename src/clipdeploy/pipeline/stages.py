@@ -23,8 +23,9 @@ from clipdeploy import __version__
 from clipdeploy.errors import DependencyError
 from clipdeploy.manifest import file_sha256, read_manifest
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan
-from clipdeploy.pipeline.fingerprint import config_values, image_sources_digest, versions
+from clipdeploy.pipeline.fingerprint import config_values, image_sources_digest
 from clipdeploy.pipeline.state import StageState
+from clipdeploy.tool_versions import versions
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
+from clipdeploy.tool_versions import installed
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,8 @@ def _batches(x: np.ndarray, name: str, size: int = CALIB_BATCH) -> list[dict[str
     return [{name: x[i : i + size]} for i in range(0, len(x), size)]
 
 
-def _ort_version() -> str:
-    try:
-        return metadata.version("onnxruntime")
-    except metadata.PackageNotFoundError:
-        return metadata.version("onnxruntime-gpu")
-
-
 def _cache_path(root: Path, tower: str, fp32_sha: str, method: str, fingerprint: str) -> Path:
-    key = hashlib.sha256(f"{fp32_sha}|{method}|{fingerprint}|{_ort_version()}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{fp32_sha}|{method}|{fingerprint}|{installed('onnxruntime')}".encode()).hexdigest()[:20]
     return root / "calibration" / f"{tower}.{method}.{key}.json"
 
 

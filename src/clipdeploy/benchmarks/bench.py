@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+import clipdeploy
 from clipdeploy.benchmarks import environment
 from clipdeploy.benchmarks.contenders import (
     BACKENDS,
@@ -31,6 +32,8 @@ from clipdeploy.benchmarks.contenders import (
 )
 from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynamic
+from clipdeploy.benchmarks.report import write_reports
+from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import TOWERS, read_manifest
@@ -119,8 +122,6 @@ def plan_cases(spec: ContenderSpec, batches: tuple[int, ...], lengths: tuple[int
 
 
 def _worker_env(threads: int) -> dict[str, str]:
-    import clipdeploy
-
     env = dict(os.environ)
     src = str(Path(clipdeploy.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -267,8 +268,6 @@ def _records(
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every contender for ``cfg`` and return the report; write it when ``cfg.output`` is set."""
-    from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
-
     cfg.check()
     root = Path(cfg.artifact)
     manifest = read_manifest(root)
@@ -365,8 +364,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "notes": notes,
     }
     if cfg.output is not None:
-        from clipdeploy.benchmarks.report import write_reports
-
         report["files"] = write_reports(report, Path(cfg.output))
     return report
 

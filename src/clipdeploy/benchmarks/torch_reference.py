@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import CheckpointError, UsageError
+from clipdeploy.export.loading import load_model
 from clipdeploy.export.text_towers import causal_text_forward
 from clipdeploy.manifest import file_sha256
 
@@ -74,8 +75,6 @@ def check_reference_weights(manifest: dict[str, Any], checkpoint: Path | None) -
 
 def build_reference_model(manifest: dict[str, Any], checkpoint: Path | None = None) -> Any:
     """The eval-mode fp32 CPU open_clip model with the artifact's weights."""
-    from clipdeploy.export.loading import load_model
-
     check_reference_weights(manifest, checkpoint)
     model = manifest["model"]
     with tempfile.TemporaryDirectory(prefix="clipdeploy-bench-") as tmp:

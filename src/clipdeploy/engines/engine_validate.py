@@ -20,6 +20,11 @@ from clipdeploy.bundled import sample_images, sample_prompts
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
 from clipdeploy.runtime import cuda
+from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+from clipdeploy.runtime.backends.tensorrt import TrtOptions, TrtRunner
+from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
+from clipdeploy.runtime.tensorrt_compat import engine_mismatch, import_tensorrt
+from clipdeploy.runtime.text import load_tokenizer
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)
@@ -48,9 +53,6 @@ TOLERANCES = {
 
 def sample_inputs(root: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """Real inputs per tower: the bundled photographs, preprocessed, and the bundled prompts, tokenized."""
-    from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.text import load_tokenizer
-
     out = {}
     if "image" in manifest["towers"]:
         out["image"] = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(sample_images())
@@ -80,9 +82,6 @@ def validate_engine(
     root: Path, entry: dict[str, Any], inputs: dict[str, np.ndarray], device: int, host_code_allowed: bool
 ) -> tuple[dict[str, Any], list[str]]:
     """Compare one engine with its ONNX source; returns the validation record and any failures."""
-    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
-    from clipdeploy.runtime.backends.tensorrt import TrtOptions, TrtRunner
-
     tower, precision = entry["tower"], entry["precision"]
     tol = TOLERANCES[precision]
     source = entry["source"]
@@ -138,8 +137,6 @@ def validate_engines(
     Engines built for another GPU or TensorRT version are reported as skipped. Raises AccuracyError
     when any engine fails, after writing every figure to the manifest.
     """
-    from clipdeploy.runtime.tensorrt_compat import engine_mismatch, import_tensorrt
-
     root = Path(artifact)
     manifest = read_manifest(root)
     engines = [

@@ -22,8 +22,14 @@ from clipdeploy.errors import UsageError
 from clipdeploy.export.geometry import context_length
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
-from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, detect_family
+from clipdeploy.export.preprocess_assets import describe_preprocess
+from clipdeploy.export.specs import DEFAULT_OPSET, MIN_SEQUENCE, FamilySpec, TowerSpec, detect_family
+from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
+from clipdeploy.export.tokenizer_assets import describe_tokenizer
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
+from clipdeploy.runtime.padding import trim_to_pooled
+from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
+from clipdeploy.runtime.text import load_tokenizer
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.tool_versions import found_versions
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
@@ -101,8 +107,6 @@ def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[s
 def _synthetic_ids(model: Any, rows: int) -> Any:
     """Token ids of varied lengths, valid for the tower's vocabulary, padded as the tokenizer would."""
     import torch
-
-    from clipdeploy.export.text_towers import text_layout
 
     layout = text_layout(model)
     length = context_length(model)
@@ -215,9 +219,6 @@ def _length_sweep(model: Any, run: Any, ids: np.ndarray, ref: np.ndarray) -> tup
     Each text alone at its own length (from SOT+EOT up to the whole context), and batches of 8 and
     of all texts padded only to their longest text.
     """
-    from clipdeploy.export.text_towers import text_layout
-    from clipdeploy.runtime.padding import trim_to_pooled
-
     layout = text_layout(model)
     trim = lambda x: trim_to_pooled(x, layout.pooling, layout.eos_id)  # noqa: E731
     own = [trim(ids[i : i + 1]) for i in range(len(ids))]
@@ -242,9 +243,6 @@ def _check_runtime_inputs(
     artifact_dir: Path, manifest: dict[str, Any], pixels: Any, tokens: Any, images: list[Path], prompts: list[str]
 ) -> tuple[dict[str, Any], list[str]]:
     """The torch-free preprocessing and tokenizer must reproduce open_clip's on this very model."""
-    from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.text import load_tokenizer
-
     failures = []
     ours = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)
     pixel_diff = float(np.abs(ours - pixels.numpy()).max())
@@ -273,9 +271,6 @@ def _tower_entry(spec: TowerSpec, model: Any, embed_dim: int) -> dict[str, Any]:
         "embed_dim": embed_dim,
     }
     if spec.tower == "text":
-        from clipdeploy.export.specs import MIN_SEQUENCE
-        from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
-
         dynamic = spec.dynamic_sequence(model)
         length = context_length(model)
         entry.update(
@@ -316,9 +311,6 @@ def _logit_terms(model: Any) -> tuple[float, float | None]:
 
 
 def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
-    from clipdeploy.export.preprocess_assets import describe_preprocess
-    from clipdeploy.export.tokenizer_assets import describe_tokenizer
-
     with progress.stage(f"building {cfg.model}"):
         loaded = load_model(
             cfg.model,

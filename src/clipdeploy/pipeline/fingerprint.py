@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.calibration.sources import list_images
 from clipdeploy.manifest import file_sha256
 
 
@@ -55,8 +56,6 @@ def image_sources_digest(paths: list[Path]) -> dict[str, Any]:
     Uses the same listing as the quantize stage, so it sees exactly the files the stage would read.
     Any change to an image's bytes, an added or removed image, changes it.
     """
-    from clipdeploy.calibration.sources import list_images
-
     samples = list_images(paths)
     digest = hashlib.sha256()
     files: dict[Path, str] = {}

@@ -20,6 +20,7 @@ from typing import Any
 
 from clipdeploy import progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, UsageError
+from clipdeploy.manifest import atomic_write_text
 from clipdeploy.pipeline.config import STAGES, ModelPlan, PipelineConfig
 from clipdeploy.pipeline.fingerprint import changed, key_of
 from clipdeploy.pipeline.stages import STAGES as IMPLS
@@ -214,8 +215,6 @@ class ModelRun:
 
 def run_pipeline(config: PipelineConfig, options: RunOptions | None = None) -> dict[str, Any]:
     """Run every model of ``config``; returns the summary (also written to ``<output>/summary.json``)."""
-    from clipdeploy.manifest import atomic_write_text
-
     options = options or RunOptions()
     options.check()
     plans = config.models

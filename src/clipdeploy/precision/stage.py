@@ -22,9 +22,12 @@ from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
 from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
+from clipdeploy.runtime.backends.onnxruntime import OrtRunner
 from clipdeploy.runtime.padding import trim_to_pooled
+from clipdeploy.runtime.session import load
 from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
 from clipdeploy.tool_versions import installed
+from clipdeploy.validation import cosine_rows
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +116,6 @@ class _Stage:
     """One run of the stage; holds the data so that recovery rounds reuse it."""
 
     def __init__(self, cfg: QuantizeConfig) -> None:
-        from clipdeploy.runtime.session import load
-
         self.cfg = cfg
         self.root = Path(cfg.artifact)
         self.manifest = read_manifest(self.root)
@@ -209,8 +210,6 @@ class _Stage:
         return out, info
 
     def runner(self, path: Path) -> Any:
-        from clipdeploy.runtime.backends.onnxruntime import OrtRunner
-
         return OrtRunner(path, self.options)
 
     def evaluate(self, paths: dict[str, Path]) -> dict[str, Any]:
@@ -239,8 +238,6 @@ class _Stage:
         """One-sample feeds for ranking nodes: typical calibration samples plus the worst ones end to end.
 
         Calibration data only: the held-out set stays unseen by every choice it then judges."""
-        from clipdeploy.validation import cosine_rows
-
         x = self.sets[tower].calibration
         fp32 = self.session.runners[tower]
         cos = cosine_rows(gate.run(self.runner(plain), x), gate.run(fp32, x))

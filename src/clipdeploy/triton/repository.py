@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import clipdeploy
 from clipdeploy import __version__
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.manifest import (
@@ -39,9 +40,11 @@ from clipdeploy.manifest import (
     verify_files,
 )
 from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.runtime.session import PREFERENCE
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
+from clipdeploy.triton.readme import readme
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +171,6 @@ def _batching(cfg: TritonConfig) -> dict[str, Any]:
 
 def collect(cfg: TritonConfig, warnings: list[str], notes: set[str]) -> list[Plan]:
     """Read each artifact and pick the variants to serve; warns about (or notes) those left out and why."""
-    from clipdeploy.runtime.session import PREFERENCE
-
     onnx_default = PREFERENCE["onnxruntime-cuda" if cfg.onnx_device == "gpu" else "onnxruntime-cpu"]
     plans = []
     for i, path in enumerate(cfg.artifacts):
@@ -484,8 +485,6 @@ def vendored_modules(src: Path) -> list[str]:
 
 def _vendor(version_dir: Path) -> None:
     """Copy clipdeploy's torch-free preprocessing and tokenizer modules beside a Python model."""
-    import clipdeploy
-
     src = Path(clipdeploy.__file__).resolve().parent
     dest = version_dir / "clipdeploy"
     (dest / "runtime").mkdir(parents=True, exist_ok=True)
@@ -585,8 +584,6 @@ def _ensemble(repo: Path, name: str, tower: TowerModel, pre: str, norm: str, mbs
 
 def _default_variant(cfg: TritonConfig, models: list[TowerModel]) -> TowerModel:
     """The variant the runtime would pick: TensorRT first when served, else ONNX Runtime's order on that device."""
-    from clipdeploy.runtime.session import PREFERENCE
-
     order = [("tensorrt", p) for p in PREFERENCE["tensorrt"]]
     order += [("onnx", p) for p in PREFERENCE["onnxruntime-cuda" if cfg.onnx_device == "gpu" else "onnxruntime-cpu"]]
     rank = {k: i for i, k in enumerate(order)}
@@ -688,8 +685,6 @@ def _check_output(output: Path, force: bool) -> None:
 
 def build_repository(cfg: TritonConfig) -> dict[str, Any]:
     """Write a Triton model repository for ``cfg.artifacts``; returns what was written, with warnings."""
-    from clipdeploy.triton.readme import readme
-
     cfg.check()
     output = Path(cfg.output)
     ensure_parent(output)  # mkdir -p, and a killed run's leftovers go (a half-swapped repository comes back)

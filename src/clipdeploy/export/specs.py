@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from clipdeploy.errors import UsageError
 from clipdeploy.export.geometry import context_length, image_size
-from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, causal_text_wrapper, text_layout
+from clipdeploy.export.text_towers import (
+    PADDING_LONGEST,
+    PADDING_MAX_LENGTH,
+    causal_text_wrapper,
+    text_layout,
+    wrap_forward,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -91,22 +97,9 @@ class TowerSpec:
         A dynamic-length text tower is the exception: ``encode_text`` adds the full-length positional
         embedding, so its wrapper performs the same steps sliced to the input length.
         """
-        import torch
-
         if self.dynamic_sequence(model):
             return causal_text_wrapper(model)
-        method = getattr(model, self.method)
-
-        class TowerWrapper(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model  # registers the parameters, so export sees them as weights
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return method(x)
-
-        TowerWrapper.__name__ = f"{self.tower.capitalize()}Tower"
-        return TowerWrapper().eval()
+        return wrap_forward(model, getattr(model, self.method), f"{self.tower.capitalize()}Tower")
 
 
 IMAGE_TOWER = TowerSpec(

@@ -121,25 +121,29 @@ def causal_text_forward(model: Any) -> Callable[[Any], Any]:
     return forward
 
 
+def wrap_forward(model: Any, forward: Callable[[Any], Any], name: str) -> Any:
+    """An eval-mode ``torch.nn.Module`` named ``name`` whose forward is ``forward``, holding ``model``'s weights."""
+    import torch
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model  # registers the parameters, so export sees them as weights
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return forward(x)
+
+    Tower.__name__ = Tower.__qualname__ = name
+    return Tower().eval()
+
+
 def causal_text_wrapper(model: Any) -> Any:
     """A module computing ``encode_text`` on ids of any length (see ``causal_text_forward``).
 
     The export parity check compares it with ``encode_text`` itself on full-length ids, at several
     lengths.
     """
-    import torch
-
     layout = text_layout(model)
     if not layout.dynamic:
         raise ValueError(f"the text tower of {type(model).__name__} is not causal with id pooling: {layout}")
-    forward = causal_text_forward(model)
-
-    class CausalTextTower(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model  # registers the parameters, so export sees them as weights
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return forward(ids)
-
-    return CausalTextTower().eval()
+    return wrap_forward(model, causal_text_forward(model), "CausalTextTower")

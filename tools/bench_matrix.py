@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import options
+from clipdeploy import options, progress
 from clipdeploy.benchmarks.bench import (
     DEFAULT_BATCHES,
     BenchConfig,
@@ -73,10 +73,6 @@ class MatrixConfig:
     machine: str | None = None  # the machine's name on the page; None: CPU model, cores, memory, GPU
     progress: bool = True  # progress bars on stderr
     command: str = ""  # the command line that made the page, shown on it
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _stage_config(command: str, artifact: Path, precision: str, argv: tuple[str, ...]) -> Any:
@@ -138,7 +134,7 @@ def prepare_artifact(
 ) -> tuple[Path | None, list[str]]:
     """Run the model's pipeline (what is current is kept); the artifact, or None, and notes on what was not made."""
     plan, notes = model_plan(cfg, model, device, precisions)
-    _say(f"[{model}] clipdeploy run: {', '.join(plan.stages)} ...")
+    progress.write(f"[{model}] clipdeploy run: {', '.join(plan.stages)} ...")
     pipeline = PipelineConfig(file=Path(__file__), output=cfg.work_dir, models=[plan])
     summary = run_pipeline(pipeline, RunOptions())
     units = {u["unit"]: u for u in summary["models"][0]["units"]}
@@ -162,9 +158,9 @@ def run_matrix(cfg: MatrixConfig) -> Path:
         art, notes = prepare_artifact(cfg, model, device, precisions)
         if art is None:
             sections.append((model, None, notes))
-            _say(f"[{model}] skipped: {notes[0]}")
+            progress.write(f"[{model}] skipped: {notes[0]}")
             continue
-        _say(f"[{model}] benchmarking ...")
+        progress.write(f"[{model}] benchmarking ...")
         try:
             report = run_bench(
                 BenchConfig(

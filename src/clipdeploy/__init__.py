@@ -47,6 +47,7 @@ def load(
     path: str | os.PathLike[str], backend: str = "auto", precision: str | None = None, **options: Any
 ) -> ClipSession:
     """Open an artifact directory for embedding; see :func:`clipdeploy.runtime.session.load`."""
+    # here, not at the top: `import clipdeploy` stays light (no numpy, no runtime)
     from clipdeploy.runtime.session import load as _load
 
     return _load(path, backend=backend, precision=precision, **options)

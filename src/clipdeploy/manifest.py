@@ -25,6 +25,7 @@ from clipdeploy.manifest_schema import (  # the vocabulary lives with the schema
     check_schema,
     resolve_member,
 )
+from clipdeploy.staging import lock_new_file, output_temporaries, reserved
 
 # MAJOR.MINOR. A reader refuses a newer major version; minor versions only add fields.
 SCHEMA_VERSION = "1.0"
@@ -94,8 +95,6 @@ def atomic_write_bytes(path: Path, data: Any) -> None:
 
     The file gets the mode the umask gives (0644 under 022), not tempfile's private 0600.
     """
-    from clipdeploy.staging import lock_new_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         # Locked while written: a writer killed mid-way leaves a file the next run can tell is dead.
@@ -125,8 +124,6 @@ def swap_directory(work: Path, output: Path) -> None:
     one is in place; if the move fails, the previous directory is put back. The previous one waits
     under a locked temporary name, so that a run killed mid-swap is undone by the next
     (``staging.clean_beside``)."""
-    from clipdeploy.staging import output_temporaries, reserved
-
     if not output.exists():
         os.replace(work, output)
         return

@@ -29,7 +29,7 @@ N_IMAGES = 600
 def crops(folder: Path, n: int = N_IMAGES) -> Path:
     from PIL import Image
 
-    from clipdeploy.export.exporter import sample_images
+    from clipdeploy.bundled import sample_images
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

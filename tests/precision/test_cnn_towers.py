@@ -19,7 +19,8 @@ onnx = pytest.importorskip("onnx")
 Image = pytest.importorskip("PIL.Image")
 
 import clipdeploy  # noqa: E402
-from clipdeploy.export.exporter import ExportConfig, export_model, sample_images  # noqa: E402
+from clipdeploy.bundled import sample_images  # noqa: E402
+from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.manifest import read_manifest  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 

@@ -27,8 +27,8 @@ oc_tok = pytest.importorskip("open_clip.tokenizer")
 
 from clipdeploy.errors import ArtifactError  # noqa: E402
 from clipdeploy.export.tokenizer_assets import describe_tokenizer  # noqa: E402
-from clipdeploy.runtime.hf_tokenizer import HfTokenizer  # noqa: E402
-from clipdeploy.runtime.tokenizer import load_tokenizer  # noqa: E402
+from clipdeploy.runtime.text.hf import HfTokenizer  # noqa: E402
+from clipdeploy.runtime.text import load_tokenizer  # noqa: E402
 
 from tests.runtime.test_tokenizer import CORPUS  # noqa: E402  (the hard-string corpus, shared with the BPE tests)
 
@@ -146,7 +146,7 @@ def test_runtime_hf_tokenizer_does_not_import_torch(folders, tmp_path):
         f"""
         import json, sys
         from pathlib import Path
-        from clipdeploy.runtime.tokenizer import load_tokenizer
+        from clipdeploy.runtime.text import load_tokenizer
         tok = load_tokenizer(json.loads({json.dumps(json.dumps(entry))}), Path({str(tmp_path)!r}))
         assert tok(["a photo of a cat"]).shape == (1, 77)
         bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "transformers"))

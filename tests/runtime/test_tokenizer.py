@@ -25,7 +25,7 @@ oc_tok = pytest.importorskip("open_clip.tokenizer")
 
 from clipdeploy.errors import ArtifactError, ExportError, InputError  # noqa: E402
 from clipdeploy.export.tokenizer_assets import describe_tokenizer  # noqa: E402
-from clipdeploy.runtime.tokenizer import BpeTokenizer, load_tokenizer  # noqa: E402
+from clipdeploy.runtime.text import BpeTokenizer, load_tokenizer  # noqa: E402
 
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 BPE_PATH = Path(oc_tok.default_bpe())
@@ -415,7 +415,7 @@ def test_runtime_does_not_import_torch(tmp_path):
         f"""
         import sys
         from pathlib import Path
-        from clipdeploy.runtime.tokenizer import BpeTokenizer, load_tokenizer
+        from clipdeploy.runtime.text import BpeTokenizer, load_tokenizer
         tok = BpeTokenizer({str(vocab)!r})
         out = tok(["a photo of a cat", "caf\\u00e9 &amp; \\U0001f431"])
         assert out.shape == (2, 77), out.shape

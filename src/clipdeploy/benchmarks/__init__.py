@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run a benchmark and return its report (see :mod:`clipdeploy.benchmarks.report` for the schema)."""
+    # here, not at the top: importing the package must not load its heavier modules
     from clipdeploy.benchmarks.bench import run_bench as _run
 
     return _run(cfg)
@@ -28,6 +29,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 def __getattr__(name: str) -> Any:
     if name == "BenchConfig":
+        # here, not at the top: importing the package must not load its heavier modules
         from clipdeploy.benchmarks.bench import BenchConfig
 
         return BenchConfig

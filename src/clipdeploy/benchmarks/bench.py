@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+import clipdeploy
 from clipdeploy.benchmarks import environment
 from clipdeploy.benchmarks.contenders import (
     BACKENDS,
@@ -33,6 +34,8 @@ from clipdeploy.benchmarks.contenders import (
 )
 from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynamic
+from clipdeploy.benchmarks.report import write_reports
+from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import TOWERS, read_manifest
@@ -132,10 +135,6 @@ class BenchConfig:
             raise UsageError(f"--prompt-length {self.prompt_length} must be 2 or more (start and end tokens)")
 
 
-def _say(message: str) -> None:
-    progress_write(message)  # stderr, without tearing a bar being drawn
-
-
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -163,8 +162,6 @@ def plan_cases(spec: ContenderSpec, batches: tuple[int, ...], lengths: tuple[int
 
 
 def _worker_env(threads: int) -> dict[str, str]:
-    import clipdeploy
-
     env = dict(os.environ)
     src = str(Path(clipdeploy.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -219,7 +216,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_description(label)
         elif self.enabled:
-            _say(f"measuring {label} ...")
+            progress_write(f"measuring {label} ...")
 
     def event(self, event: dict[str, Any]) -> None:
         case = event["case"]
@@ -311,8 +308,6 @@ def _records(
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every contender for ``cfg`` and return the report; write it when ``cfg.output`` is set."""
-    from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
-
     cfg.check()
     root = Path(cfg.artifact)
     manifest = read_manifest(root)
@@ -329,7 +324,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         manifest, backends=cfg.backends, towers=cfg.towers, device=device, precisions=cfg.precisions
     )
     for s in skipped:
-        _say(f"skipping {s.describe()}")
+        progress_write(f"skipping {s.describe()}")
     if not specs:
         raise UsageError(
             f"nothing to measure in {str(root)!r} with --backends {','.join(cfg.backends)}"
@@ -359,7 +354,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                     res = run_job(job, progress.event)
                     gc.collect()
                 if res.error:
-                    _say(f"skipping {spec.label}: {res.error}")
+                    progress_write(f"skipping {spec.label}: {res.error}")
                 results.append((spec, res))
     finally:
         progress.close()
@@ -409,8 +404,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "notes": notes,
     }
     if cfg.output is not None:
-        from clipdeploy.benchmarks.report import write_reports
-
         report["files"] = write_reports(report, Path(cfg.output))
     return report
 

@@ -287,8 +287,7 @@ class RuntimeContender:
         return self.session.encode_tokens(x, normalize=False)
 
     def _run_runner(self, tower: str, x: np.ndarray) -> np.ndarray:
-        runners = getattr(self.session, "runners", None) or self.session._runners  # before `runners` existed
-        runner = runners[tower]
+        runner = self.session.runners[tower]
         (spec,) = runner.inputs
         (out,) = runner.outputs
         runner.check_feed({spec.name: x})

@@ -6,8 +6,9 @@ import os
 import platform
 import shutil
 import subprocess
-from importlib import metadata
 from typing import Any
+
+from clipdeploy.tool_versions import found_versions
 
 _DISTRIBUTIONS = (
     "clipdeploy",
@@ -85,38 +86,33 @@ def load_average() -> float | None:
         return None
 
 
-def gpus() -> list[dict[str, str]]:
-    """NVIDIA GPUs per ``nvidia-smi``: name, driver, memory. Empty without a GPU or driver."""
+def nvidia_smi(query: str, *fmt: str) -> list[list[str]] | None:
+    """The CSV rows of one ``nvidia-smi --query-...`` (fields stripped); None without nvidia-smi or when it fails."""
     if shutil.which("nvidia-smi") is None:
-        return []
+        return None
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            ["nvidia-smi", query, ",".join(("--format=csv", "noheader", *fmt))],
             capture_output=True,
             text=True,
             timeout=20,
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return []
+        return None
     if out.returncode != 0:
-        return []
-    rows = []
-    for line in out.stdout.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3:
-            rows.append({"name": parts[0], "driver": parts[1], "memory": parts[2]})
-    return rows
+        return None
+    return [[p.strip() for p in line.split(",")] for line in out.stdout.splitlines()]
+
+
+def gpus() -> list[dict[str, str]]:
+    """NVIDIA GPUs per ``nvidia-smi``: name, driver, memory. Empty without a GPU or driver."""
+    rows = nvidia_smi("--query-gpu=name,driver_version,memory.total") or []
+    return [{"name": r[0], "driver": r[1], "memory": r[2]} for r in rows if len(r) == 3]
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for dist in _DISTRIBUTIONS:
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    return found_versions(*_DISTRIBUTIONS)
 
 
 def collect(threads: int, device: str) -> dict[str, Any]:

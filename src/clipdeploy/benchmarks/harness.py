@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy.benchmarks.environment import nvidia_smi
 from clipdeploy.errors import UsageError
 from clipdeploy.options import integer, opt, positive_number
 
@@ -164,25 +165,12 @@ def peak_rss_mb() -> float:
 
 def gpu_memory_mb(pid: int | None = None) -> float | None:
     """GPU memory held by a process (this one by default) per ``nvidia-smi``, in MiB; None where unknown."""
-    import shutil
-    import subprocess
-
-    if shutil.which("nvidia-smi") is None:
+    rows = nvidia_smi("--query-compute-apps=pid,used_memory", "nounits")
+    if rows is None:
         return None
     pid = os.getpid() if pid is None else pid
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
     total = None
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
+    for parts in rows:
         if len(parts) == 2 and parts[0] == str(pid):
             try:
                 total = (total or 0.0) + float(parts[1])

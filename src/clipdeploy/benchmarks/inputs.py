@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from clipdeploy.bundled import sample_images, sample_prompts
+from clipdeploy.runtime.padding import trim_to_pooled
+from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
+from clipdeploy.runtime.text import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -84,12 +87,7 @@ def prompt_columns(ids: np.ndarray, text_entry: dict[str, Any]) -> int:
     """Columns the runtime keeps of these ids when it pads to the longest text: up to the last pooled position."""
     pooling = text_entry.get("pooling")
     if pooling in ("argmax", "eos"):
-        try:
-            from clipdeploy.runtime.padding import trim_to_pooled
-        except ImportError:  # a runtime without dynamic-length text
-            pass
-        else:
-            return int(trim_to_pooled(ids, pooling, text_entry.get("eos_token_id")).shape[1])
+        return int(trim_to_pooled(ids, pooling, text_entry.get("eos_token_id")).shape[1])
     return used_length(ids)
 
 
@@ -99,11 +97,8 @@ def _repeat(items: list[Any], n: int) -> list[Any]:
 
 def make_inputs(root: Path, manifest: dict[str, Any], max_batch: int) -> BenchInputs:
     """Pixels and token ids for batches up to ``max_batch``, from the artifact's own preprocessing."""
-    from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.tokenizer import load_tokenizer
-
-    images = sorted((DATA_DIR / "images").glob("*.jpg"))
-    prompts = [p for p in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
+    images = sample_images()
+    prompts = sample_prompts()
     towers = manifest.get("towers", {})
     if "image" in towers:
         pixels = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import CheckpointError, UsageError
+from clipdeploy.export.loading import load_model
+from clipdeploy.export.text_towers import causal_text_forward
 from clipdeploy.manifest import file_sha256
-from clipdeploy.deps import require
 
 # Model names that carry their own weights (open_clip downloads or reads them).
 _SOURCE_SCHEMAS = ("hf-hub:", "local-dir:")
@@ -74,8 +75,6 @@ def check_reference_weights(manifest: dict[str, Any], checkpoint: Path | None) -
 
 def build_reference_model(manifest: dict[str, Any], checkpoint: Path | None = None) -> Any:
     """The eval-mode fp32 CPU open_clip model with the artifact's weights."""
-    from clipdeploy.export.loading import load_model
-
     check_reference_weights(manifest, checkpoint)
     model = manifest["model"]
     with tempfile.TemporaryDirectory(prefix="clipdeploy-bench-") as tmp:
@@ -102,18 +101,14 @@ def prefix_text_encoder(model: Any) -> tuple[Callable[[Any], Any] | None, str]:
     open_clip's ``encode_text`` adds the whole positional embedding, so it takes only full-length
     ids. For a causal text tower that pools at the end token (or the first token), cutting the ids,
     the positional embedding and the causal mask to the same length gives the same embedding: no
-    token attends to the padding after it. This mirrors ``CLIP.encode_text`` line for line.
+    token attends to the padding after it. The forward is the export's own (``export/text_towers.py``).
     """
-    torch = require("torch", "export")
-    require("open_clip.transformer", "export")
-    from open_clip.transformer import text_global_pool
-
     if hasattr(model, "token_embedding"):  # CLIP: the text tower lives on the model
-        text, pool, eos = model, getattr(model, "text_pool_type", "argmax"), getattr(model, "text_eos_id", None)
+        text, pool = model, getattr(model, "text_pool_type", "argmax")
         extra_ok = True
     elif type(getattr(model, "text", None)).__name__ == "TextTransformer":
         text = model.text
-        pool, eos = getattr(text, "pool_type", "argmax"), getattr(text, "eos_id", None)
+        pool = getattr(text, "pool_type", "argmax")
         extra_ok = getattr(text, "cls_emb", None) is None and not getattr(text, "use_pad_mask", False)
     else:
         return None, f"the text tower of {type(model).__name__} is not open_clip's causal transformer"
@@ -121,18 +116,4 @@ def prefix_text_encoder(model: Any) -> tuple[Callable[[Any], Any] | None, str]:
         return None, "the text tower is not purely causal, so a shorter input would change the embedding"
     if pool not in ("argmax", "eos", "first"):
         return None, f"the text tower pools with {pool!r}, which depends on the padded length"
-
-    def encode(ids: Any) -> Any:
-        length = ids.shape[1]
-        cast_dtype = text.transformer.get_cast_dtype()
-        x = text.token_embedding(ids).to(cast_dtype)
-        x = x + text.positional_embedding[:length].to(cast_dtype)
-        x = text.transformer(x, attn_mask=text.attn_mask[:length, :length])
-        x = text.ln_final(x)
-        x = text_global_pool(x, ids, pool, eos_token_id=eos)
-        projection = text.text_projection
-        if projection is not None:
-            x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
-        return x
-
-    return encode, ""
+    return causal_text_forward(model), ""

@@ -28,6 +28,7 @@ from clipdeploy.benchmarks.harness import (
 )
 from clipdeploy.benchmarks.inputs import BenchInputs, array_sha256
 from clipdeploy.errors import ClipDeployError
+from clipdeploy.manifest import read_manifest
 
 EVENT_PREFIX = "@@clipdeploy-bench "
 
@@ -106,8 +107,6 @@ def _one_line(e: BaseException) -> str:
 
 def run_job(job: WorkerJob, emit: Callable[[dict[str, Any]], None] | None = None) -> WorkerResult:
     """Open the contender, then measure each case; a failing case is recorded, not raised."""
-    from clipdeploy.manifest import read_manifest
-
     emit = emit or (lambda event: None)
     inputs = BenchInputs.load(job.inputs)
     manifest = read_manifest(job.artifact)

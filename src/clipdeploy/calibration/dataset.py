@@ -24,6 +24,7 @@ import numpy as np
 from clipdeploy import progress
 from clipdeploy.calibration.sources import ImageSample
 from clipdeploy.errors import CalibrationError, InputError
+from clipdeploy.runtime.preprocess import load_image
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ def image_set(
     min_calibration: int,
 ) -> SampleSet:
     """Shuffle with ``seed``, read until both sets are full, skipping what cannot be decoded."""
-    from clipdeploy.runtime.preprocess import load_image
-
     _split_sizes(len(samples), calibration, held_out, min_calibration, "images")
     order = np.random.default_rng(seed).permutation(len(samples))
     wanted = held_out + calibration

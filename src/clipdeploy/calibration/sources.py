@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipdeploy.bundled import data_lines
 from clipdeploy.errors import CalibrationError, UsageError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -87,7 +87,7 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def imagenet_classes() -> list[str]:
-    return (DATA_DIR / "imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
+    return data_lines("imagenet_classes.txt")
 
 
 def imagenet_prompts() -> list[str]:
@@ -97,5 +97,5 @@ def imagenet_prompts() -> list[str]:
 
 def builtin_texts() -> list[str]:
     """ImageNet class names times open_clip's 80 templates: 80,000 real, varied captions."""
-    templates = (DATA_DIR / "imagenet_templates.txt").read_text(encoding="utf-8").splitlines()
+    templates = data_lines("imagenet_templates.txt")
     return [t.replace("{}", c) for c in imagenet_classes() for t in templates]

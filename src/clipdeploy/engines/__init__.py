@@ -13,6 +13,7 @@ __all__ = ["BuildConfig", "build_engines", "validate_engines"]
 
 def build_engines(cfg: BuildConfig) -> list[dict]:
     """Compile each tower's ONNX variant of ``cfg.precision``; see :func:`clipdeploy.engines.builder.build_engines`."""
+    # here, not at the top: importing the package must not load its heavier modules
     from clipdeploy.engines.builder import build_engines as _build
 
     return _build(cfg)
@@ -20,6 +21,7 @@ def build_engines(cfg: BuildConfig) -> list[dict]:
 
 def validate_engines(artifact: str, **options: object) -> dict:
     """Compare engines with their ONNX sources; see :func:`clipdeploy.engines.engine_validate.validate_engines`."""
+    # here, not at the top: importing the package must not load its heavier modules
     from clipdeploy.engines.engine_validate import validate_engines as _validate
 
     return _validate(artifact, **options)  # type: ignore[arg-type]

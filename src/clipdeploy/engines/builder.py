@@ -14,10 +14,11 @@ from typing import Any
 
 from clipdeploy import progress
 from clipdeploy.engines.config import BuildConfig, Range
+from clipdeploy.engines.engine_validate import validate_engines
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
 from clipdeploy.manifest import (
-    atomic_write_bytes,
     Variant,
+    atomic_write_bytes,
     file_sha256,
     read_manifest,
     variant_files,
@@ -304,8 +305,6 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
     cache.save()
     _update_manifest(root, entries)
     if cfg.validate:
-        from clipdeploy.engines.engine_validate import validate_engines
-
         validate_engines(
             root, device=cfg.device, files=[e["file"] for e in entries], engine_host_code_allowed=cfg.version_compat
         )

@@ -16,14 +16,19 @@ from typing import Any
 import numpy as np
 
 from clipdeploy import precisions, progress
+from clipdeploy.bundled import sample_images, sample_prompts
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
 from clipdeploy.runtime import cuda
+from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+from clipdeploy.runtime.backends.tensorrt import TrtOptions, TrtRunner
+from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
+from clipdeploy.runtime.tensorrt_compat import engine_mismatch, import_tensorrt
+from clipdeploy.runtime.text import load_tokenizer
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Reference batches are capped: ONNX Runtime on CPU is the slow side of the comparison.
 MAX_REFERENCE_BATCH = 32
 
@@ -44,16 +49,11 @@ TOLERANCES = precisions.view(lambda spec: EngineTolerance(**spec.engine_toleranc
 
 def sample_inputs(root: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """Real inputs per tower: the bundled photographs, preprocessed, and the bundled prompts, tokenized."""
-    from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.tokenizer import load_tokenizer
-
     out = {}
     if "image" in manifest["towers"]:
-        images = sorted((DATA_DIR / "images").glob("*.jpg"))
-        out["image"] = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)
+        out["image"] = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(sample_images())
     if "text" in manifest["towers"]:
-        prompts = [p for p in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if p.strip()]
-        out["text"] = load_tokenizer(manifest["tokenizer"], root)(prompts)
+        out["text"] = load_tokenizer(manifest["tokenizer"], root)(sample_prompts())
     return out
 
 
@@ -78,9 +78,6 @@ def validate_engine(
     root: Path, entry: dict[str, Any], inputs: dict[str, np.ndarray], device: int, host_code_allowed: bool
 ) -> tuple[dict[str, Any], list[str]]:
     """Compare one engine with its ONNX source; returns the validation record and any failures."""
-    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
-    from clipdeploy.runtime.backends.tensorrt import TrtOptions, TrtRunner
-
     tower, precision = entry["tower"], entry["precision"]
     tol = TOLERANCES[precision]
     source = entry["source"]
@@ -136,8 +133,6 @@ def validate_engines(
     Engines built for another GPU or TensorRT version are reported as skipped. Raises AccuracyError
     when any engine fails, after writing every figure to the manifest.
     """
-    from clipdeploy.runtime.tensorrt_compat import engine_mismatch, import_tensorrt
-
     root = Path(artifact)
     manifest = read_manifest(root)
     engines = [

@@ -8,30 +8,36 @@ artifact untouched.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipdeploy import __version__, precisions, progress
+from clipdeploy.bundled import sample_images, sample_prompts
 from clipdeploy.errors import UsageError
+from clipdeploy.export.geometry import context_length
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
-from clipdeploy.export.specs import DEFAULT_OPSET, FamilySpec, TowerSpec, context_length, detect_family
+from clipdeploy.export.preprocess_assets import describe_preprocess
+from clipdeploy.export.specs import DEFAULT_OPSET, MIN_SEQUENCE, FamilySpec, TowerSpec, detect_family
+from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
+from clipdeploy.export.tokenizer_assets import describe_tokenizer
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
 from clipdeploy.options import opt
+from clipdeploy.runtime.padding import trim_to_pooled
+from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
+from clipdeploy.runtime.text import load_tokenizer
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
+from clipdeploy.tool_versions import found_versions
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Batch sizes the parity check runs: 1, and a batch of several so batched kernels are covered too.
 PARITY_BATCHES = (1, 8)
 MIN_OPSET = 17  # LayerNormalization is a single ONNX node from opset 17 on
@@ -71,14 +77,6 @@ class ExportConfig:
     # the coverage tool only (no CLI option).
     depth: int | None = None
 
-def sample_images() -> list[Path]:
-    """The bundled real photographs the parity check (and the quickstart) use."""
-    return sorted((DATA_DIR / "images").glob("*.jpg"))
-
-
-def sample_prompts() -> list[str]:
-    return [line for line in (DATA_DIR / "prompts.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-
 
 def _check_output(output: Path, force: bool) -> None:
     if not output.exists():
@@ -93,16 +91,8 @@ def _check_output(output: Path, force: bool) -> None:
         )
 
 
-def _tool_versions() -> dict[str, str]:
-    versions = {"clipdeploy": __version__, "python": platform.python_version()}
-    for dist in ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
+# The distributions an artifact records in its manifest's "tools".
+_TOOLS = ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy")
 # Extra texts for the text tower's length sweep: the shortest text (SOT, EOT) and one that fills the
 # whole context, so a dynamic axis is checked at its two ends as well as at every prompt's length.
 LENGTH_PROBES = ("", "a photo of " + "a very large and very fluffy orange cat, " * 20)
@@ -134,8 +124,6 @@ def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[s
 def _synthetic_ids(model: Any, rows: int) -> Any:
     """Token ids of varied lengths, valid for the tower's vocabulary, padded as the tokenizer would."""
     torch = require("torch", "export")
-
-    from clipdeploy.export.text_towers import text_layout
 
     layout = text_layout(model)
     length = context_length(model)
@@ -248,9 +236,6 @@ def _length_sweep(model: Any, run: Any, ids: np.ndarray, ref: np.ndarray) -> tup
     Each text alone at its own length (from SOT+EOT up to the whole context), and batches of 8 and
     of all texts padded only to their longest text.
     """
-    from clipdeploy.export.text_towers import text_layout
-    from clipdeploy.runtime.padding import trim_to_pooled
-
     layout = text_layout(model)
     trim = lambda x: trim_to_pooled(x, layout.pooling, layout.eos_id)  # noqa: E731
     own = [trim(ids[i : i + 1]) for i in range(len(ids))]
@@ -275,9 +260,6 @@ def _check_runtime_inputs(
     artifact_dir: Path, manifest: dict[str, Any], pixels: Any, tokens: Any, images: list[Path], prompts: list[str]
 ) -> tuple[dict[str, Any], list[str]]:
     """The torch-free preprocessing and tokenizer must reproduce open_clip's on this very model."""
-    from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
-    from clipdeploy.runtime.tokenizer import load_tokenizer
-
     failures = []
     ours = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)
     pixel_diff = float(np.abs(ours - pixels.numpy()).max())
@@ -306,9 +288,6 @@ def _tower_entry(spec: TowerSpec, model: Any, embed_dim: int) -> dict[str, Any]:
         "embed_dim": embed_dim,
     }
     if spec.tower == "text":
-        from clipdeploy.export.specs import MIN_SEQUENCE
-        from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
-
         dynamic = spec.dynamic_sequence(model)
         length = context_length(model)
         entry.update(
@@ -349,9 +328,6 @@ def _logit_terms(model: Any) -> tuple[float, float | None]:
 
 
 def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
-    from clipdeploy.export.preprocess_assets import describe_preprocess
-    from clipdeploy.export.tokenizer_assets import describe_tokenizer
-
     with progress.stage(f"building {cfg.model}"):
         loaded = load_model(
             cfg.model,
@@ -416,7 +392,7 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
         "tokenizer": tokenizer_entry,
         "variants": [],
         "validation": {},
-        "tools": _tool_versions(),
+        "tools": {"clipdeploy": __version__, **found_versions(*_TOOLS)},
     }
     with progress.stage("checking runtime preprocessing and tokenizer") as step:
         runtime_report, runtime_failures = _check_runtime_inputs(work, manifest, pixels, tokens, images, prompts)

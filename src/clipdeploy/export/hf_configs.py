@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.manifest import atomic_write_text
+
 _ROBERTA = {
     "architectures": ["RobertaForMaskedLM"],
     "attention_probs_dropout_prob": 0.1,
@@ -121,7 +123,5 @@ def bundled_config_dir(hf_model_name: str) -> Path | None:
     path = root / "config.json"
     text = json.dumps(cfg, indent=2, sort_keys=True)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        from clipdeploy.manifest import atomic_write_text
-
         atomic_write_text(path, text)
     return root

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import CheckpointError, UsageError
+from clipdeploy.export.hf_configs import bundled_config_dir
 from clipdeploy.manifest import file_sha256
 from clipdeploy.deps import require
 
@@ -523,8 +524,6 @@ def load_tokenizer(open_clip: Any, name: str, tokenizer_dir: str | Path | None) 
 
 def _hf_text_overrides(open_clip: Any, name: str) -> dict[str, Any]:
     """A Hugging Face text tower built from the bundled config, so no hub is needed to build it."""
-    from clipdeploy.export.hf_configs import bundled_config_dir
-
     text_cfg = _text_cfg(open_clip, name)
     hf_model = text_cfg.get("hf_model_name")
     if not hf_model:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import ExportError
+from clipdeploy.export.geometry import context_length
 from clipdeploy.export.specs import BATCH, MIN_SEQUENCE, SEQUENCE, TowerSpec
 from clipdeploy.deps import require
 
@@ -76,8 +77,6 @@ def dynamic_axes(spec: TowerSpec, model: Any) -> dict[int, Any]:
 
 
 def _max_sequence(model: Any) -> int:
-    from clipdeploy.export.specs import context_length
-
     return context_length(model)
 
 

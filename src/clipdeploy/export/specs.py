@@ -13,8 +13,15 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from clipdeploy.errors import UsageError
-from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, causal_text_wrapper, text_layout
 from clipdeploy.deps import require
+from clipdeploy.export.geometry import context_length, image_size
+from clipdeploy.export.text_towers import (
+    PADDING_LONGEST,
+    PADDING_MAX_LENGTH,
+    causal_text_wrapper,
+    text_layout,
+    wrap_forward,
+)
 
 if TYPE_CHECKING:
     torch = require("torch", "export")
@@ -91,22 +98,9 @@ class TowerSpec:
         A dynamic-length text tower is the exception: ``encode_text`` adds the full-length positional
         embedding, so its wrapper performs the same steps sliced to the input length.
         """
-        torch = require("torch", "export")
-
         if self.dynamic_sequence(model):
             return causal_text_wrapper(model)
-        method = getattr(model, self.method)
-
-        class TowerWrapper(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model  # registers the parameters, so export sees them as weights
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return method(x)
-
-        TowerWrapper.__name__ = f"{self.tower.capitalize()}Tower"
-        return TowerWrapper().eval()
+        return wrap_forward(model, getattr(model, self.method), f"{self.tower.capitalize()}Tower")
 
 
 IMAGE_TOWER = TowerSpec(
@@ -180,32 +174,7 @@ def detect_family(model: Any) -> FamilySpec:
     )
 
 
-# ---- helpers that read a model's geometry -----------------------------------------------------
-
-
-def image_size(model: Any) -> tuple[int, int]:
-    size = getattr(model.visual, "image_size", None)
-    if size is None:
-        size = model.visual.preprocess_cfg["size"]
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
-
-
-def context_length(model: Any) -> int:
-    """The length of the ids the text tower takes: the tokenizer's context length."""
-    length = getattr(model, "clipdeploy_context_length", None)  # set by load_model for HF text towers
-    if length is None:
-        length = getattr(model, "context_length", None)
-    if length is None:
-        length = getattr(getattr(model, "text", None), "context_length", None)
-    if length is None:
-        raise UsageError(
-            f"cannot tell the text context length of {type(model).__name__}; "
-            "pass a model whose text tower sets context_length"
-        )
-    return int(length)
+# ---- helpers that tell the families apart -----------------------------------------------------
 
 
 def _visual_class(model: Any) -> str:

@@ -10,9 +10,12 @@ graph takes a dynamic "sequence" axis and a batch is padded only to its longest 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from clipdeploy.deps import require
+
+from clipdeploy.export.geometry import context_length
 
 # How ids are padded for the tower, as recorded in the manifest.
 PADDING_LONGEST = "longest"  # dynamic "sequence" axis: each batch padded to its longest text
@@ -43,8 +46,6 @@ class TextLayout:
 
 def text_layout(model: Any) -> TextLayout:
     """Read the text tower's pooling and attention from an open_clip model."""
-    from clipdeploy.export.specs import context_length
-
     text = getattr(model, "text", None)
     name = type(text).__name__ if text is not None else ""
     if text is None:  # CLIP: the text transformer lives on the model itself
@@ -92,40 +93,59 @@ def _parts(model: Any) -> Any:
     return text, text.pool_type, getattr(text, "eos_id", None)
 
 
-def causal_text_wrapper(model: Any) -> Any:
-    """A module computing ``encode_text`` on ids of any length from 1 to the context length.
+def causal_text_forward(model: Any) -> Callable[[Any], Any]:
+    """``encode_text`` on ids of any length from 1 to the context length, for a causal tower.
 
     It performs open_clip's own steps (token embedding, positional embedding, causal transformer,
     final LayerNorm, id-based pooling, projection) with the positional embedding and the causal mask
-    sliced to the input length. The export parity check compares it with ``encode_text`` itself on
-    full-length ids, at several lengths.
+    sliced to the input length. The caller checks that the tower is causal and pools at a position
+    read from the ids (``TextLayout.dynamic``, or the bench's own check): otherwise the result differs.
     """
     torch = require("torch", "export")
     require("open_clip.transformer", "export")
     from open_clip.transformer import text_global_pool
 
-    layout = text_layout(model)
-    if not layout.dynamic:
-        raise ValueError(f"the text tower of {type(model).__name__} is not causal with id pooling: {layout}")
     parts, pool_type, eos_id = _parts(model)
 
-    class CausalTextTower(torch.nn.Module):
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        cast_dtype = parts.transformer.get_cast_dtype()
+        x = parts.token_embedding(ids).to(cast_dtype)
+        x = x + parts.positional_embedding[:length].to(cast_dtype)
+        x = parts.transformer(x, attn_mask=parts.attn_mask[:length, :length])
+        x = parts.ln_final(x)
+        x = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
+        proj = parts.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return x
+
+    return forward
+
+
+def wrap_forward(model: Any, forward: Callable[[Any], Any], name: str) -> Any:
+    """An eval-mode ``torch.nn.Module`` named ``name`` whose forward is ``forward``, holding ``model``'s weights."""
+    import torch
+
+    class Tower(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model  # registers the parameters, so export sees them as weights
 
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            length = ids.shape[1]
-            cast_dtype = parts.transformer.get_cast_dtype()
-            x = parts.token_embedding(ids).to(cast_dtype)
-            x = x + parts.positional_embedding[:length].to(cast_dtype)
-            mask = parts.attn_mask[:length, :length]
-            x = parts.transformer(x, attn_mask=mask)
-            x = parts.ln_final(x)
-            x = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
-            proj = parts.text_projection
-            if proj is not None:
-                x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-            return x
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return forward(x)
 
-    return CausalTextTower().eval()
+    Tower.__name__ = Tower.__qualname__ = name
+    return Tower().eval()
+
+
+def causal_text_wrapper(model: Any) -> Any:
+    """A module computing ``encode_text`` on ids of any length (see ``causal_text_forward``).
+
+    The export parity check compares it with ``encode_text`` itself on full-length ids, at several
+    lengths.
+    """
+    layout = text_layout(model)
+    if not layout.dynamic:
+        raise ValueError(f"the text tower of {type(model).__name__} is not causal with id pooling: {layout}")
+    return wrap_forward(model, causal_text_forward(model), "CausalTextTower")

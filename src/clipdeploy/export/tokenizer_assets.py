@@ -1,6 +1,6 @@
 """Copy an open_clip tokenizer's files into an artifact and describe it for the manifest.
 
-The description is what ``clipdeploy.runtime.tokenizer.load_tokenizer`` reads back.
+The description is what ``clipdeploy.runtime.text.load_tokenizer`` reads back.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import DependencyError, ExportError
+from clipdeploy.runtime.text import BpeTokenizer
+from clipdeploy.runtime.text.hf import HF_KIND
+from clipdeploy.runtime.text.openai_bpe import BPE_KIND
 
 __all__ = ["describe_tokenizer"]
 
 TOKENIZER_DIR = "tokenizer"
-HF_KIND = "hf-tokenizers"
 
 
 def describe_tokenizer(
@@ -81,7 +83,7 @@ def describe_tokenizer(
     shutil.copyfile(src, dest)
 
     entry: dict[str, Any] = {
-        "kind": "openclip-bpe",
+        "kind": BPE_KIND,
         "context_length": context_length,
         "clean": clean,
         "additional_special_tokens": additional or None,
@@ -138,8 +140,6 @@ def _reduction_mask(reduction_fn: Any, oc_tok: Any) -> str | None:
 
 def _check_same_vocab(tokenizer: Any, dest: Path, entry: dict, src: Path) -> None:
     """Rebuild with the runtime tokenizer and compare: catches a custom bpe_path we cannot see."""
-    from clipdeploy.runtime.tokenizer import BpeTokenizer
-
     rebuilt = BpeTokenizer(
         dest,
         context_length=entry["context_length"],

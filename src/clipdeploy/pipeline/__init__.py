@@ -18,6 +18,7 @@ __all__ = ["load_config", "run_pipeline"]
 
 def load_config(file: Any, output: Any = None) -> PipelineConfig:
     """Read and check a pipeline YAML file; see :func:`clipdeploy.pipeline.config.load_config`."""
+    # here, not at the top: importing the package must not load its heavier modules
     from clipdeploy.pipeline.config import load_config as _load
 
     return _load(file, output)
@@ -25,6 +26,7 @@ def load_config(file: Any, output: Any = None) -> PipelineConfig:
 
 def run_pipeline(config: PipelineConfig, options: RunOptions | None = None) -> dict[str, Any]:
     """Run every model of ``config``; see :func:`clipdeploy.pipeline.runner.run_pipeline`."""
+    # here, not at the top: importing the package must not load its heavier modules
     from clipdeploy.pipeline.runner import run_pipeline as _run
 
     return _run(config, options)

@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.benchmarks.bench import BenchConfig
+from clipdeploy.engines.config import BuildConfig, parse_size
 from clipdeploy.errors import UsageError
+from clipdeploy.export.exporter import MIN_OPSET, ExportConfig
 from clipdeploy.pipeline.schema import (
     ConfigError,
     Invalid,
@@ -47,6 +50,7 @@ from clipdeploy.pipeline.schema import (
 )
 from clipdeploy.precisions import names as precision_names
 from clipdeploy.precisions import quantized as quantized_precisions
+from clipdeploy.precision.stage import QuantizeConfig
 
 STAGES = ("export", "quantize", "build", "validate", "bench")
 SCHEMA_VERSION = 1
@@ -137,8 +141,6 @@ def _list_of(value: Any, choices: tuple[str, ...], origin: Origin, what: str, pr
 def _quantize_configs(
     entry: YMap, precisions: tuple[str, ...], artifact: Path, base_dir: Path, problems: Problems, origin: Origin
 ) -> dict[str, Any]:
-    from clipdeploy.precision.stage import QuantizeConfig
-
     section = entry.get("quantize")
     if section is not None and not isinstance(section, YMap):
         problems.add(entry.at("quantize"), f"got {section!r}, expected a mapping of QuantizeConfig fields")
@@ -178,10 +180,6 @@ def _quantize_configs(
 def _resolve_model(
     index: int, entry: Any, defaults: YMap | None, root: Path, base_dir: Path, problems: Problems
 ) -> ModelPlan | None:
-    from clipdeploy.benchmarks.bench import BenchConfig
-    from clipdeploy.engines.config import BuildConfig, parse_size
-    from clipdeploy.export.exporter import MIN_OPSET, ExportConfig
-
     here = Origin(entry.origin.line if isinstance(entry, (YMap, YList)) else 0, f"models[{index}]")
     if not isinstance(entry, YMap):
         problems.add(here, f"got {entry!r}, expected a mapping with at least `model:`")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.calibration.sources import list_images
 from clipdeploy.manifest import file_sha256
 
 
@@ -50,30 +50,12 @@ def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     return out
 
 
-def versions(*dists: str) -> dict[str, str | None]:
-    """Installed versions of these distributions (None when absent); onnxruntime-gpu counts as onnxruntime."""
-    out: dict[str, str | None] = {}
-    for dist in dists:
-        names = (dist, f"{dist}-gpu") if dist == "onnxruntime" else (dist,)
-        found = None
-        for name in names:
-            try:
-                found = metadata.version(name)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        out[dist] = found
-    return out
-
-
 def image_sources_digest(paths: list[Path]) -> dict[str, Any]:
     """A content fingerprint of calibration image sources: every image file (or tar shard) they hold.
 
     Uses the same listing as the quantize stage, so it sees exactly the files the stage would read.
     Any change to an image's bytes, an added or removed image, changes it.
     """
-    from clipdeploy.calibration.sources import list_images
-
     samples = list_images(paths)
     digest = hashlib.sha256()
     files: dict[Path, str] = {}

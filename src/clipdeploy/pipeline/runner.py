@@ -20,6 +20,7 @@ from typing import Any
 
 from clipdeploy import progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, UsageError
+from clipdeploy.manifest import atomic_write_text
 from clipdeploy.options import opt
 from clipdeploy.pipeline.config import STAGES, ModelPlan, PipelineConfig
 from clipdeploy.pipeline.fingerprint import changed, key_of
@@ -81,10 +82,6 @@ class UnitResult:
         }  # fmt: skip
 
 
-def _say(message: str) -> None:
-    progress.write(message)  # stderr, without tearing a progress bar
-
-
 class _Stop(Exception):
     """--fail-fast: the first failure ends the run."""
 
@@ -105,13 +102,13 @@ class ModelRun:
         self.results[unit.id] = r
         label = f"[{self.plan.name}] {unit.id}: {status}"
         if status == "current":
-            _say(f"{label} (key {(r.key or '')[:12]}), skipped")
+            progress.write(f"{label} (key {(r.key or '')[:12]}), skipped")
         elif status == "ran":
-            _say(f"{label} in {r.seconds:.1f}s")
+            progress.write(f"{label} in {r.seconds:.1f}s")
         elif r.reason:
-            _say(f"{label}: {r.reason}")
+            progress.write(f"{label}: {r.reason}")
         else:
-            _say(label)
+            progress.write(label)
         return r
 
     def _gate(self, unit: Unit) -> UnitResult | None:
@@ -178,7 +175,7 @@ class ModelRun:
             why = f"changed: {', '.join(what_changed)}" if what_changed else "inputs changed"
         else:
             why = "outputs missing or changed"
-        _say(f"[{self.plan.name}] {unit.id}: running ({why})")
+        progress.write(f"[{self.plan.name}] {unit.id}: running ({why})")
         self.state.forget(unit.id)
         start = time.perf_counter()
         try:
@@ -226,8 +223,6 @@ class ModelRun:
 
 def run_pipeline(config: PipelineConfig, options: RunOptions | None = None) -> dict[str, Any]:
     """Run every model of ``config``; returns the summary (also written to ``<output>/summary.json``)."""
-    from clipdeploy.manifest import atomic_write_text
-
     options = options or RunOptions()
     options.check()
     plans = config.models

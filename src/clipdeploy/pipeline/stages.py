@@ -20,12 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy import __version__
+from clipdeploy.benchmarks import environment
+from clipdeploy.benchmarks.bench import resolve_device, run_bench
+from clipdeploy.engines import build_engines, validate_engines
+from clipdeploy.engines.engine_validate import TOLERANCES
 from clipdeploy.errors import DependencyError
+from clipdeploy.export.exporter import export_model
 from clipdeploy.precisions import REFERENCE
 from clipdeploy.manifest import file_sha256, read_manifest
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan
-from clipdeploy.pipeline.fingerprint import config_values, image_sources_digest, versions
+from clipdeploy.pipeline.fingerprint import config_values, image_sources_digest
 from clipdeploy.pipeline.state import StageState
+from clipdeploy.precision.stage import quantize
+from clipdeploy.runtime import cuda
+from clipdeploy.runtime.tensorrt_compat import import_tensorrt
+from clipdeploy.tool_versions import versions
 
 
 @dataclass(frozen=True)
@@ -167,8 +176,6 @@ class ExportStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        from clipdeploy.export.exporter import export_model
-
         manifest = export_model(ctx.plan.export)
         rels = [_artifact_rel(v["file"]) for v in manifest["variants"]]
         rels += [_artifact_rel(e["file"]) for v in manifest["variants"] for e in v.get("external_data") or []]
@@ -231,8 +238,6 @@ class QuantizeStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        from clipdeploy.precision.stage import quantize
-
         report = quantize(ctx.plan.quantize[unit.precision])
         manifest = read_manifest(ctx.plan.artifact)
         rels = _variant_rels(manifest, unit.precision or "", "onnx")
@@ -260,9 +265,6 @@ _TARGETS: dict[int, dict[str, Any]] = {}
 def tensorrt_target(device: int) -> dict[str, Any]:
     """The TensorRT version and GPU that engines would be built for here; Unavailable when there are none."""
     if device not in _TARGETS:
-        from clipdeploy.runtime import cuda
-        from clipdeploy.runtime.tensorrt_compat import import_tensorrt
-
         try:
             trt = import_tensorrt()
             gpu = cuda.gpu_info(device)
@@ -294,8 +296,6 @@ class BuildStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        from clipdeploy.engines import build_engines
-
         entries = build_engines(ctx.plan.build[unit.precision])
         manifest = read_manifest(ctx.plan.artifact)
         rels = [_artifact_rel(e["file"]) for e in entries]
@@ -330,8 +330,6 @@ class ValidateStage:
         return sorted(rel[len(ARTIFACT_DIR) + 1 :] for rel in record.get("outputs") or {})
 
     def inputs(self, unit: Unit, ctx: Context) -> dict[str, Any]:
-        from clipdeploy.engines.engine_validate import TOLERANCES
-
         cfg = ctx.plan.build[unit.precision]
         return {
             "build": ctx.keys[f"build:{unit.precision}"],
@@ -341,8 +339,6 @@ class ValidateStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        from clipdeploy.engines import validate_engines
-
         cfg = ctx.plan.build[unit.precision]
         files = self._engines(unit, ctx)
         report = validate_engines(
@@ -378,9 +374,6 @@ class ValidateStage:
 
 
 def _machine(device: str) -> dict[str, Any]:
-    from clipdeploy.benchmarks import environment
-    from clipdeploy.benchmarks.bench import resolve_device
-
     resolved = resolve_device(device)
     env = environment.collect(1, resolved)
     if resolved == "cuda" and not env.get("gpus"):
@@ -436,8 +429,6 @@ class BenchStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        from clipdeploy.benchmarks.bench import run_bench
-
         report = run_bench(ctx.plan.bench)
         out = Path(ctx.plan.bench.output)
         rels = [str((out / "bench.json").relative_to(ctx.plan.root))]

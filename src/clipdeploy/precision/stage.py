@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,13 @@ from clipdeploy.manifest import file_sha256, read_manifest, variants, write_mani
 from clipdeploy.options import THREADS, opt
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
+from clipdeploy.runtime.backends.onnxruntime import OrtRunner
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.deps import require
+from clipdeploy.runtime.session import load
 from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
+from clipdeploy.tool_versions import installed
+from clipdeploy.validation import cosine_rows
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +149,8 @@ def _batches(x: np.ndarray, name: str, size: int = CALIB_BATCH) -> list[dict[str
     return [{name: x[i : i + size]} for i in range(0, len(x), size)]
 
 
-def _ort_version() -> str:
-    try:
-        return metadata.version("onnxruntime")
-    except metadata.PackageNotFoundError:
-        return metadata.version("onnxruntime-gpu")
-
-
 def _cache_path(root: Path, tower: str, fp32_sha: str, method: str, fingerprint: str) -> Path:
-    key = hashlib.sha256(f"{fp32_sha}|{method}|{fingerprint}|{_ort_version()}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{fp32_sha}|{method}|{fingerprint}|{installed('onnxruntime')}".encode()).hexdigest()[:20]
     return root / "calibration" / f"{tower}.{method}.{key}.json"
 
 
@@ -162,8 +158,6 @@ class _Stage:
     """One run of the stage; holds the data so that recovery rounds reuse it."""
 
     def __init__(self, cfg: QuantizeConfig) -> None:
-        from clipdeploy.runtime.session import load
-
         self.cfg = cfg
         self.root = Path(cfg.artifact)
         self.manifest = read_manifest(self.root)
@@ -261,8 +255,6 @@ class _Stage:
         return info
 
     def runner(self, path: Path) -> Any:
-        from clipdeploy.runtime.backends.onnxruntime import OrtRunner
-
         return OrtRunner(path, self.options)
 
     def evaluate(self, paths: dict[str, Path]) -> dict[str, Any]:
@@ -291,8 +283,6 @@ class _Stage:
         """One-sample feeds for ranking nodes: typical calibration samples plus the worst ones end to end.
 
         Calibration data only: the held-out set stays unseen by every choice it then judges."""
-        from clipdeploy.validation import cosine_rows
-
         x = self.sets[tower].calibration
         fp32 = self.session.runners[tower]
         cos = cosine_rows(gate.run(self.runner(plain), x), gate.run(fp32, x))

@@ -19,8 +19,11 @@ from clipdeploy.errors import ArtifactError, InputError, UsageError
 from clipdeploy.manifest import Variant, read_manifest, verify_files
 from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.base import Runner
+from clipdeploy.runtime.cuda import is_torch_tensor
+from clipdeploy.runtime.padding import PADDINGS, trim_to_pooled
 from clipdeploy.runtime.preprocess import ImageLike, PreprocessConfig, Preprocessor
 from clipdeploy.deps import require
+from clipdeploy.runtime.text import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +100,6 @@ class ClipSession:
     def tokenizer(self) -> Any:
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                from clipdeploy.runtime.tokenizer import load_tokenizer
-
                 self._tokenizer = load_tokenizer(self.manifest["tokenizer"], self.root)
             return self._tokenizer
 
@@ -109,8 +110,6 @@ class ClipSession:
         ``padding="longest"`` pads only to the batch's longest text (EOT included), for artifacts
         whose text tower takes a dynamic length (``manifest["towers"]["text"]["padding"]``).
         """
-        from clipdeploy.runtime.padding import PADDINGS, trim_to_pooled
-
         if padding not in PADDINGS:
             raise UsageError(f"padding={padding!r} must be one of {', '.join(PADDINGS)}")
         ids = self.tokenizer(texts)
@@ -149,8 +148,6 @@ class ClipSession:
     def _run_torch(self, tower: str, x: Any, normalize: bool, batch_size: int | None, return_torch: bool) -> Any:
         """Torch in and/or out. A CUDA tensor on a runner that reads device memory is never copied to the host."""
         torch = require("torch", "export")
-
-        from clipdeploy.runtime.cuda import is_torch_tensor
 
         runner = self._runners.get(tower)
         if is_torch_tensor(x) and x.is_cuda and hasattr(runner, "run_torch"):
@@ -200,8 +197,6 @@ class ClipSession:
             raise InputError(f"token ids have dtype {x.dtype}; pass integer ids, e.g. from session.tokenize")
         text = self._text_entry()
         if text.get("padding") == "longest" and x.ndim == 2:
-            from clipdeploy.runtime.padding import trim_to_pooled
-
             # Full-length or trimmed ids alike: nothing after the latest pooled position matters.
             x = trim_to_pooled(x, text["pooling"], text.get("eos_token_id"))
             limit = int(text.get("context_length") or x.shape[1])

@@ -16,6 +16,7 @@ __all__ = ["build_repository"]
 
 def build_repository(cfg: TritonConfig) -> dict[str, Any]:
     """Write the repository; see :func:`clipdeploy.triton.repository.build_repository`."""
+    # here, not at the top: importing the package must not load its heavier modules
     from clipdeploy.triton.repository import build_repository as _build
 
     return _build(cfg)

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import clipdeploy
 from clipdeploy import __version__, precisions
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.manifest import (
@@ -43,6 +44,7 @@ from clipdeploy.runtime.backends import registry as backends
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
+from clipdeploy.triton.readme import readme
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ DTYPES = {
 }  # fmt: skip
 # The clipdeploy modules the Python-backend models run; the clipdeploy modules they import (at any depth,
 # inside functions too) are vendored with them.
-VENDOR_ROOTS = ("runtime/preprocess.py", "runtime/tokenizer.py")
+VENDOR_ROOTS = ("runtime/preprocess.py", "runtime/text/__init__.py")
 _MODELS_DIR = Path(__file__).resolve().parent / "python_models"
 _FMT_SUFFIX = {"tensorrt": "trt", "onnx": "onnx"}
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -507,8 +509,6 @@ def vendored_modules(src: Path) -> list[str]:
 
 def _vendor(version_dir: Path) -> None:
     """Copy clipdeploy's torch-free preprocessing and tokenizer modules beside a Python model."""
-    import clipdeploy
-
     src = Path(clipdeploy.__file__).resolve().parent
     dest = version_dir / "clipdeploy"
     (dest / "runtime").mkdir(parents=True, exist_ok=True)
@@ -716,8 +716,6 @@ def _check_output(output: Path, force: bool) -> None:
 
 def build_repository(cfg: TritonConfig) -> dict[str, Any]:
     """Write a Triton model repository for ``cfg.artifacts``; returns what was written, with warnings."""
-    from clipdeploy.triton.readme import readme
-
     cfg.check()
     output = Path(cfg.output)
     ensure_parent(output)  # mkdir -p, and a killed run's leftovers go (a half-swapped repository comes back)

@@ -10,6 +10,7 @@ import numpy as np
 
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError
 from clipdeploy.errors import unreadable
+from clipdeploy.onnx_locations import check_locations
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 
 _ORT_DTYPES = {
@@ -81,7 +82,6 @@ class OrtRunner(Runner):
         }[options.graph_optimization_level]
         self.path = Path(path)
         self.options = options
-        from clipdeploy.onnx_locations import check_locations
 
         check_locations(self.path)  # older ONNX Runtime releases follow external data out of the model's folder
         try:

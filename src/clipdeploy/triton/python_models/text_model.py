@@ -18,7 +18,7 @@ if HERE not in sys.path:
 import triton_python_backend_utils as pb_utils  # noqa: E402  (provided by Triton's Python backend)
 
 from clipdeploy.errors import ClipDeployError  # noqa: E402
-from clipdeploy.runtime.tokenizer import load_tokenizer  # noqa: E402
+from clipdeploy.runtime.text import load_tokenizer  # noqa: E402
 
 
 class TritonPythonModel:

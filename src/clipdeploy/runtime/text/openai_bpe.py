@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import html
-import string
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,36 +16,26 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy.errors import ArtifactError, DependencyError, InputError, UsageError
+from clipdeploy.errors import ArtifactError, InputError, UsageError
+from clipdeploy.runtime.text.common import (
+    CLEAN_FNS,
+    CLEAN_MODES,
+    DEFAULT_CONTEXT_LENGTH,
+    as_text_list,
+    check_context_length,
+    import_package,
+    resolve_file,
+)
 
-__all__ = [
-    "CLEAN_MODES",
-    "SUPPORTED_KINDS",
-    "BpeTokenizer",
-    "load_tokenizer",
-]
+__all__ = ["BPE_KIND", "BpeTokenizer", "load_bpe_tokenizer"]
 
-DEFAULT_CONTEXT_LENGTH = 77
-CLEAN_MODES = ("lower", "whitespace", "canonicalize")
-SUPPORTED_KINDS = ("openclip-bpe", "hf-tokenizers")
+BPE_KIND = "openclip-bpe"
 # open_clip keeps every BPE result forever; a server tokenizing arbitrary text must not.
 _BPE_CACHE_SIZE = 1 << 16
 _DEFAULT_SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
-# Same table as open_clip's canonicalize_text default argument (ASCII punctuation only).
-_TRANS_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def _import(name: str) -> Any:
-    try:
-        return __import__(name)
-    except ImportError as exc:
-        raise DependencyError(
-            f"the tokenizer needs the package {name!r}, which is not installed; "
-            f"reinstall clipdeploy (it is a base dependency) or `pip install {name}`"
-        ) from exc
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bytes_to_unicode() -> dict[int, str]:
     """Map every byte to a printable unicode character (the reversible GPT-2/CLIP table)."""
     bs = (
@@ -67,48 +55,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _get_pairs(word: tuple[str, ...]) -> set[tuple[str, str]]:
     return {(word[i], word[i + 1]) for i in range(len(word) - 1)}
-
-
-def basic_clean(text: str) -> str:
-    """Fix mojibake with ftfy, unescape HTML entities twice, strip."""
-    ftfy = _import("ftfy")
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
-    return text.strip()
-
-
-def whitespace_clean(text: str) -> str:
-    """Collapse every run of (unicode) whitespace to one space."""
-    return " ".join(text.split()).strip()
-
-
-def canonicalize_text(text: str) -> str:
-    """open_clip's canonicalize_text with keep_punctuation_exact_string=None."""
-    text = text.replace("_", " ")
-    text = text.translate(_TRANS_PUNCTUATION)
-    text = text.lower()
-    text = " ".join(text.split())
-    return text.strip()
-
-
-def _clean_lower(text: str) -> str:
-    return whitespace_clean(basic_clean(text)).lower()
-
-
-def _clean_whitespace(text: str) -> str:
-    return whitespace_clean(basic_clean(text))
-
-
-def _clean_canonicalize(text: str) -> str:
-    return canonicalize_text(basic_clean(text))
-
-
-_CLEAN_FNS = {
-    "lower": _clean_lower,
-    "whitespace": _clean_whitespace,
-    "canonicalize": _clean_canonicalize,
-}
-
 
 def _read_merges(bpe_path: Path) -> list[tuple[str, ...]]:
     try:
@@ -138,12 +84,12 @@ class BpeTokenizer:
         clean: str = "lower",
         additional_special_tokens: list[str] | None = None,
     ) -> None:
-        if clean not in _CLEAN_FNS:
+        if clean not in CLEAN_FNS:
             raise UsageError(
                 f"unknown clean mode {clean!r}; expected one of {', '.join(CLEAN_MODES)}"
             )
-        _check_context_length(context_length, "context_length", UsageError)
-        regex = _import("regex")
+        check_context_length(context_length, "context_length", UsageError)
+        regex = import_package("regex")
 
         self.bpe_path = Path(bpe_path)
         self.clean = clean
@@ -182,7 +128,7 @@ class BpeTokenizer:
                 f"regular expression ({exc}); open_clip inserts them unescaped, so remove regex "
                 "metacharacters"
             ) from exc
-        self._clean_fn = _CLEAN_FNS[clean]
+        self._clean_fn = CLEAN_FNS[clean]
 
         self.vocab_size = len(self.encoder)
         self.all_special_ids = [self.encoder[t] for t in special_tokens]
@@ -280,10 +226,10 @@ class BpeTokenizer:
 
         Texts longer than the context are truncated and their last token replaced by EOT.
         """
-        texts = _as_text_list(texts)
+        texts = as_text_list(texts)
         # `or`, like open_clip: 0 and None both mean the tokenizer's own context length.
         context_length = context_length or self.context_length
-        _check_context_length(context_length, "context_length", InputError)
+        check_context_length(context_length, "context_length", InputError)
 
         result = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
@@ -301,55 +247,8 @@ class BpeTokenizer:
         )
 
 
-def _check_context_length(value: Any, name: str, error: type[Exception]) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise error(f"{name} is {value!r}; expected a positive int such as 77")
-
-
-def _as_text_list(texts: Any) -> list[str]:
-    if isinstance(texts, str):
-        return [texts]
-    if isinstance(texts, (bytes, bytearray)):
-        raise InputError(
-            f"texts is {type(texts).__name__}, expected str or a sequence of str; decode it first"
-        )
-    try:
-        texts = list(texts)
-    except TypeError:
-        raise InputError(
-            f"texts is {type(texts).__name__}, expected str or a sequence of str"
-        ) from None
-    if not texts:
-        raise InputError("no texts given: pass at least one string")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(
-                f"texts[{i}] is {type(text).__name__}, expected str; convert every item to a string"
-            )
-    return texts
-
-
-def load_tokenizer(cfg: dict, root: Path) -> Any:
-    """Build the tokenizer described by a manifest's tokenizer entry; files are relative to root.
-
-    ``openclip-bpe``: a BpeTokenizer; ``hf-tokenizers``: an HfTokenizer (see runtime/hf_tokenizer.py),
-    or an ArtifactError saying how to supply the files when the export could not fetch them.
-    """
-    if not isinstance(cfg, dict):
-        raise ArtifactError(
-            f"manifest tokenizer entry is {type(cfg).__name__}, expected a mapping; "
-            "re-export the artifact"
-        )
-    kind = cfg.get("kind")
-    if kind not in SUPPORTED_KINDS:
-        raise ArtifactError(
-            f"manifest tokenizer kind is {kind!r}; this runtime supports "
-            f"{', '.join(SUPPORTED_KINDS)}; upgrade clipdeploy or re-export the artifact"
-        )
-    if kind == "hf-tokenizers":
-        from clipdeploy.runtime.hf_tokenizer import load_hf_tokenizer
-
-        return load_hf_tokenizer(cfg, Path(root), _resolve_file)
+def load_bpe_tokenizer(cfg: dict, root: Path) -> BpeTokenizer:
+    """Build the BpeTokenizer a manifest tokenizer entry describes, checked against its special ids."""
     reduction = cfg.get("reduction_mask")
     if reduction:
         raise ArtifactError(
@@ -359,7 +258,7 @@ def load_tokenizer(cfg: dict, root: Path) -> Any:
         )
 
     root = Path(root)
-    bpe_path = _resolve_file(cfg, "bpe_vocab", root)
+    bpe_path = resolve_file(cfg, "bpe_vocab", root)
     context_length = cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
     clean = cfg.get("clean", "lower")
     extra = cfg.get("additional_special_tokens")
@@ -397,21 +296,3 @@ def load_tokenizer(cfg: dict, root: Path) -> Any:
                 "re-export the artifact"
             )
     return tokenizer
-
-
-def _resolve_file(cfg: dict, key: str, root: Path) -> Path:
-    files = cfg.get("files")
-    rel = files.get(key) if isinstance(files, dict) else None
-    if not isinstance(rel, str) or not rel:
-        raise ArtifactError(
-            f"manifest tokenizer files.{key} is {rel!r}; expected a path relative to the artifact "
-            "directory; re-export the artifact"
-        )
-    path = root / rel
-    # Manifest paths must stay inside the artifact directory.
-    if Path(rel).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
-        raise ArtifactError(
-            f"manifest tokenizer files.{key} is {rel!r}; expected a path inside the artifact "
-            "directory; re-export the artifact"
-        )
-    return path

@@ -18,23 +18,19 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.errors import ArtifactError, DependencyError, InputError
-from clipdeploy.runtime.tokenizer import _CLEAN_FNS, CLEAN_MODES, _as_text_list, _check_context_length
+from clipdeploy.runtime.text.common import (
+    CLEAN_FNS,
+    CLEAN_MODES,
+    as_text_list,
+    check_context_length,
+    import_package,
+    resolve_file,
+)
 
-__all__ = ["HF_KIND", "HfTokenizer"]
+__all__ = ["HF_KIND", "HfTokenizer", "load_hf_tokenizer"]
 
 HF_KIND = "hf-tokenizers"
 SIDES = ("right", "left")
-
-
-def _tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError as exc:
-        raise DependencyError(
-            "this artifact's tokenizer needs the package 'tokenizers', which is not installed; "
-            "reinstall clipdeploy (it is a base dependency) or `pip install tokenizers`"
-        ) from exc
-    return tokenizers
 
 
 class HfTokenizer:
@@ -53,7 +49,7 @@ class HfTokenizer:
         strip_sep_token: bool = False,
         sep_token_id: int | None = None,
     ) -> None:
-        if clean not in _CLEAN_FNS:
+        if clean not in CLEAN_FNS:
             raise ArtifactError(f"unknown clean mode {clean!r}; expected one of {', '.join(CLEAN_MODES)}")
         if padding_side not in SIDES or truncation_side not in SIDES:
             raise ArtifactError(
@@ -62,11 +58,11 @@ class HfTokenizer:
             )
         if strip_sep_token and sep_token_id is None:
             raise ArtifactError("strip_sep_token is set without a sep_token_id; re-export the artifact")
-        _check_context_length(context_length, "context_length", ArtifactError)
+        check_context_length(context_length, "context_length", ArtifactError)
         self.path = Path(tokenizer_json)
         try:
             self._json = self.path.read_text(encoding="utf-8")
-            self._plain = _tokenizers().Tokenizer.from_str(self._json)  # no padding, no truncation
+            self._plain = import_package("tokenizers").Tokenizer.from_str(self._json)  # no padding, no truncation
         except FileNotFoundError as exc:
             raise ArtifactError(
                 f"tokenizer file {str(self.path)!r} is missing; copy the whole artifact directory or re-export it"
@@ -79,7 +75,7 @@ class HfTokenizer:
             ) from exc
         self.context_length = int(context_length)
         self.clean = clean
-        self._clean_fn = _CLEAN_FNS[clean]
+        self._clean_fn = CLEAN_FNS[clean]
         self.pad_token_id = int(pad_token_id)
         self.pad_token = pad_token
         self.padding_side = padding_side
@@ -98,7 +94,7 @@ class HfTokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._plain = _tokenizers().Tokenizer.from_str(self._json)
+        self._plain = import_package("tokenizers").Tokenizer.from_str(self._json)
         self._backends = {}
         self._lock = threading.Lock()
 
@@ -107,7 +103,7 @@ class HfTokenizer:
         with self._lock:
             backend = self._backends.get(length)
             if backend is None:
-                backend = _tokenizers().Tokenizer.from_str(self._json)
+                backend = import_package("tokenizers").Tokenizer.from_str(self._json)
                 backend.enable_truncation(length, stride=0, strategy="longest_first", direction=self.truncation_side)
                 pad: dict[str, Any] = {"length": length, "direction": self.padding_side, "pad_id": self.pad_token_id}
                 if self.pad_token is not None:
@@ -124,9 +120,9 @@ class HfTokenizer:
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
         """Token ids as an int64 array [N, context_length], padded and truncated as open_clip does."""
-        texts = _as_text_list(texts)
+        texts = as_text_list(texts)
         length = context_length or self.context_length
-        _check_context_length(length, "context_length", InputError)
+        check_context_length(length, "context_length", InputError)
         cleaned = [self._clean_fn(t) for t in texts]
         encodings = self._backend(int(length)).encode_batch(cleaned, add_special_tokens=True)
         ids = np.asarray([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), int(length))
@@ -141,8 +137,8 @@ class HfTokenizer:
         )
 
 
-def load_hf_tokenizer(cfg: dict, root: Path, resolve: Any) -> HfTokenizer:
-    """Build the HfTokenizer a manifest tokenizer entry describes; ``resolve`` checks file paths."""
+def load_hf_tokenizer(cfg: dict, root: Path) -> HfTokenizer:
+    """Build the HfTokenizer a manifest tokenizer entry describes."""
     missing = cfg.get("missing")
     if missing:
         name = missing.get("hf_tokenizer_name", "?") if isinstance(missing, dict) else "?"
@@ -151,7 +147,7 @@ def load_hf_tokenizer(cfg: dict, root: Path, resolve: Any) -> HfTokenizer:
             f"this artifact has no tokenizer: the {name} tokenizer files could not be fetched at export; "
             f"{fix or 're-export with --tokenizer-dir DIR holding them'}; encode_tokens works with your own ids"
         )
-    path = resolve(cfg, "tokenizer_json", root)
+    path = resolve_file(cfg, "tokenizer_json", root)
     try:
         return HfTokenizer(
             path,

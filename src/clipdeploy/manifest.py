@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import precisions
 from clipdeploy.errors import ArtifactError, unreadable
 from clipdeploy.manifest_schema import (  # the vocabulary lives with the schema; re-exported here
     FORMATS,  # noqa: F401
@@ -73,8 +74,6 @@ class Variant:
 def __getattr__(name: str) -> Any:
     # PRECISIONS stays importable from here: the precision registry's names, read when asked for.
     if name == "PRECISIONS":
-        from clipdeploy import precisions
-
         return precisions.names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from clipdeploy.manifest import read_manifest
+
 
 def _shape(t: dict[str, Any]) -> str:
     return f"{t['name']} {t['dtype']} [{', '.join(str(d) for d in t['shape'])}]"
@@ -65,8 +67,6 @@ def format_manifest(m: dict[str, Any]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from clipdeploy.manifest import read_manifest
-
     manifest = read_manifest(args.artifact)
     if args.json:
         json.dump(manifest, sys.stdout, indent=2)

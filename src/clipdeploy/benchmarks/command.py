@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy import options
-from clipdeploy.benchmarks.bench import BenchConfig
+from clipdeploy.benchmarks.bench import BenchConfig, run_bench
 from clipdeploy.benchmarks.harness import TimingConfig
+from clipdeploy.benchmarks.report import terminal_table
 from clipdeploy.errors import UsageError
 from clipdeploy.options import add_dataclass_options
 
@@ -28,9 +29,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from clipdeploy.benchmarks.bench import run_bench
-    from clipdeploy.benchmarks.report import terminal_table
-
     report = run_bench(config_from_args(args))
     print(terminal_table(report))
     files = report.get("files") or {}

@@ -16,14 +16,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from clipdeploy.benchmarks.harness import Timer, perf_counter_timer
+import clipdeploy
+from clipdeploy.benchmarks.harness import Timer, cuda_event_timer, perf_counter_timer
 from clipdeploy.benchmarks.inputs import text_is_dynamic
-from clipdeploy.errors import ArtifactError, UsageError
-from clipdeploy.manifest import variants
+from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_text_encoder
 from clipdeploy.deps import require
+from clipdeploy.errors import ArtifactError, UsageError
+from clipdeploy.export.specs import context_length
+from clipdeploy.manifest import variant_files, variants, verify_files
 from clipdeploy.precisions import REFERENCE, by_default, rank
 from clipdeploy.runtime.backends import registry
+from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
 from clipdeploy.runtime.backends.registry import has_module
+from clipdeploy.runtime.session import ClipSession
 
 TORCH = "torch"
 AUTOCAST = "fp16-autocast"  # PyTorch's own mixed precision, a peer rather than a variant
@@ -244,7 +249,6 @@ class RuntimeContender:
     timer: Timer = staticmethod(perf_counter_timer)  # the session returns host arrays: synchronous
 
     def __init__(self, spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> None:
-        import clipdeploy
 
         self.spec = spec
         self.dynamic_text = text_is_dynamic(manifest)
@@ -300,9 +304,6 @@ class RuntimeContender:
 
 
 def _partial_ort_session(root: Path, manifest: dict[str, Any], spec: ContenderSpec, kwargs: dict[str, Any]) -> Any:
-    from clipdeploy.manifest import variant_files, verify_files
-    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
-    from clipdeploy.runtime.session import ClipSession
 
     options = OrtOptions(
         providers=tuple(kwargs["providers"]),
@@ -325,10 +326,6 @@ class TorchContender:
 
     def __init__(self, spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> None:
         torch = require("torch", "export")
-
-        from clipdeploy.benchmarks.harness import cuda_event_timer
-        from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_text_encoder
-        from clipdeploy.export.specs import context_length
 
         self.spec = spec
         self._torch = torch

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy import options, precisions
+from clipdeploy.engines.builder import build_engines
 from clipdeploy.engines.config import BuildConfig, parse_range
+from clipdeploy.engines.engine_validate import validate_engines
 from clipdeploy.errors import UsageError
 from clipdeploy.options import add_dataclass_options, cuda_index
 
@@ -41,8 +43,6 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from clipdeploy.engines.builder import build_engines
-
     cfg = config_from_args(args)
     for e in build_engines(cfg):
         print(
@@ -90,8 +90,6 @@ def add_build(sub: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from clipdeploy.engines.engine_validate import validate_engines
-
     device = cuda_index("--device", args.device) if args.device is not None else _DEFAULT_DEVICE
     report = validate_engines(
         Path(args.artifact), device=device, precision=args.precision, engine_host_code_allowed=args.allow_host_code

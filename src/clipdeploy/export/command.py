@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clipdeploy.export.exporter import ExportConfig
+from clipdeploy.export.exporter import ExportConfig, export_model
+from clipdeploy.export.loading import import_open_clip
 from clipdeploy.options import add_dataclass_options, config_from_args
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from clipdeploy.export.exporter import export_model
-
     cfg = config_from_args(ExportConfig, args, model=args.model, output=Path(args.output))
     manifest = export_model(cfg)
     report = manifest["validation"]["export"]
@@ -57,8 +56,6 @@ def add_export(sub: Any) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from clipdeploy.export.loading import import_open_clip
-
     open_clip = import_open_clip()
     rows = [(name, open_clip.list_pretrained_tags_by_model(name)) for name in open_clip.list_models()]
     if args.filter:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clipdeploy.manifest import atomic_write_text
 from clipdeploy.options import add_dataclass_options, config_from_args
-from clipdeploy.pipeline.runner import RunOptions
+from clipdeploy.pipeline.config import load_config
+from clipdeploy.pipeline.runner import RunOptions, run_pipeline
+from clipdeploy.pipeline.summary import table
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import json
     import sys
-
-    from clipdeploy.pipeline.config import load_config
-    from clipdeploy.pipeline.runner import run_pipeline
-    from clipdeploy.pipeline.summary import table
 
     options = config_from_args(RunOptions, args)
     options.check()
@@ -24,8 +23,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(table(summary))
     if args.json:
         from pathlib import Path
-
-        from clipdeploy.manifest import atomic_write_text
 
         # Atomic, and makes missing parent directories, like every other output.
         atomic_write_text(Path(args.json), json.dumps(summary, indent=2) + "\n")

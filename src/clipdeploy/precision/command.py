@@ -7,16 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.errors import AccuracyError
 from clipdeploy.options import add_dataclass_options, config_from_args
-from clipdeploy.precision.stage import QuantizeConfig
+from clipdeploy.precision.stage import QuantizeConfig, quantize
 
 THREADS_HELP = "ONNX Runtime intra-op threads for calibration and the gate"
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from clipdeploy.errors import AccuracyError
-    from clipdeploy.precision.stage import quantize
-
     cfg = config_from_args(QuantizeConfig, args, artifact=Path(args.artifact))
     try:
         report = quantize(cfg)

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import InputError, UsageError
+from clipdeploy.manifest import swap_directory
 from clipdeploy.options import add_threads, threads_from_args
 from clipdeploy.runtime.backends import registry as backends
+from clipdeploy.runtime.session import load
+from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
-
-    from clipdeploy.runtime.session import load
 
     if args.text == []:
         raise InputError("--text was given no strings; pass at least one")
@@ -60,8 +61,6 @@ EMBED_FILES = ("image.npy", "text.npy", "embed.json")
 
 def _check_embed_output(out: Path) -> None:
     """-o names a directory that is new, empty, or an earlier `embed -o`'s (only EMBED_FILES in it)."""
-    from clipdeploy.staging import clean_beside
-
     if out.exists() and not out.is_dir():
         raise UsageError(
             f"-o {str(out)!r} is an existing file; -o names a directory for {', '.join(EMBED_FILES)}; "
@@ -87,9 +86,6 @@ def _check_embed_output(out: Path) -> None:
 def _write_embed_output(out: Path, arrays: dict[str, Any], result: dict[str, Any]) -> None:
     """Write the new set beside DIR, then swap it in: no file of an earlier run survives beside it."""
     import numpy as np
-
-    from clipdeploy.manifest import swap_directory
-    from clipdeploy.staging import ensure_parent, output_temporaries, reserved
 
     _check_embed_output(out)  # again: the directory may have changed while the model ran
     target = out.resolve()

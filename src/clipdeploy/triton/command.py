@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.options import add_dataclass_options, config_from_args
-from clipdeploy.triton.repository import TritonConfig
+from clipdeploy.triton.readme import release_line
+from clipdeploy.triton.repository import TritonConfig, build_repository
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
     import sys
-
-    from clipdeploy.triton.readme import release_line
-    from clipdeploy.triton.repository import build_repository
 
     cfg = config_from_args(
         TritonConfig, args, artifacts=[Path(a) for a in args.artifacts], output=Path(args.output)

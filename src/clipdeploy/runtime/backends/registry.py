@@ -183,6 +183,7 @@ def open_onnx_files(
 
 
 def _ort_options(settings: LoadSettings) -> Any:
+    # here, not at the top: a backend's module loads only when that backend is used
     from clipdeploy.runtime.backends.onnxruntime import OrtOptions
 
     return OrtOptions(
@@ -206,6 +207,7 @@ def _ort_bench_target(device: str) -> str:
 def _ort_open(
     root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool
 ) -> Opened:
+    # here, not at the top: a backend's module loads only when that backend is used
     from clipdeploy.runtime.backends.onnxruntime import OrtRunner
 
     options = _ort_options(settings)
@@ -231,6 +233,7 @@ def _ort_unavailable(device: str) -> str | None:
 
 
 def _trt_options(settings: LoadSettings) -> Any:
+    # here, not at the top: a backend's module loads only when that backend is used
     from clipdeploy.runtime.backends.tensorrt import TrtOptions
 
     return TrtOptions(
@@ -243,6 +246,7 @@ def _trt_options(settings: LoadSettings) -> Any:
 def _trt_open(
     root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool
 ) -> Opened:
+    # here, not at the top: a backend's module loads only when that backend is used
     from clipdeploy.runtime.backends import tensorrt
 
     preference = get("tensorrt").preference(settings)
@@ -250,6 +254,7 @@ def _trt_open(
 
 
 def _trt_auto(manifest: dict[str, Any], precision: str | None, settings: LoadSettings) -> str | None:
+    # here, not at the top: a backend's module loads only when that backend is used
     from clipdeploy.runtime.backends import tensorrt
 
     preference = get("tensorrt").preference(settings)

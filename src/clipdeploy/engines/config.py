@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipdeploy.errors import UsageError
 from clipdeploy import precisions
+from clipdeploy.errors import UsageError
 from clipdeploy.manifest import TOWERS
 from clipdeploy.options import DEVICE_HELP, cuda_index, opt
 from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT

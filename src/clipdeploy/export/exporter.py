@@ -18,6 +18,7 @@ import numpy as np
 
 from clipdeploy import __version__, precisions, progress
 from clipdeploy.bundled import sample_images, sample_prompts
+from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
 from clipdeploy.export.geometry import context_length
 from clipdeploy.export.loading import LoadedModel, load_model
@@ -34,7 +35,6 @@ from clipdeploy.runtime.text import load_tokenizer
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.tool_versions import found_versions
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
-from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.deps import require
 from clipdeploy.errors import CheckpointError, UsageError
 from clipdeploy.export.hf_configs import bundled_config_dir
 from clipdeploy.manifest import file_sha256
-from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.deps import require
 from clipdeploy.errors import ExportError
 from clipdeploy.export.geometry import context_length
 from clipdeploy.export.specs import BATCH, MIN_SEQUENCE, SEQUENCE, TowerSpec
-from clipdeploy.deps import require
 
 log = logging.getLogger(__name__)
 

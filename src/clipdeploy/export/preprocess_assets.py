@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, ExportError
 from clipdeploy.runtime.preprocess import PreprocessConfig
-from clipdeploy.deps import require
 
 
 def describe_preprocess(model: Any) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from clipdeploy.errors import UsageError
 from clipdeploy.deps import require
+from clipdeploy.errors import UsageError
 from clipdeploy.export.geometry import context_length, image_size
 from clipdeploy.export.text_towers import (
     PADDING_LONGEST,

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from clipdeploy.deps import require
 
+from clipdeploy.deps import require
 from clipdeploy.export.geometry import context_length
 
 # How ids are padded for the tower, as recorded in the manifest.

@@ -48,9 +48,9 @@ from clipdeploy.pipeline.schema import (
     section_kwargs,
     unknown_key_message,
 )
+from clipdeploy.precision.stage import QuantizeConfig
 from clipdeploy.precisions import names as precision_names
 from clipdeploy.precisions import quantized as quantized_precisions
-from clipdeploy.precision.stage import QuantizeConfig
 
 STAGES = ("export", "quantize", "build", "validate", "bench")
 SCHEMA_VERSION = 1

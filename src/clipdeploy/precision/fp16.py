@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy.precision import graph
 from clipdeploy.deps import require
+from clipdeploy.precision import graph
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from clipdeploy.deps import require
 
 if TYPE_CHECKING:

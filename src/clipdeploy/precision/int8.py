@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipdeploy import progress
-from clipdeploy.precision import graph
 from clipdeploy.deps import require
+from clipdeploy.precision import graph
 
 if TYPE_CHECKING:
     import onnx_ir as ir

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy.deps import require
 from clipdeploy.precision import graph
 from clipdeploy.precision.int8 import OPS_TO_QUANTIZE
-from clipdeploy.deps import require
 
 
 def _fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:

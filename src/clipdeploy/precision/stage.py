@@ -18,6 +18,7 @@ import numpy as np
 
 from clipdeploy import precisions, progress
 from clipdeploy.calibration import dataset, sources
+from clipdeploy.deps import require
 from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
 from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
 from clipdeploy.options import THREADS, opt
@@ -25,7 +26,6 @@ from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 from clipdeploy.runtime.backends.onnxruntime import OrtRunner
 from clipdeploy.runtime.padding import trim_to_pooled
-from clipdeploy.deps import require
 from clipdeploy.runtime.session import load
 from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
 from clipdeploy.tool_versions import installed

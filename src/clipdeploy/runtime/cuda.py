@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy.errors import DependencyError, EngineError, InputError, UsageError
 from clipdeploy.deps import require
+from clipdeploy.errors import DependencyError, EngineError, InputError, UsageError
 
 INSTALL_HINT = (
     "pip install 'clipdeploy[tensorrt]' (TensorRT 11, CUDA 13) or 'clipdeploy[tensorrt10]' (TensorRT 10, CUDA 12)"

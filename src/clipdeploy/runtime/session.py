@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy import precisions
+from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, InputError, UsageError
 from clipdeploy.manifest import Variant, read_manifest, verify_files
 from clipdeploy.runtime.backends import registry
@@ -22,7 +23,6 @@ from clipdeploy.runtime.backends.base import Runner
 from clipdeploy.runtime.cuda import is_torch_tensor
 from clipdeploy.runtime.padding import PADDINGS, trim_to_pooled
 from clipdeploy.runtime.preprocess import ImageLike, PreprocessConfig, Preprocessor
-from clipdeploy.deps import require
 from clipdeploy.runtime.text import load_tokenizer
 
 log = logging.getLogger(__name__)

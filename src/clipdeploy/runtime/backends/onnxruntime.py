@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy.errors import ArtifactError, DependencyError, UsageError
-from clipdeploy.errors import unreadable
+from clipdeploy.errors import ArtifactError, DependencyError, UsageError, unreadable
 from clipdeploy.onnx_locations import check_locations
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 

@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_matrix_parser().parse_args(argv)
     try:
-        path = run_matrix(config_from_matrix_args(args, argv))
+        cfg = config_from_matrix_args(args, argv)
+        progress.configure(cfg.progress)  # bars on a terminal, as `clipdeploy bench` draws them
+        path = run_matrix(cfg)
     except ClipDeployError as e:
         print(f"matrix: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -36,6 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.errors import ClipDeployError
+
 # Relative to the working directory: run from the repository root.
 DEFAULT_CACHE = Path("docs") / "coverage.json"
 DEFAULT_REPORT = Path("docs") / "coverage.md"
@@ -499,7 +501,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_arguments(p)
     p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--row", type=Path, help=argparse.SUPPRESS)
-    return cmd_coverage(p.parse_args(argv))
+    try:
+        return cmd_coverage(p.parse_args(argv))
+    except ClipDeployError as e:
+        print(f"coverage: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -71,12 +71,6 @@ class Variant:
         )
 
 
-def __getattr__(name: str) -> Any:
-    # PRECISIONS stays importable from here: the precision registry's names, read when asked for.
-    if name == "PRECISIONS":
-        return precisions.names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()

@@ -23,14 +23,15 @@ MANIFEST_NAME = "manifest.json"
 TOWERS = ("image", "text")
 FORMATS = ("onnx", "tensorrt")
 
+
+__all__ = ["SchemaError", "check_schema", "manifest_paths", "check_paths", "resolve_member"]
+
+
 def __getattr__(name: str) -> Any:
     # PRECISIONS is the registry's current list, so a precision registered later is in it too.
     if name == "PRECISIONS":
         return precisions.names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["SchemaError", "check_schema", "manifest_paths", "check_paths", "resolve_member"]
 
 
 class SchemaError(ValueError):

@@ -124,8 +124,9 @@ def add_dataclass_options(
             for key in ("metavar", "nargs", "action"):
                 if key in meta:
                     kwargs[key] = meta[key]
-            if "choices" in meta:
-                kwargs["choices"] = tuple(meta["choices"])
+            if "choices" in meta:  # a function (a registry's names) is read now, when the parser is built
+                choices = meta["choices"]
+                kwargs["choices"] = tuple(choices() if callable(choices) else choices)
             if kind in (int, float) and "metavar" not in meta and "choices" not in meta:
                 kwargs["metavar"] = "N" if kind is int else "X"
             if "parse" not in meta:  # parsed later, into a one-line UsageError, when it has its own parser

@@ -104,6 +104,16 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def gate_defaults(key: str) -> str:
+    """Each quantized precision's default for one gate threshold, in words ("0.95 for int8, int8-fp16")."""
+    by_value: dict[float, list[str]] = {}
+    for name in quantized():
+        value = _REGISTRY[name].gate.get(key)
+        if value is not None:
+            by_value.setdefault(value, []).append(name)
+    return "; ".join(f"{v:g} for {', '.join(names)}" for v, names in by_value.items()) or "none"
+
+
 def quantized() -> tuple[str, ...]:
     """The precisions `clipdeploy quantize` makes (all but the exported reference)."""
     return tuple(n for n, s in _REGISTRY.items() if s.make != EXPORT)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.pipeline import runner
-from tools import bench_matrix as matrix_mod  # the repository root is on sys.path (tests/conftest.py)
+from tools import bench_matrix as matrix_mod  # the repository root is on sys.path (pyproject: pythonpath)
 from tools.bench_matrix import MatrixConfig, prepare_artifact, run_matrix
 
 from tests.support.bench_fakes import make_report

@@ -20,6 +20,7 @@ from clipdeploy.errors import AccuracyError, CalibrationError, UsageError  # noq
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.manifest import read_manifest  # noqa: E402
 from clipdeploy.precision import fp16 as fp16_pass  # noqa: E402
+from clipdeploy.precision import graph  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 from clipdeploy.validation import cosine_rows  # noqa: E402
 
@@ -254,6 +255,20 @@ def test_min_cosine_failure_alone_triggers_recovery_that_fixes_it(outliers, shap
     assert report["passed"] and report["image"]["min_cosine"] >= 0.95
     assert report["recovery"]["kept_in_higher_precision"]["image"]
     assert report["recovery"]["ranking"]["image"]["feeds"] >= 16
+
+
+def test_a_recovered_variant_with_external_data_loads(outliers, shapes, tmp_path, monkeypatch):
+    """A recovery round's file names its own side file (`.r1.onnx.data`); recorded under the variant's
+    name, the location inside the ONNX file must name the side file beside it, or load refuses it."""
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)  # every graph goes to external data, as >1.5 GB ones do
+    artifact = _copy(outliers, tmp_path)
+    report = quantize(_cfg(artifact, shapes, "int8", min_mean_cosine=0.0, min_top1=0.0))
+    assert report["recovery"]["kept_in_higher_precision"]["image"]
+    assert (artifact / "image.int8.onnx.data").is_file()
+    session = clipdeploy.load(artifact, precision="int8")  # the side file's location is checked here
+    image = sorted((shapes / "images").rglob("*.jpg"))[0]
+    emb = session.encode_image([image])
+    assert emb.shape[0] == 1 and np.isfinite(emb).all()
 
 
 def test_recovery_is_bounded(outliers, shapes, tmp_path):

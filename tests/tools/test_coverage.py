@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import coverage  # the repository root is on sys.path (tests/conftest.py)
+from tools import coverage  # the repository root is on sys.path (pyproject: pythonpath)
 
 ROOT = Path(__file__).resolve().parents[2]
 

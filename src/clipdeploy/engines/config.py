@@ -38,7 +38,7 @@ class BuildConfig:
     """Everything `clipdeploy build` takes."""
 
     artifact: Path  # the artifact directory made by `clipdeploy export` (and `quantize`)
-    precision: str = field(default=precisions.REFERENCE, metadata=opt("ONNX variant to compile", choices=precisions.names()))
+    precision: str = field(default=precisions.REFERENCE, metadata=opt("ONNX variant to compile", choices=precisions.names))
     towers: tuple[str, ...] = field(  # empty builds every tower in the manifest
         default=(),
         metadata=opt("build only this tower (repeatable)", flag="--tower", action="append", choices=TOWERS,

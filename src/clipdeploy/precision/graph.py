@@ -148,7 +148,7 @@ def _drop_twin_producers(model: Any) -> None:
 
 def to_proto(model: ir.Model) -> Any:
     """The edited model back as a ModelProto, with the type records it came in with."""
-    import onnx
+    onnx = require("onnx", "export")
     ir = require("onnx_ir", "export")
 
     proto = ir.to_proto(model)

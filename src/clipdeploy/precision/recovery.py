@@ -118,7 +118,7 @@ def rank_nodes(qdq_path: Path, fp32_path: Path, feeds: Sequence[dict[str, np.nda
     fp32_nodes = {n.name: n for n in fp32.graph.node}
     del fp32
     wanted = sorted({qi.source for _, qis in nodes.values() for qi in qis if not qi.constant} |
-                    {i for name in nodes for i in fp32_nodes[name].input if i and i not in original})
+                    {i for name in nodes if name in fp32_nodes for i in fp32_nodes[name].input if i and i not in original})
     observed: list[dict[str, np.ndarray]] = list(graph.observe(fp32_path, wanted, feeds))
     scores: dict[str, float] = {}
     for name, (_, qinputs) in nodes.items():

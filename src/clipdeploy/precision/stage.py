@@ -49,7 +49,7 @@ class QuantizeConfig:
         metadata=opt(
             "int8: Q/DQ with fp32 elsewhere (best on ONNX Runtime CPU); int8-fp16: Q/DQ with fp16 elsewhere "
             "(best on TensorRT)",
-            choices=precisions.quantized(),
+            choices=precisions.quantized,
         )
     )
     calib_images: list[Path] = field(
@@ -83,12 +83,15 @@ class QuantizeConfig:
     min_cosine: float | None = field(
         default=None,
         metadata=opt(
-            "lowest cosine of any held-out sample, in (-1, 1]", default_text="0.999 for fp16, 0.95 for int8 and int8-fp16"
+            "lowest cosine of any held-out sample, in (-1, 1]", default_text=precisions.gate_defaults("min_cosine")
         ),
     )
-    min_mean_cosine: float | None = field(default=None, metadata=opt("lowest mean cosine", default_text="0.99 for int8"))
+    min_mean_cosine: float | None = field(
+        default=None, metadata=opt("lowest mean cosine", default_text=precisions.gate_defaults("min_mean_cosine")),
+    )
     min_top1: float | None = field(
-        default=None, metadata=opt("lowest top-1 agreement, in [0, 1]", default_text="0.95 for int8")
+        default=None,
+        metadata=opt("lowest top-1 agreement, in [0, 1]", default_text=precisions.gate_defaults("min_top1")),
     )
     recover: bool = field(
         default=True,
@@ -388,6 +391,12 @@ class _Stage:
             for tower, path in paths.items():
                 final = self.root / f"{tower}.{cfg.precision}.onnx"
                 side = sorted(p for p in path.parent.glob(path.name + ".data"))
+                if side and path.name != final.name:
+                    # The ONNX file names its side file (a recovery round's `.rK.onnx.data`): write it
+                    # again under its final name, so the location inside matches the file beside it.
+                    renamed = path.with_name(final.name)
+                    side = graph.save(graph.load(path), renamed)
+                    path = renamed
                 moved_side = []
                 for p in side:
                     target = self.root / (final.name + ".data")

@@ -79,7 +79,7 @@ class TritonConfig:
     precisions: tuple[str, ...] = field(  # empty: every accepted one
         default=(),
         metadata=opt("serve only this precision (repeatable)", flag="--precision", action="append",
-                     choices=precisions.names(), default_text="every accepted one"),
+                     choices=precisions.names, default_text="every accepted one"),
     )  # fmt: skip
     names: tuple[str, ...] = field(  # default: from the directory
         default=(),

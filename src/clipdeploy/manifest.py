@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import precisions
 from clipdeploy.errors import ArtifactError, unreadable
 from clipdeploy.manifest_schema import (  # the vocabulary lives with the schema; re-exported here
     FORMATS,  # noqa: F401

@@ -213,6 +213,7 @@ VARIANT = obj(
         "validation": nullable(_validation),
         "source": string(nonempty=True),
         "opset": integer(1),
+        "weights": one_of("int8", "fp32"),  # a Q/DQ variant: int8 initializers → DequantizeLinear, or fp32 + Q/DQ
         "profile": nullable(mapping(_batch_axis)),
         "tensorrt_version": string(),
         "compute_capability": nullable(string()),

@@ -28,17 +28,40 @@ log = logging.getLogger(__name__)
 
 OPS_TO_QUANTIZE = ("MatMul", "Gemm", "Conv")
 METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_LAYOUTS = ("int8", "fp32")  # how weights are stored: compact int8 initializers, or fp32 with a Q/DQ pair
 QDQ_OPTIONS = {
     "ActivationSymmetric": True,
     "WeightSymmetric": True,
     "QuantizeBias": False,
-    "AddQDQPairToWeight": True,
+    # False: each weight is stored once, as an int8 initializer feeding DequantizeLinear (a quarter of
+    # the fp32 size), TensorRT's standard explicit-quantization weight pattern. True keeps the fp32
+    # weight with a QuantizeLinear/DequantizeLinear pair beside it: the same values, four times the bytes.
+    "AddQDQPairToWeight": False,
     "DedicatedQDQPair": False,
     "QDQDisableWeightAdjustForInt32Bias": True,
     # ONNX Runtime also quantizes these ops' outputs by default; TensorRT wants Q/DQ on inputs only.
     "OpTypesToExcludeOutputQuantization": list(OPS_TO_QUANTIZE),
 }
 FP16_SCALE_OPSET = 19  # QuantizeLinear/DequantizeLinear take fp16 scales from opset 19 on
+
+
+def qdq_options(weights: str = "int8") -> dict[str, Any]:
+    """ONNX Runtime's quantize_static extra options for TensorRT-style Q/DQ, with weights stored as
+    ``weights`` (one of WEIGHT_LAYOUTS). Shared by every Q/DQ precision."""
+    if weights not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weights layout {weights!r} is not one of {', '.join(WEIGHT_LAYOUTS)}")
+    return {**QDQ_OPTIONS, "AddQDQPairToWeight": weights == "fp32",
+            "OpTypesToExcludeOutputQuantization": list(OPS_TO_QUANTIZE)}
+
+
+def weight_layout(model: Any) -> str:
+    """How a Q/DQ ModelProto stores its quantized weights: "int8" when every DequantizeLinear that reads
+    an initializer reads an int8 one (no QuantizeLinear on a weight), else "fp32"."""
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in inits:
+            return "fp32"
+    return "int8"
 
 
 def prepare(src: Path, dst: Path) -> None:
@@ -88,8 +111,13 @@ def quantize(
     method: str,
     cache: Path,
     exclude: Sequence[str] = (),
+    weights: str = "int8",
 ) -> list[str]:
     """Write the int8 Q/DQ model; returns the LayerNorms it quantized after a Conv.
+
+    ``weights="int8"`` (the default) stores each quantized weight as an int8 initializer feeding
+    DequantizeLinear; ``"fp32"`` keeps the fp32 weight with a Q/DQ pair (the older, 4x larger layout,
+    the same dequantized values).
 
     Activation ranges come from ``cache`` when it exists, else from calibrating on ``feeds`` (and are
     then saved there), so recovery rounds calibrate once."""
@@ -114,7 +142,7 @@ def quantize(
         nodes_to_exclude=list(exclude),
         calibrate_method=calibrate_method,
         use_external_data_format=large,
-        extra_options=dict(QDQ_OPTIONS),
+        extra_options=qdq_options(weights),
         calibration_cache_path=str(cache),
     )
     model = graph.to_ir(graph.load(dst))

@@ -40,15 +40,15 @@ def _fake_quant(x: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarra
 @dataclass
 class _QuantizedInput:
     index: int  # position among the node's inputs
-    source: str  # the fp32 tensor the QuantizeLinear reads
+    source: str  # the fp32 tensor the QuantizeLinear reads (a compact weight: its int8 initializer)
     scale: np.ndarray
     axis: int | None
     constant: bool  # a weight (initializer) rather than an activation
 
 
 def _quantized_nodes(model: Any) -> dict[str, tuple[Any, list[_QuantizedInput]]]:
-    """Each named MatMul/Gemm/Conv whose inputs read a QuantizeLinear→DequantizeLinear pair, with
-    those inputs. Unnamed nodes are left out: recovery keeps nodes in fp32 by name, and ONNX Runtime
+    """Each named MatMul/Gemm/Conv whose inputs read a QuantizeLinear→DequantizeLinear pair or an int8
+    weight → DequantizeLinear, with those inputs. Unnamed nodes are left out: recovery keeps nodes in fp32 by name, and ONNX Runtime
     excludes nodes from quantization by name too."""
     found = {}
     for node in graph.to_ir(model).graph:
@@ -57,12 +57,17 @@ def _quantized_nodes(model: Any) -> dict[str, tuple[Any, list[_QuantizedInput]]]
         inputs = []
         for k, value in enumerate(node.inputs):
             dq = value.producer() if value is not None else None
-            q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is None or q.op_type != "QuantizeLinear":
+            if dq is None or dq.op_type != "DequantizeLinear":
                 continue
-            axis = q.attributes.get_int("axis")
-            scale = q.inputs[1].const_value.numpy()
-            source = q.inputs[0]
+            q = dq.inputs[0].producer()
+            if q is not None and q.op_type == "QuantizeLinear":  # an activation, or an fp32 weight with its pair
+                scaled, source = q, q.inputs[0]
+            elif q is None and dq.inputs[0].is_initializer():  # a compact weight: int8 initializer → DQ
+                scaled, source = dq, dq.inputs[0]
+            else:
+                continue
+            axis = scaled.attributes.get_int("axis")
+            scale = scaled.inputs[1].const_value.numpy()
             per_channel = axis if scale.size > 1 else None
             inputs.append(_QuantizedInput(k, source.name, scale, per_channel, source.is_initializer()))
         if inputs:

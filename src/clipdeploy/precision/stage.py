@@ -412,6 +412,7 @@ class _Stage:
                     "bytes": final.stat().st_size + sum(p.stat().st_size for p in moved_side),
                     "external_data": [{"file": p.name, "sha256": file_sha256(p)} for p in moved_side],
                     "opset": _opset(final),
+                    **_weights_layout(final),
                     "source": self.fp32[tower].file,
                     "validation": {
                         "reference": precisions.REFERENCE,
@@ -452,6 +453,16 @@ def make_int8_fp16(
     info["fp16"] = fp16.convert(qdq, tmp, stage.feeds(tower, RANGE_SAMPLES), keep_fp32_ops=keep)
     graph.save(int8.fold_qdq_into_fp16(graph.load(tmp)), out)
     return info
+
+
+def _weights_layout(path: Path) -> dict[str, str]:
+    """``{"weights": "int8"|"fp32"}`` for a Q/DQ file (how its quantized weights are stored), else nothing."""
+    onnx = require("onnx", "export")
+
+    model = onnx.load(str(path), load_external_data=False)  # types and names only: the bytes are not needed
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        return {}
+    return {"weights": int8.weight_layout(model)}
 
 
 def _opset(path: Path) -> int:

@@ -71,6 +71,12 @@ def test_cnn_variant_passes_its_gate_on_photos(artifact, crops, precision, reque
         model = onnx.load(str(artifact / image["file"]))
         ops = {n.op_type for n in model.graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        # Compact weights: int8 initializers feeding DequantizeLinear, no QuantizeLinear on a weight.
+        assert image["weights"] == "int8"
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+        assert any(inits.get(n.input[0]) == onnx.TensorProto.INT8 for n in model.graph.node
+                   if n.op_type == "DequantizeLinear")
         producers = {o: n for n in model.graph.node for o in n.output}
         lns = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
 

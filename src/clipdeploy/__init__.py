@@ -23,6 +23,7 @@ from clipdeploy.errors import (
 )
 
 if TYPE_CHECKING:
+    from clipdeploy.bulk.batch import BatchResult
     from clipdeploy.runtime.session import ClipSession
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "InputError",
     "UsageError",
     "__version__",
+    "embed_batch",
     "load",
 ]
 
@@ -51,3 +53,11 @@ def load(
     from clipdeploy.runtime.session import load as _load
 
     return _load(path, backend=backend, precision=precision, **options)
+
+
+def embed_batch(session: ClipSession, items: Any, *, texts: bool = False, fast_decode: bool = False) -> BatchResult:
+    """Embed one batch, keeping unreadable items out; see :func:`clipdeploy.bulk.batch.embed_batch`."""
+    # here, not at the top: `import clipdeploy` stays light (no numpy, no runtime)
+    from clipdeploy.bulk.batch import embed_batch as _embed_batch
+
+    return _embed_batch(session, items, texts=texts, fast_decode=fast_decode)

@@ -16,6 +16,7 @@ from typing import Any
 
 from clipdeploy import __version__, deps, progress
 from clipdeploy.benchmarks.command import add_bench
+from clipdeploy.bulk.command import add_embed_dataset
 from clipdeploy.engines.command import add_build, add_validate
 from clipdeploy.errors import AccuracyError, ClipDeployError
 from clipdeploy.export.command import add_export, add_models
@@ -28,7 +29,7 @@ from clipdeploy.triton.command import add_triton
 # Every subcommand, in `--help` order: each package's command.py builds its parser from its config
 # dataclass (clipdeploy.options); this module only assembles them and turns errors into one line.
 COMMANDS = (
-    add_export, add_quantize, add_build, add_validate, add_embed, add_inspect, add_models, add_bench, add_run,
+    add_export, add_quantize, add_build, add_validate, add_embed, add_embed_dataset, add_inspect, add_models, add_bench, add_run,
     add_triton,
 )  # fmt: skip
 

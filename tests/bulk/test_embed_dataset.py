@@ -1,0 +1,138 @@
+"""`clipdeploy embed-dataset` locally: every readable item exactly once, equal to encode_image, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import clipdeploy
+from clipdeploy.bulk import command, local
+from clipdeploy.bulk.sources import expand_braces
+from clipdeploy.cli import main
+from tests.bulk.conftest import CORRUPT
+
+pq = pytest.importorskip("pyarrow.parquet", reason="embed-dataset writes parquet (pip install 'clipdeploy[bulk]')")
+
+
+def run(tiny_art, dataset, out, *extra):
+    return main(["-q", "embed-dataset", str(tiny_art), str(dataset.folder), str(dataset.tar), "-o", str(out),
+                 "--shard-size", "4", "--batch-size", "3", *extra])  # fmt: skip
+
+
+def rows(out) -> dict[tuple[str, str], np.ndarray]:
+    table = pq.read_table(out).to_pylist()
+    got = {(r["source"], r["key"]): (np.asarray(r["embedding"], np.float32), r["caption"]) for r in table}
+    assert len(got) == len(table), "a key appears twice"
+    return got
+
+
+def kind(source: str) -> str:
+    return "tar" if source.endswith(".tar") else "folder"
+
+
+def check_rows(got, dataset, session) -> None:
+    assert {(kind(s), k) for s, k in got} == set(dataset.readable)
+    keys = [(kind(s), k) for s, k in got]
+    want = session.encode_image([dataset.readable[k] for k in keys])
+    emb = np.stack([got[sk][0] for sk in got])
+    cos = (emb * want).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.99999
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    for (s, k), (_, caption) in got.items():
+        assert caption == (dataset.captions.get(k) if kind(s) == "tar" else None)
+
+
+def test_every_readable_item_once_and_corrupt_ones_listed(tiny_art, dataset, tmp_path):
+    out = tmp_path / "out"
+    assert run(tiny_art, dataset, out) == 1  # three items failed, --max-errors 0
+    check_rows(rows(out), dataset, clipdeploy.load(tiny_art))
+    errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
+    assert {(kind(e["source"]), e["key"]) for e in errors} == CORRUPT
+    assert all(e["reason"] for e in errors)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (manifest["rows"], manifest["errors"], manifest["items"]) == (len(dataset.readable), 3, len(dataset.readable) + 3)
+    assert run(tiny_art, dataset, tmp_path / "out2", "--max-errors", "3") == 0
+
+
+def test_rerun_does_no_model_work_and_a_killed_run_resumes(tiny_art, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = local.run_local
+    calls = []
+
+    def dies_after_two(job, shards, workers):
+        for n, done in enumerate(real(job, shards, workers)):
+            calls.append(done["index"])
+            yield done
+            if n == 1:
+                raise RuntimeError("killed")
+
+    monkeypatch.setattr(command, "run_local", dies_after_two)
+    with pytest.raises(RuntimeError):
+        run(tiny_art, dataset, out)
+    assert len(list(out.glob("part-*.parquet"))) == 2
+    monkeypatch.setattr(command, "run_local", real)
+    assert run(tiny_art, dataset, out) == 1
+    first = rows(out)
+    check_rows(first, dataset, clipdeploy.load(tiny_art))
+
+    def no_model_work(*a):
+        raise AssertionError("a finished run must not embed again")
+
+    monkeypatch.setattr(command, "run_local", no_model_work)
+    monkeypatch.setattr(command, "open_session", lambda job: clipdeploy.load(job.artifact))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert run(tiny_art, dataset, out) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+    assert rows(out).keys() == first.keys()
+
+
+def test_two_worker_processes_give_the_same_rows(tiny_art, dataset, tmp_path):
+    run(tiny_art, dataset, tmp_path / "one")
+    run(tiny_art, dataset, tmp_path / "two", "--workers", "2")
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k][0], b[k][0]) for k in a)
+
+
+def test_bad_input_is_one_line_exit_2(tiny_art, other_art, dataset, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(tmp_path / "missing")], "does not exist"),
+        ([str(empty)], "holds no images"),
+        ([str(tmp_path / "shard-{000..002}.tar")], "does not exist"),
+    ]
+    for sources, message in cases:
+        capsys.readouterr()
+        assert main(["-q", "embed-dataset", str(tiny_art), *sources, "-o", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    out = tmp_path / "o2"
+    assert main(["-q", "embed-dataset", str(tiny_art), str(dataset.tar), "-o", str(out)]) == 1
+    capsys.readouterr()
+    assert main(["-q", "embed-dataset", str(other_art), str(dataset.tar), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another artifact" in err and "\n" not in err
+
+
+def test_brace_expansion_and_public_embed_batch(tiny_art, dataset):
+    assert expand_braces("s-{008..011}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar", "s-011.tar"]
+    assert expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    session = clipdeploy.load(tiny_art)
+    good = dataset.readable[("folder", "a.png")]
+    result = clipdeploy.embed_batch(session, [good, b"broken", good])
+    assert result.ok == [0, 2] and list(result.errors) == [1]
+    assert np.allclose(result.embeddings, session.encode_image([good, good]), atol=1e-6)
+
+
+def test_texts(tiny_art, tmp_path):
+    lines = tmp_path / "captions.txt"
+    lines.write_text("a dog\n\na cat\n")
+    out = tmp_path / "t"
+    assert main(["-q", "embed-dataset", str(tiny_art), str(lines), "--texts", "-o", str(out)]) == 0
+    got = pq.read_table(out).to_pylist()
+    want = clipdeploy.load(tiny_art).encode_text(["a dog", "a cat"])
+    assert [r["key"] for r in got] == ["0", "2"]
+    assert np.allclose(np.asarray([r["embedding"] for r in got]), want, atol=1e-6)

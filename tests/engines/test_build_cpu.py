@@ -219,11 +219,12 @@ def test_build_help_lists_every_option(capsys):
         assert option in out
 
 
-def test_auto_backend_falls_back_to_onnxruntime_and_says_why(tiny_artifact, caplog, no_tensorrt):
+def test_auto_backend_falls_back_to_onnxruntime_and_says_why(tiny_artifact, caplog, no_tensorrt, monkeypatch):
     pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # the [cpu]-only install: OpenVINO ranks first where present
     caplog.set_level(logging.INFO, logger="clipdeploy")
     assert clipdeploy.load(tiny_artifact).backend == "onnxruntime"
-    assert "backend='auto' chose onnxruntime (the artifact has no TensorRT engines)" in caplog.text
+    assert "backend='auto' chose onnxruntime (tensorrt: the artifact has no TensorRT engines; openvino: OpenVINO is not installed" in caplog.text
     m = json.loads((tiny_artifact / "manifest.json").read_text())
     m["variants"].append(engine(file="engines/image.fp16.sm90.trt11.4.0.plan"))
     (tiny_artifact / "manifest.json").write_text(json.dumps(m))

@@ -50,10 +50,12 @@ class ClipSession:
         runners: dict[str, Runner],
         chosen: dict[str, Variant],
         backend: str,
+        why: str | None = None,
     ) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = backend
+        self.why = why  # why backend="auto" picked this backend and precision; None when both were named
         self.variants = chosen  # tower -> the variant that runs it
         self._runners = runners
         self._preprocessor = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))
@@ -85,7 +87,8 @@ class ClipSession:
 
     def describe(self) -> str:
         parts = [f"{t}: {v.precision} {v.format} on {self._runners[t].describe()}" for t, v in self.variants.items()]
-        return f"{self.model_name} ({'; '.join(parts)})"
+        why = f" [{self.why}]" if self.why else ""
+        return f"{self.model_name} ({'; '.join(parts)}){why}"
 
     def __repr__(self) -> str:
         return f"ClipSession({self.describe()})"
@@ -280,6 +283,7 @@ def load(
     device: int = 0,
     cuda_graphs: bool = False,
     engine_host_code_allowed: bool = False,
+    backend_options: dict[str, Any] | None = None,
 ) -> ClipSession:
     """Open an artifact directory for embedding.
 
@@ -288,6 +292,8 @@ def load(
     ``backend="auto"`` runs TensorRT when the artifact has engines that fit this GPU and TensorRT
     version and TensorRT and a GPU are present, else ONNX Runtime; it logs which and why.
     ``device``, ``cuda_graphs`` and ``engine_host_code_allowed`` are TensorRT settings (see ``TrtOptions``).
+    ``backend_options`` go to registered backends (LoadSettings.extra), e.g. OpenVINO's
+    ``openvino_cache_dir`` (its compiled-model cache; "" disables it) and ``openvino_performance_hint``.
     """
     if backend not in registry.choices():
         raise UsageError(f"backend {backend!r} is not one of {', '.join(registry.choices())}")
@@ -301,20 +307,34 @@ def load(
         device=device,
         cuda_graphs=cuda_graphs,
         engine_host_code_allowed=engine_host_code_allowed,
+        extra=dict(backend_options or {}),
     )
     root = Path(path)
     manifest = read_manifest(root)
+    why = None
     if backend == registry.AUTO:
-        backend = _auto(manifest, precision, settings)
+        backend, skipped = _auto(manifest, precision, settings)
+        why = _auto_why(backend, skipped, registry.get(backend).preference(settings), precision)
     chosen, runners = registry.get(backend).open(root, manifest, precision, settings, verify)
     if verify:
         verify_files(root, sorted(manifest.get("files", {}).items()))
-    session = ClipSession(root, manifest, runners, chosen, backend)
+    session = ClipSession(root, manifest, runners, chosen, backend, why)
     log.info("clipdeploy: loaded %s", session.describe())
     return session
 
 
-def _auto(manifest: dict[str, Any], precision: str | None, settings: registry.LoadSettings) -> str:
+def _auto_why(backend: str, skipped: list[str], preference: Sequence[str], precision: str | None) -> str:
+    """What describe() says about an auto pick: the backends passed over and why, and the precision rule."""
+    later = [n for n in registry.auto_order()[registry.auto_order().index(backend) + 1:]
+             if registry.get(n).auto is not None]
+    ranks = f"{backend} ranks before {', '.join(later)} here" if later else f"{backend} is the last choice"
+    parts = [f"auto: {ranks}", *skipped]
+    if precision is None:
+        parts.append(f"the most preferred accepted precision of {', '.join(preference)}")
+    return "; ".join(parts)
+
+
+def _auto(manifest: dict[str, Any], precision: str | None, settings: registry.LoadSettings) -> tuple[str, list[str]]:
     """The first backend in ``registry.auto_order()`` that this artifact can use here; logs which and why."""
     reasons = []
     for name in registry.auto_order():
@@ -323,6 +343,6 @@ def _auto(manifest: dict[str, Any], precision: str | None, settings: registry.Lo
         if reason is None:
             why = f" ({'; '.join(reasons)})" if reasons else ""
             log.info("clipdeploy: backend='auto' chose %s%s", name, why)
-            return name
-        reasons.append(f"{name}: {reason}" if len(registry.names()) > 2 else reason)
+            return name, [f"not {r}" for r in reasons]
+        reasons.append(f"{name}: {reason}")
     raise ArtifactError(f"no backend can run this artifact here ({'; '.join(reasons)}); install ONNX Runtime")

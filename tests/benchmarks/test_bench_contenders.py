@@ -45,10 +45,11 @@ def test_cpu_defaults_fp32_and_int8_and_explain_the_rest():
     specs, skipped = discover(m, backends=("torch", "onnxruntime", "tensorrt"), towers=("image", "text"), device="cpu")
     assert _labels(specs) == [
         ("torch", "fp32", ("image", "text")),
+        ("torch.compile", "fp32", ("image", "text")),
         ("onnxruntime", "fp32", ("image", "text")),
         ("onnxruntime", "int8", ("image", "text")),
     ]
-    assert specs[0].role == "reference" and specs[1].role == "clipdeploy"
+    assert [s.role for s in specs[:3]] == ["reference", "peer", "clipdeploy"]
     reasons = {(s.backend, s.precision): s.reason for s in skipped}
     assert "--precisions fp16" in reasons[("onnxruntime", "fp16")]
     assert "NVIDIA GPU" in reasons[("tensorrt", "fp16")]

@@ -303,7 +303,26 @@ def _records(
         notes.append(
             "PyTorch fp32 was not measured, so there is no cosine or speed-up to report; add torch to --backends"
         )
+    add_best_peer(records)
     return records, skipped, notes
+
+
+def add_best_peer(records: list[dict[str, Any]]) -> None:
+    """Give each record the fastest peer of its case (PyTorch eager or any other peer) and the ratio to it.
+
+    A peer is what a user runs without clipdeploy (role "reference" or "peer"); the case is the tower,
+    batch and text length. Records with no peer measured for their case get None.
+    """
+    best: dict[tuple[str, int, int | None], dict[str, Any]] = {}
+    for rec in records:
+        if rec["role"] in ("reference", "peer"):
+            key = (rec["tower"], rec["batch"], rec["seq_len"])
+            if key not in best or rec["p50_ms"] < best[key]["p50_ms"]:
+                best[key] = rec
+    for rec in records:
+        peer = best.get((rec["tower"], rec["batch"], rec["seq_len"]))
+        rec["best_peer"] = f"{peer['backend']} {peer['precision']}" if peer is not None else None
+        rec["speedup_vs_best_peer"] = peer["p50_ms"] / rec["p50_ms"] if peer is not None else None
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:

@@ -139,7 +139,8 @@ def discover(
             specs.append(ContenderSpec(TORCH, REFERENCE, device, towers, "reference"))
             if device == "cuda":
                 specs.append(ContenderSpec(TORCH, AUTOCAST, device, towers, "peer"))
-                specs.append(ContenderSpec("torch.compile", REFERENCE, device, towers, "peer"))
+            # torch.compile (default mode) is a peer on CPU too; the harness's warm-up calls compile it untimed.
+            specs.append(ContenderSpec("torch.compile", REFERENCE, device, towers, "peer"))
 
     for backend in known[1:]:
         if backend not in backends:

@@ -28,6 +28,8 @@ JSON schema ``clipdeploy-bench/1`` (``bench.json``)::
         cos_min cos_mean       cosine of each embedding with PyTorch eager fp32 at full length, same rows;
                                null when PyTorch fp32 was not measured
         speedup_vs_torch_fp32  p50 of PyTorch eager fp32 at full length, same tower and batch, / this p50
+        best_peer              the fastest peer (role reference or peer) of the same tower, batch and length
+        speedup_vs_best_peer   that peer's p50 / this p50; null when no peer was measured for the case
         peak_rss_mb            peak resident memory of the measuring process during this case, MiB
                                (the whole process: interpreter, libraries, model and buffers)
         gpu_mem_mb             GPU memory the measuring process held (nvidia-smi), MiB; null on CPU
@@ -132,6 +134,8 @@ _COLUMNS = (
     "p99 ms",
     "items/s",
     "vs torch fp32",
+    "best peer",
+    "vs best peer",
     "cos min",
     "peak RSS MiB",
 )
@@ -162,6 +166,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             _fmt_ms(rec["p99_ms"]),
             _fmt_rate(rec["items_per_s"]),
             _fmt_speedup(rec.get("speedup_vs_torch_fp32")),
+            rec.get("best_peer") or "-",
+            _fmt_speedup(rec.get("speedup_vs_best_peer")),
             _fmt_cos(rec.get("cos_min")),
             _mib(rec.get("peak_rss_mb")),
         ]
@@ -250,6 +256,9 @@ def markdown(report: dict[str, Any], *, heading_level: int = 2, plot: str | None
     targets = targets_section(report)
     if targets:
         lines += [targets, ""]
+    goal = goal_section(report)
+    if goal:
+        lines += [goal, ""]
     for ln in _footer(report, bullet="- "):
         lines += [ln] if ln.startswith("- ") else ["", f"**{ln[:-1].capitalize()}:**", ""]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
@@ -297,6 +306,46 @@ def targets_section(report: dict[str, Any]) -> str | None:
         tokens = f" ({rec['seq_len']} tokens)" if t.short else ""
         lines.append(f"| {what} | {got:.2f}x{tokens} | {verdict} |")
     return "\n".join(lines)
+
+
+# Issue #14's goal for the default CPU path (ONNX Runtime int8 today), ViT-B-32 image tower at batch 8.
+GOAL_PEER, GOAL_EAGER, GOAL_COSINE = 1.8, 4.5, 0.999
+
+
+def goal_section(report: dict[str, Any]) -> str | None:
+    """Whether issue #14's goal holds in this run, from the measured figures; None where it does not apply."""
+    if report["artifact"]["model"] != TARGETS_MODEL or report["config"]["device"] != "cpu":
+        return None
+    rec = next(
+        (
+            r
+            for r in report["records"]
+            if r["tower"] == "image" and r["role"] == "clipdeploy" and r["precision"] == INT8
+            and r["backend"] == "onnxruntime" and r["batch"] == TARGETS_BATCH
+        ),
+        None,
+    )
+    head = (
+        f"**Goal** (issue #14: the default CPU path, {TARGETS_MODEL} image tower, batch {TARGETS_BATCH}, "
+        f">= {GOAL_PEER:g}x the best peer, >= {GOAL_EAGER:g}x PyTorch eager, cosine >= {GOAL_COSINE:g}):"
+    )
+    if rec is None:
+        return f"{head} not measured: no ONNX Runtime int8 image record at batch {TARGETS_BATCH}"
+    checks = [
+        ("vs best peer", rec.get("speedup_vs_best_peer"), GOAL_PEER, "x"),
+        ("vs PyTorch eager", rec.get("speedup_vs_torch_fp32"), GOAL_EAGER, "x"),
+        ("cosine vs PyTorch", rec.get("cos_min"), GOAL_COSINE, ""),
+    ]
+    parts = []
+    for name, got, need, unit in checks:
+        if got is None:
+            parts.append(f"{name}: not measured")
+        else:
+            shown = f"{got:.2f}{unit}" if unit else f"{got:.5f}"
+            parts.append(f"{name} {shown} ({'met' if got >= need else 'missed'})")
+    held = all(got is not None and got >= need for _, got, need, _ in checks)
+    peer = f"best peer {rec.get('best_peer')}; " if rec.get("best_peer") else ""
+    return f"{head} {'holds' if held else 'does not hold'}: {peer}{'; '.join(parts)}"
 
 
 def summary_rows(reports: list[dict[str, Any]], batch: int) -> list[str]:

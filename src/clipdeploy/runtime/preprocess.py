@@ -133,16 +133,18 @@ def _three_floats(v: Any, key: str, positive: bool) -> tuple[float, float, float
     return (float(v[0]), float(v[1]), float(v[2]))
 
 
-def load_image(x: ImageLike, label: str | None = None) -> Image.Image:
+def load_image(x: ImageLike, label: str | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open a path or encoded bytes as a fully decoded PIL image; PIL images pass through.
 
     ``label`` names the input in error messages (defaults to the path, or "image bytes").
-    No EXIF transposition is applied, as in open_clip.
+    ``draft`` (width, height): let a JPEG decode at 1/2, 1/4 or 1/8 scale while it stays at least
+    this size (Pillow's draft mode; approximate pixels, opt-in). No EXIF transposition, as in open_clip.
     """
     expected = "expected a readable image file (e.g. JPEG, PNG, WebP)"
     if isinstance(x, Image.Image):
         name = label or "PIL image"
         try:
+            _draft(x, draft)
             x.load()
         except Exception as e:  # PIL raises many types for broken data
             raise InputError(f"{name} could not be decoded ({_reason(e)}); {expected}") from e
@@ -155,6 +157,7 @@ def load_image(x: ImageLike, label: str | None = None) -> Image.Image:
             raise InputError(f"{name} is empty (0 bytes); {expected}")
         try:
             img = Image.open(io.BytesIO(data))
+            _draft(img, draft)
             img.load()
         except Exception as e:
             raise InputError(f"{name} is not a readable image ({_reason(e)}); {expected}") from e
@@ -171,6 +174,7 @@ def load_image(x: ImageLike, label: str | None = None) -> Image.Image:
             # Read through our own handle so the file is closed even for multi-frame images.
             with open(path, "rb") as f:
                 img = Image.open(f)
+                _draft(img, draft)
                 img.load()
         except Exception as e:
             raise InputError(f"{name} is not a readable image ({_reason(e)}); {expected}") from e
@@ -182,6 +186,12 @@ def load_image(x: ImageLike, label: str | None = None) -> Image.Image:
     )
 
 
+def _draft(img: Image.Image, size: tuple[int, int] | None) -> None:
+    # A no-op for non-JPEG and already-decoded images; the mode is kept so only the scale changes.
+    if size is not None and img.format == "JPEG":
+        img.draft(img.mode, size)
+
+
 def _reason(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
@@ -190,15 +200,21 @@ def _reason(e: BaseException) -> str:
 class Preprocessor:
     """Turns images into the normalized float32 ``[N, 3, H, W]`` batch the image encoder takes."""
 
-    def __init__(self, cfg: PreprocessConfig) -> None:
+    def __init__(self, cfg: PreprocessConfig, *, fast_decode: bool = False) -> None:
         self.cfg = cfg
+        # Default for __call__/one: decode large JPEGs at a reduced scale (not open_clip's exact pixels).
+        self.fast_decode = fast_decode
         self._resample = _PIL_RESAMPLE[cfg.interpolation]
         # Same conversion as torch.as_tensor(mean, dtype=float32) in torchvision's normalize.
         self._mean = np.asarray(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(cfg.std, dtype=np.float32).reshape(3, 1, 1)
 
-    def __call__(self, images: Sequence[ImageLike] | ImageLike) -> np.ndarray:
-        """Load and transform one image or a sequence of them into a C-contiguous float32 batch."""
+    def __call__(self, images: Sequence[ImageLike] | ImageLike, *, fast_decode: bool | None = None) -> np.ndarray:
+        """Load and transform one image or a sequence of them into a C-contiguous float32 batch.
+
+        ``fast_decode=True`` decodes JPEGs at least twice the model's input size at 1/2, 1/4 or 1/8
+        scale (faster, close to but not exactly open_clip's pixels); None takes the constructor's setting.
+        """
         if isinstance(images, _SINGLE_TYPES) or not isinstance(images, Sequence):
             items: list[Any] = [images]
         else:
@@ -208,8 +224,14 @@ class Preprocessor:
         h, w = self.cfg.size
         out = np.empty((len(items), 3, h, w), dtype=np.float32)
         for i, item in enumerate(items):
-            out[i] = self.transform_one(load_image(item, _label(item, i)))
+            out[i] = self.one(item, i, fast_decode=fast_decode)
         return out
+
+    def one(self, item: ImageLike, index: int = 0, *, fast_decode: bool | None = None) -> np.ndarray:
+        """Load and transform one input into ``[3, H, W]``; ``index`` is its position, named in errors."""
+        fast = self.fast_decode if fast_decode is None else fast_decode
+        draft = (self.cfg.size[1], self.cfg.size[0]) if fast else None
+        return self.transform_one(load_image(item, _label(item, index), draft=draft))
 
     def transform_one(self, img: Image.Image) -> np.ndarray:
         """Transform one PIL image into a float32 ``[3, H, W]`` array."""

@@ -1,0 +1,74 @@
+"""Peers in the bench report: the best peer per case, the ratio to it, issue #14's goal, new backends."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipdeploy.benchmarks import contenders as contenders_mod
+from clipdeploy.benchmarks.bench import add_best_peer
+from clipdeploy.benchmarks.contenders import discover
+from clipdeploy.benchmarks.report import goal_section, markdown, terminal_table
+from clipdeploy.runtime.backends import registry as backends_mod
+from tests.support.bench_fakes import _record, make_report
+
+
+def _vit_report(int8_ms: float, compile_ms: float = 60.0, cos: float = 0.9995) -> dict:
+    report = make_report(model="ViT-B-32")
+    report["records"] = [r for r in report["records"] if r["tower"] == "image"]
+    for b in (1, 8):
+        report["records"].append(_record("image", "torch.compile", "fp32", b, None, compile_ms / 8 * b, role="peer"))
+    for r in report["records"]:
+        if r["precision"] == "int8" and r["batch"] == 8:
+            r["p50_ms"], r["cos_min"] = int8_ms, cos
+    add_best_peer(report["records"])
+    return report
+
+
+def test_best_peer_is_the_fastest_peer_of_the_same_case():
+    report = _vit_report(int8_ms=20.0)
+    int8 = next(r for r in report["records"] if r["precision"] == "int8" and r["batch"] == 8)
+    # torch eager takes 80 ms at batch 8, torch.compile 60: compile is the best peer.
+    assert int8["best_peer"] == "torch.compile fp32"
+    assert int8["speedup_vs_best_peer"] == pytest.approx(3.0)
+    eager = next(r for r in report["records"] if r["backend"] == "torch" and r["batch"] == 8)
+    assert eager["speedup_vs_best_peer"] == pytest.approx(0.75)
+    lone = [_record("image", "onnxruntime", "fp32", 8, None, 5.0)]
+    add_best_peer(lone)  # no peer measured: nothing invented
+    assert lone[0]["best_peer"] is None and lone[0]["speedup_vs_best_peer"] is None
+    table = terminal_table(report)
+    assert "best peer" in table and "torch.compile fp32" in table and "3.00x" in table
+
+
+def test_goal_holds_or_not_from_the_figures():
+    # eager 80 ms, best peer 60 ms: 12 ms is 5x the peer and 6.7x eager; 40 ms is 1.5x the peer.
+    held = goal_section(_vit_report(int8_ms=12.0))
+    assert "holds" in held and "does not hold" not in held
+    missed = goal_section(_vit_report(int8_ms=40.0))
+    assert "does not hold" in missed and "vs best peer 1.50x (missed)" in missed
+    low_cos = goal_section(_vit_report(int8_ms=12.0, cos=0.998))
+    assert "does not hold" in low_cos and "cosine vs PyTorch 0.99800 (missed)" in low_cos
+    assert "**Goal**" in markdown(_vit_report(int8_ms=12.0))
+    assert goal_section(make_report(model="ViT-T")) is None  # the goal is set for ViT-B-32 only
+
+
+def test_a_newly_registered_backend_is_a_contender_with_no_bench_edit(monkeypatch):
+    for mod in (contenders_mod, backends_mod):
+        monkeypatch.setattr(mod, "has_module", lambda name: True)
+    backends_mod.register(backends_mod.BackendSpec(
+        "toy-peer-test", "onnx", ("cpu",), lambda *a: None, unavailable=lambda device: None,
+        target=lambda settings: "toy-peer-test", runs={"fp32": 0}, targets=("toy-peer-test",),
+    ))
+    try:
+        manifest = {
+            "towers": {"image": {}},
+            "variants": [{
+                "tower": "image", "precision": "fp32", "format": "onnx", "file": "image.fp32.onnx",
+                "sha256": "0" * 64, "validation": {"passed": True},
+            }],
+        }
+        specs, _ = discover(
+            manifest, backends=contenders_mod.backends(), towers=("image",), device="cpu"
+        )
+        assert ("toy-peer-test", "fp32", "clipdeploy") in [(s.backend, s.precision, s.role) for s in specs]
+    finally:
+        backends_mod.unregister("toy-peer-test")

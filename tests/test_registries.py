@@ -75,8 +75,9 @@ def test_builtin_tables_come_from_the_registry():
     assert precisions.preference("onnxruntime-cpu") == ("int8", "fp32")
     assert precisions.preference("onnxruntime-cuda") == ("fp16", "fp32")
     assert precisions.preference("tensorrt") == ("int8-fp16", "fp16", "fp32")
-    assert backends.choices() == ("auto", "onnxruntime", "tensorrt")
-    assert backends.auto_order() == ("tensorrt", "onnxruntime")
+    assert precisions.preference("openvino-cpu") == ("int8", "fp32")
+    assert backends.choices() == ("auto", "onnxruntime", "tensorrt", "openvino")
+    assert backends.auto_order() == ("tensorrt", "openvino", "onnxruntime")
     from clipdeploy.benchmarks.contenders import default_precisions
     from clipdeploy.engines.engine_validate import TOLERANCES
     from clipdeploy.precision.gate import DEFAULT_THRESHOLDS
@@ -175,5 +176,5 @@ def test_a_registered_backend_is_a_load_and_cli_choice(toys, micro_artifact):
     args = build_parser().parse_args(["embed", str(micro_artifact.path), "--backend", TOY_BACKEND, "--text", "x"])
     assert args.backend == TOY_BACKEND
     backends.unregister(TOY_BACKEND)
-    with pytest.raises(UsageError, match="backend 'toy' is not one of auto, onnxruntime, tensorrt$"):
+    with pytest.raises(UsageError, match="backend 'toy' is not one of auto, onnxruntime, tensorrt, openvino$"):
         clipdeploy.load(micro_artifact.path, backend=TOY_BACKEND)

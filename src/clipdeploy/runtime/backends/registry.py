@@ -340,9 +340,9 @@ register(BackendSpec(
     "tensorrt", "tensorrt", ("cuda",), _trt_open, _trt_unavailable,
     target=lambda settings: "tensorrt", auto=_trt_auto, auto_rank=0, bench_target=lambda device: "tensorrt",
 ))
-# OpenVINO ranks before ONNX Runtime on x86 CPUs: on the 2-core AMD EPYC (AVX2) it ran clipdeploy's own
-# ViT-B-32 int8 and fp32 image files faster than ONNX Runtime at batch 8, 2 threads (see the README).
-# int8 before fp32, as on ONNX Runtime CPU.
+# OpenVINO ranks before ONNX Runtime on x86 CPUs. Measured: ViT-B-32 fp32 image file, batch 8, 2 threads, a
+# loaded 2-core AMD EPYC (AVX2): OpenVINO 1.05x ONNX Runtime (cosine 0.99999994); issue 14's AVX-512 machine:
+# OpenVINO 1.45x ONNX Runtime on the int8 file. int8 before fp32, as on ONNX Runtime CPU.
 register(BackendSpec(
     "openvino", "onnx", ("cpu",), _ov_open, _ov_unavailable,
     target=lambda settings: "openvino-cpu", auto=_ov_auto, auto_rank=50,

@@ -72,3 +72,19 @@ def test_a_newly_registered_backend_is_a_contender_with_no_bench_edit(monkeypatc
         assert ("toy-peer-test", "fp32", "clipdeploy") in [(s.backend, s.precision, s.role) for s in specs]
     finally:
         backends_mod.unregister("toy-peer-test")
+
+
+def test_end_to_end_case_on_real_jpegs(micro_artifact):
+    pytest.importorskip("onnxruntime")
+    from clipdeploy.benchmarks.end_to_end import describe, run_end_to_end
+
+    e2e = run_end_to_end(micro_artifact.path, images=5, batch=2, threads=1, rounds=1, megapixels=0.5)
+    assert e2e["images"] == 5 and abs(e2e["megapixels"] - 0.5) < 0.05
+    assert set(e2e["images_per_s"]) == {"exact", "fast_decode"}
+    assert all(v > 0 for v in e2e["images_per_s"].values())
+    assert 0.99 <= e2e["fast_decode_cos_min"] <= e2e["fast_decode_cos_mean"] <= 1.0 + 1e-6
+    report = make_report()
+    report["end_to_end"] = e2e
+    text = terminal_table(report)
+    assert "fast_decode cosine vs exact" in text and describe(e2e)[0] in text
+    assert "images/s" in markdown(report)

@@ -9,14 +9,20 @@ from clipdeploy.benchmarks.bench import add_best_peer
 from clipdeploy.benchmarks.contenders import discover
 from clipdeploy.benchmarks.report import goal_section, markdown, terminal_table
 from clipdeploy.runtime.backends import registry as backends_mod
-from tests.support.bench_fakes import _record, make_report
+from tests.support.bench_fakes import make_report
+
+
+def _rec(tower: str, backend: str, precision: str, batch: int, p50: float, role: str = "clipdeploy") -> dict:
+    base = dict(make_report()["records"][0])
+    return {**base, "tower": tower, "backend": backend, "precision": precision, "batch": batch, "p50_ms": p50,
+            "role": role, "seq_len": None}
 
 
 def _vit_report(int8_ms: float, compile_ms: float = 60.0, cos: float = 0.9995) -> dict:
     report = make_report(model="ViT-B-32")
     report["records"] = [r for r in report["records"] if r["tower"] == "image"]
     for b in (1, 8):
-        report["records"].append(_record("image", "torch.compile", "fp32", b, None, compile_ms / 8 * b, role="peer"))
+        report["records"].append(_rec("image", "torch.compile", "fp32", b, compile_ms / 8 * b, role="peer"))
     for r in report["records"]:
         if r["precision"] == "int8" and r["batch"] == 8:
             r["p50_ms"], r["cos_min"] = int8_ms, cos
@@ -32,7 +38,7 @@ def test_best_peer_is_the_fastest_peer_of_the_same_case():
     assert int8["speedup_vs_best_peer"] == pytest.approx(3.0)
     eager = next(r for r in report["records"] if r["backend"] == "torch" and r["batch"] == 8)
     assert eager["speedup_vs_best_peer"] == pytest.approx(0.75)
-    lone = [_record("image", "onnxruntime", "fp32", 8, None, 5.0)]
+    lone = [_rec("image", "onnxruntime", "fp32", 8, 5.0)]
     add_best_peer(lone)  # no peer measured: nothing invented
     assert lone[0]["best_peer"] is None and lone[0]["speedup_vs_best_peer"] is None
     table = terminal_table(report)

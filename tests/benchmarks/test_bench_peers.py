@@ -9,14 +9,20 @@ from clipdeploy.benchmarks.bench import add_best_peer
 from clipdeploy.benchmarks.contenders import discover
 from clipdeploy.benchmarks.report import goal_section, markdown, terminal_table
 from clipdeploy.runtime.backends import registry as backends_mod
-from tests.support.bench_fakes import _record, make_report
+from tests.support.bench_fakes import make_report
+
+
+def _rec(tower: str, backend: str, precision: str, batch: int, p50: float, role: str = "clipdeploy") -> dict:
+    base = dict(make_report()["records"][0])
+    return {**base, "tower": tower, "backend": backend, "precision": precision, "batch": batch, "p50_ms": p50,
+            "role": role, "seq_len": None}
 
 
 def _vit_report(int8_ms: float, compile_ms: float = 60.0, cos: float = 0.9995) -> dict:
     report = make_report(model="ViT-B-32")
     report["records"] = [r for r in report["records"] if r["tower"] == "image"]
     for b in (1, 8):
-        report["records"].append(_record("image", "torch.compile", "fp32", b, None, compile_ms / 8 * b, role="peer"))
+        report["records"].append(_rec("image", "torch.compile", "fp32", b, compile_ms / 8 * b, role="peer"))
     for r in report["records"]:
         if r["precision"] == "int8" and r["batch"] == 8:
             r["p50_ms"], r["cos_min"] = int8_ms, cos
@@ -32,7 +38,7 @@ def test_best_peer_is_the_fastest_peer_of_the_same_case():
     assert int8["speedup_vs_best_peer"] == pytest.approx(3.0)
     eager = next(r for r in report["records"] if r["backend"] == "torch" and r["batch"] == 8)
     assert eager["speedup_vs_best_peer"] == pytest.approx(0.75)
-    lone = [_record("image", "onnxruntime", "fp32", 8, None, 5.0)]
+    lone = [_rec("image", "onnxruntime", "fp32", 8, 5.0)]
     add_best_peer(lone)  # no peer measured: nothing invented
     assert lone[0]["best_peer"] is None and lone[0]["speedup_vs_best_peer"] is None
     table = terminal_table(report)
@@ -72,3 +78,19 @@ def test_a_newly_registered_backend_is_a_contender_with_no_bench_edit(monkeypatc
         assert ("toy-peer-test", "fp32", "clipdeploy") in [(s.backend, s.precision, s.role) for s in specs]
     finally:
         backends_mod.unregister("toy-peer-test")
+
+
+def test_end_to_end_case_on_real_jpegs(micro_artifact):
+    pytest.importorskip("onnxruntime")
+    from clipdeploy.benchmarks.end_to_end import describe, run_end_to_end
+
+    e2e = run_end_to_end(micro_artifact.path, images=5, batch=2, threads=1, rounds=1, megapixels=0.5)
+    assert e2e["images"] == 5 and abs(e2e["megapixels"] - 0.5) < 0.05
+    assert set(e2e["images_per_s"]) == {"exact", "fast_decode"}
+    assert all(v > 0 for v in e2e["images_per_s"].values())
+    assert 0.99 <= e2e["fast_decode_cos_min"] <= e2e["fast_decode_cos_mean"] <= 1.0 + 1e-6
+    report = make_report()
+    report["end_to_end"] = e2e
+    text = terminal_table(report)
+    assert "fast_decode cosine vs exact" in text and describe(e2e)[0] in text
+    assert "images/s" in markdown(report)

@@ -32,6 +32,7 @@ from clipdeploy.benchmarks.contenders import (
     default_precisions,
     discover,
 )
+from clipdeploy.benchmarks.end_to_end import run_end_to_end
 from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynamic
 from clipdeploy.benchmarks.report import write_reports
@@ -104,6 +105,12 @@ class BenchConfig:
         metadata=opt("measure every contender in this process instead of one process each", negate="--in-process"),
     )
     progress: bool = field(default=True, metadata=opt("no progress bar", negate="--no-progress"))  # tqdm on stderr
+    end_to_end: int = field(  # 0: off; else JPEG files of ~12 MP timed from file to embedding
+        default=0,
+        metadata=opt("also time N real-size JPEG files (the bundled photos upscaled to ~12 MP) to embeddings "
+                     "with exact and fast_decode preprocessing, and the fast_decode cosine vs exact",
+                     metavar="N", parse=integer(0), default_text="0: off"),
+    )  # fmt: skip
     machine: str | None = field(  # None: CPU model, cores, memory, GPU
         default=None,
         metadata=opt("name the machine in the reports", metavar="NAME",
@@ -422,6 +429,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "skipped": [s.to_dict() for s in skipped],
         "notes": notes,
     }
+    if cfg.end_to_end:
+        # After the tower cases, so its decode threads do not disturb their timings.
+        report["end_to_end"] = run_end_to_end(
+            root, images=cfg.end_to_end, batch=max(cfg.batches), threads=threads, rounds=cfg.timing.min_iters
+        )
     if cfg.output is not None:
         report["files"] = write_reports(report, Path(cfg.output))
     return report

@@ -57,8 +57,8 @@ def add_bench(sub: Any) -> None:
     add_dataclass_options(
         p,
         BenchConfig,
-        ["threads", "device", "checkpoint", "graph_optimization_level", "prompt_length", "machine", "isolate",
-         "progress"],
+        ["threads", "device", "checkpoint", "graph_optimization_level", "prompt_length", "end_to_end", "machine",
+         "isolate", "progress"],
         overrides={"threads": {"help": "intra-op threads for every contender"}},
     )  # fmt: skip
     p.set_defaults(func=cmd_bench)

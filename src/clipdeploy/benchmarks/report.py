@@ -36,6 +36,8 @@ JSON schema ``clipdeploy-bench/1`` (``bench.json``)::
         input_sha256           digest of the exact array fed: equal for every contender of a case
     skipped       [{backend, precision, reason, tower?, batch?, seq_len?}]: what was not measured, and why
     notes         [str]: caveats that apply to the figures
+    end_to_end    (with --end-to-end N) {images, image_size, megapixels, batch, threads, rounds, session,
+                   images_per_s: {exact, fast_decode}, fast_decode_cos_min, fast_decode_cos_mean}
     files         {json, markdown, png}: where the reports were written
 
 Timing: ``time.perf_counter`` around each call for CPU contenders and for runtime calls that return
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.benchmarks.contenders import precision_rank
+from clipdeploy.benchmarks.end_to_end import describe as end_to_end_lines
 from clipdeploy.manifest import atomic_write_text
 from clipdeploy.precisions import FP32, INT8
 
@@ -201,6 +204,12 @@ def terminal_table(report: dict[str, Any]) -> str:
 
 def _footer(report: dict[str, Any], bullet: str) -> list[str]:
     lines = []
+    goal = goal_section(report)
+    if goal and bullet == "  ":  # the Markdown report has it as its own paragraph
+        lines.append(goal.replace("**", ""))
+    if report.get("end_to_end"):
+        head, *rest = end_to_end_lines(report["end_to_end"])
+        lines += [head] + [f"{bullet}{ln}" for ln in rest]
     skipped = report.get("skipped") or []
     if skipped:
         lines.append("not measured:")

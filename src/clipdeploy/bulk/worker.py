@@ -11,6 +11,7 @@ from typing import Any
 from clipdeploy.bulk.batch import encode_prepared, prepare_batch, read_item
 from clipdeploy.bulk.sources import Item
 from clipdeploy.bulk.writer import is_done, write_shard
+from clipdeploy.runtime.session import load
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,6 @@ class Job:
 
 
 def open_session(job: Job) -> Any:
-    from clipdeploy.runtime.session import load
-
     options = {} if job.threads is None else {"intra_op_num_threads": job.threads}
     return load(job.artifact, backend=job.backend, precision=job.precision, **options)
 

@@ -69,8 +69,8 @@ def _images(folder: Path, n: int = 80) -> Path:
 
 
 def test_builtin_tables_come_from_the_registry():
-    assert precisions.names() == ("fp32", "fp16", "int8", "int8-fp16")
-    assert precisions.quantized() == ("fp16", "int8", "int8-fp16")
+    assert precisions.names() == ("fp32", "fp16", "int8", "int8-fp16", "fp8")
+    assert precisions.quantized() == ("fp16", "int8", "int8-fp16", "fp8")
     # DESIGN: ONNX Runtime CPU int8 then fp32; TensorRT int8-fp16 then fp16 then fp32.
     assert precisions.preference("onnxruntime-cpu") == ("int8", "fp32")
     assert precisions.preference("onnxruntime-cuda") == ("fp16", "fp32")

@@ -21,7 +21,8 @@ from clipdeploy.errors import UsageError
 
 __all__ = [
     "PrecisionSpec", "register", "unregister", "get", "names", "quantized", "for_backend", "preference",
-    "by_default", "rank", "view", "allow", "disallow", "REFERENCE", "FP32", "FP16", "INT8", "INT8_FP16", "EXPORT",
+    "by_default", "rank", "view", "allow", "disallow", "REFERENCE", "FP32", "FP16", "INT8", "INT8_FP16", "FP8",
+    "EXPORT",
 ]
 
 EXPORT = "export"  # the make step of the reference precision: `clipdeploy export` writes it
@@ -41,6 +42,7 @@ class PrecisionSpec:
     preference: Mapping[str, int] = field(default_factory=dict)
     slow_on: tuple[str, ...] = ()  # targets where it runs emulated: benchmarks measure it only when asked
     calibrated: bool = False  # made from int8 calibration: takes --method, and recovery can rescue it
+    min_compute_capability: tuple[int, int] | None = None  # CUDA GPUs older than this cannot run its engines
 
     def make_step(self) -> Callable[..., Any]:
         """The function that builds this precision's variant, imported now (it may pull in onnx)."""
@@ -199,4 +201,14 @@ INT8_FP16 = register(PrecisionSpec(
     preference={"tensorrt": 0},
     slow_on=("onnxruntime-cpu",),
     calibrated=True,
+)).name
+# FLOAT8E4M3FN Q/DQ, fp16 elsewhere: TensorRT on compute capability 8.9+ (Ada, Hopper, Blackwell) only;
+# ONNX Runtime's CPU provider runs it emulated, which is what the gate measures.
+FP8 = register(PrecisionSpec(
+    "fp8", "clipdeploy.precision.fp8:make_fp8",
+    gate={"min_cosine": 0.97, "min_mean_cosine": 0.995, "min_top1": 0.97},
+    engine_tolerance={"min_cosine": 0.99, "max_abs_rel": None},
+    slow_on=("onnxruntime-cpu",),
+    calibrated=True,
+    min_compute_capability=(8, 9),
 )).name

@@ -14,6 +14,7 @@ import pytest
 import clipdeploy
 from clipdeploy.engines.builder import axis_ranges, plan_name
 from clipdeploy.engines.config import BuildConfig, parse_range, parse_size
+from clipdeploy.engines.engine_validate import check_compute_capability
 from clipdeploy.cli import main
 from clipdeploy.errors import ArtifactError, DependencyError, EngineError, UsageError
 from clipdeploy.manifest import read_manifest
@@ -50,7 +51,7 @@ def engine(**extra):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"precision": "fp8"}, "precision 'fp8'"),
+        ({"precision": "fp4"}, "precision 'fp4'"),
         ({"towers": ("audio",)}, "audio"),
         ({"batch": (4, 2, 8)}, "MIN <= OPT <= MAX"),
         ({"batch": (0, 1, 8)}, "1 <= MIN"),
@@ -296,3 +297,17 @@ def test_torch_tensors_in_and_out_on_the_host_path(tiny_artifact):
     np.testing.assert_allclose(as_torch.numpy(), want, rtol=1e-5)
     ids = torch.tensor(s.tokenize(["a cat"]))
     np.testing.assert_allclose(s.encode_tokens(ids), s.encode_text(["a cat"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cc, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False),
+                                         ((10, 0), False)])
+def test_fp8_engines_need_compute_capability_8_9(cc, refused):
+    gpu = GpuInfo(0, "Some GPU", cc, 1 << 34)
+    if refused:
+        with pytest.raises(EngineError, match=r"fp8 engines need compute capability 8\.9 or higher") as e:
+            check_compute_capability("fp8", gpu)
+        assert "\n" not in str(e.value) and f"is {cc[0]}.{cc[1]}" in str(e.value)
+    else:
+        check_compute_capability("fp8", gpu)
+    for other in ("fp16", "int8-fp16", "fp32"):  # the other precisions run on any TensorRT GPU
+        check_compute_capability(other, gpu)

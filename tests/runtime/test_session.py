@@ -156,8 +156,8 @@ def test_unknown_backend_precision_and_options(micro_artifact):
         clipdeploy.load(micro_artifact.path, backend="tensorrt")
     with pytest.raises(ArtifactError, match=r"no int8 onnx variant of the image tower \(have: fp32\)"):
         clipdeploy.load(micro_artifact.path, precision="int8")
-    with pytest.raises(UsageError, match="precision 'fp8'"):
-        clipdeploy.load(micro_artifact.path, precision="fp8")
+    with pytest.raises(UsageError, match="precision 'fp4'"):
+        clipdeploy.load(micro_artifact.path, precision="fp4")
     with pytest.raises(UsageError, match="graph_optimization_level"):
         clipdeploy.load(micro_artifact.path, graph_optimization_level="max")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from clipdeploy import progress
 from clipdeploy.engines.config import BuildConfig, Range
-from clipdeploy.engines.engine_validate import validate_engines
+from clipdeploy.engines.engine_validate import check_compute_capability, validate_engines
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
 from clipdeploy.manifest import (
     Variant,
@@ -259,6 +259,7 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
     trt = import_tensorrt()
     version = str(trt.__version__)
     gpu = cuda.gpu_info(cfg.device)
+    check_compute_capability(cfg.precision, gpu)
     cuda.set_device(cfg.device)
     logger = get_logger(trt)
     try:

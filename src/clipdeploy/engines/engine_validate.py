@@ -17,7 +17,7 @@ import numpy as np
 
 from clipdeploy import precisions, progress
 from clipdeploy.bundled import sample_images, sample_prompts
-from clipdeploy.errors import UsageError
+from clipdeploy.errors import EngineError, UsageError
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
@@ -72,6 +72,16 @@ def _fit(x: np.ndarray, batch: int, profile: dict[str, Any] | None) -> np.ndarra
         limits = tuple(slice(0, m) for m in profile["max"][1:])
         rows = rows[(slice(None), *limits)]
     return np.ascontiguousarray(rows)
+
+
+def check_compute_capability(precision: str, gpu: cuda.GpuInfo) -> None:
+    """Refuse, in one line, a precision whose engines this GPU cannot run (fp8 needs 8.9: Ada and newer)."""
+    need = precisions.get(precision).min_compute_capability
+    if need is not None and tuple(gpu.compute_capability) < tuple(need):
+        raise EngineError(
+            f"{precision} engines need compute capability {need[0]}.{need[1]} or higher (Ada, Hopper, Blackwell); "
+            f"GPU {gpu.index} ({gpu.name}) is {gpu.cc}: use --precision int8-fp16 or fp16 on this GPU"
+        )
 
 
 def validate_engine(
@@ -159,6 +169,7 @@ def validate_engines(
         if reason is not None:
             report[v.file] = {"skipped": f"built for {reason}"}
             continue
+        check_compute_capability(v.precision, gpu)
         verify_files(root, variant_files(v))
         entry = {"tower": v.tower, "precision": v.precision, "file": v.file, **v.extra}
         with progress.stage(f"checking {v.file} against its ONNX source") as step:

@@ -32,9 +32,9 @@ class OvOptions:
     num_threads: int | None = None  # INFERENCE_NUM_THREADS; None lets OpenVINO choose (all cores)
     # Compiled-model cache; None: the per-user default (default_cache_dir()); "" disables caching.
     cache_dir: str | None = None
-    # LATENCY: one stream using every thread for each call. Measured on the 2-core EPYC (ViT-B-32 image
-    # tower, batch 8, int8 and fp32): THROUGHPUT (2 streams) makes a single synchronous call run on one
-    # stream's thread, so a call is slower; the session calls synchronously, so LATENCY is the default.
+    # LATENCY: one stream using every thread for each call. Reasoned, not yet measured against THROUGHPUT:
+    # with several streams a single synchronous call runs on one stream's threads, and the session calls
+    # synchronously, so LATENCY should win per call; THROUGHPUT is there for callers with many threads.
     performance_hint: str = "LATENCY"
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ pytest.importorskip("timm", reason="micro-convnext is a timm tower")
 Image = pytest.importorskip("PIL.Image")
 
 import clipdeploy  # noqa: E402
-from clipdeploy import precisions  # noqa: E402
+from clipdeploy import cpu_features, precisions  # noqa: E402
 from clipdeploy.bundled import sample_images  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
@@ -127,7 +127,8 @@ def test_settings_reach_openvino_and_the_cache_is_reused(artifact, tmp_path):
     assert off.runners["image"].cache_dir is None
 
 
-def test_auto_picks_openvino_and_says_why(artifact, cache):
+def test_auto_picks_openvino_and_says_why(artifact, cache, monkeypatch):
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2", "avx512_vnni"}))  # a VNNI CPU
     session = clipdeploy.load(artifact, backend_options=cache)
     assert session.backend == "openvino"
     assert session.precision == {"image": "int8", "text": "int8"}
@@ -136,6 +137,13 @@ def test_auto_picks_openvino_and_says_why(artifact, cache):
     assert "most preferred accepted precision" in text, text
     named = clipdeploy.load(artifact, backend="openvino", backend_options=cache)
     assert named.why is None and named.precision == session.precision
+
+
+def test_without_vnni_auto_keeps_onnxruntime(artifact, cache, monkeypatch):
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2"}))  # this CI machine's kind
+    session = clipdeploy.load(artifact, backend_options=cache)
+    assert session.backend == "onnxruntime" and session.precision == {"image": "int8", "text": "int8"}
+    assert "openvino: ranked first only on CPUs with VNNI" in session.describe(), session.describe()
 
 
 def test_without_openvino_auto_is_what_it_was(artifact, monkeypatch):

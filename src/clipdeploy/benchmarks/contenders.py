@@ -35,9 +35,13 @@ AUTOCAST = "fp16-autocast"  # PyTorch's own mixed precision, a peer rather than 
 DEVICES = ("auto", "cpu", "cuda")
 
 
+COMPILE = "torch.compile"
+
+
 def backends() -> tuple[str, ...]:
-    """What a benchmark can measure: PyTorch (the reference) and every registered runtime backend."""
-    return (TORCH, *registry.names())
+    """What a benchmark can measure: PyTorch (the reference), ``torch.compile`` (a peer) and every registered
+    runtime backend."""
+    return (TORCH, COMPILE, *registry.names())
 
 
 BACKENDS = backends()  # the built-in ones, for defaults; a backend registered later is still accepted
@@ -139,10 +143,13 @@ def discover(
             specs.append(ContenderSpec(TORCH, REFERENCE, device, towers, "reference"))
             if device == "cuda":
                 specs.append(ContenderSpec(TORCH, AUTOCAST, device, towers, "peer"))
-            # torch.compile (default mode) is a peer on CPU too; the harness's warm-up calls compile it untimed.
-            specs.append(ContenderSpec("torch.compile", REFERENCE, device, towers, "peer"))
+    if COMPILE in backends and has_module("torch") and has_module("open_clip"):
+        # torch.compile (default mode) is a peer on CPU too; the harness's warm-up calls compile it untimed.
+        specs.append(ContenderSpec(COMPILE, REFERENCE, device, towers, "peer"))
+    elif COMPILE in backends:
+        skipped.append(Skipped(COMPILE, REFERENCE, "PyTorch or open_clip is not installed; pip install 'clipdeploy[export]'"))
 
-    for backend in known[1:]:
+    for backend in known[2:]:
         if backend not in backends:
             continue
         found, why = _variant_contenders(manifest, backend, towers, device, precisions)

@@ -353,7 +353,8 @@ def load(
     ``precision=None`` picks the fastest variant that passed its gate for the backend, and logs which.
     ``verify`` checks each file's sha256 against the manifest before it is used.
     ``backend="auto"`` runs TensorRT when the artifact has engines that fit this GPU and TensorRT
-    version and TensorRT and a GPU are present, else ONNX Runtime; it logs which and why.
+    version and TensorRT and a GPU are present, else OpenVINO on x86 CPUs with VNNI when it is installed,
+    else ONNX Runtime; it logs which and why, and ``describe()`` repeats it.
     ``device``, ``cuda_graphs`` and ``engine_host_code_allowed`` are TensorRT settings (see ``TrtOptions``).
     ``backend_options`` go to registered backends (LoadSettings.extra), e.g. OpenVINO's
     ``openvino_cache_dir`` (its compiled-model cache; "" disables it) and ``openvino_performance_hint``.

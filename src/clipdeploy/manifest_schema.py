@@ -219,6 +219,7 @@ VARIANT = obj(
         "compute_capability": nullable(string()),
         "hardware_compatibility": nullable(string()),
         "version_compatible": boolean(),
+        "requires_cpu": array(string(nonempty=True)),  # CPU flags of which it needs one (bf16: avx512_bf16, amx_bf16)
     },
 )
 

@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from clipdeploy import cpu_features
 from clipdeploy.errors import UsageError
 
 __all__ = [
     "PrecisionSpec", "register", "unregister", "get", "names", "quantized", "for_backend", "preference",
-    "by_default", "rank", "view", "allow", "disallow", "REFERENCE", "FP32", "FP16", "INT8", "INT8_FP16", "FP8",
-    "EXPORT",
+    "by_default", "rank", "view", "allow", "disallow", "cpu_refusal", "REFERENCE", "FP32", "FP16", "INT8",
+    "INT8_FP16", "FP8", "BF16", "EXPORT",
 ]
 
 EXPORT = "export"  # the make step of the reference precision: `clipdeploy export` writes it
@@ -43,6 +44,13 @@ class PrecisionSpec:
     slow_on: tuple[str, ...] = ()  # targets where it runs emulated: benchmarks measure it only when asked
     calibrated: bool = False  # made from int8 calibration: takes --method, and recovery can rescue it
     min_compute_capability: tuple[int, int] | None = None  # CUDA GPUs older than this cannot run its engines
+    # CPU flags (/proc/cpuinfo names) of which it needs at least one; recorded on its variants as requires_cpu.
+    cpu_features: tuple[str, ...] = ()
+    # Its variant is the reference file run with a backend setting (no file of its own): only its
+    # ``backends`` may open it, since any other would run the reference file and call it this precision.
+    reuses_reference: bool = False
+    gate_backend: str = "onnxruntime"  # the backend its accuracy gate runs the variant on
+    instead: str = ""  # what to use where it cannot run, for the one-line refusal
 
     def make_step(self) -> Callable[..., Any]:
         """The function that builds this precision's variant, imported now (it may pull in onnx)."""
@@ -99,6 +107,16 @@ def get(name: str) -> PrecisionSpec:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UsageError(f"precision {name!r} is not one of {', '.join(_REGISTRY)}; {hint}pick one of those") from None
+
+
+def cpu_refusal(name: str) -> str | None:
+    """Why ``name`` cannot run on this CPU, in one line naming the alternative; None when it can."""
+    spec = get(name)
+    lacking = cpu_features.missing(spec.cpu_features)
+    if lacking is None:
+        return None
+    instead = f"; use {spec.instead} instead" if spec.instead else ""
+    return f"precision {name!r} needs a CPU with {lacking}, which this one lacks{instead}"
 
 
 def names() -> tuple[str, ...]:
@@ -211,4 +229,17 @@ FP8 = register(PrecisionSpec(
     slow_on=("onnxruntime-cpu",),
     calibrated=True,
     min_compute_capability=(8, 9),
+)).name
+# OpenVINO running the fp32 file with INFERENCE_PRECISION_HINT=bf16 (its default on such CPUs): no file of
+# its own, gated like fp16 against fp32 on held-out data, and only on a CPU that computes bf16 natively
+# (elsewhere OpenVINO would emulate it, slower than fp32). The openvino backend ranks it (registry.py).
+BF16 = register(PrecisionSpec(
+    "bf16", f"{_STAGE}:make_bf16",
+    gate={"min_cosine": 0.999},
+    engine_tolerance={"min_cosine": 0.999, "max_abs_rel": 5e-2},
+    backends=(),
+    cpu_features=cpu_features.BF16_FLAGS,
+    reuses_reference=True,
+    gate_backend="openvino",
+    instead="precision='fp32', or int8 (clipdeploy quantize --precision int8)",
 )).name

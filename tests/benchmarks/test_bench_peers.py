@@ -94,3 +94,66 @@ def test_end_to_end_case_on_real_jpegs(micro_artifact):
     text = terminal_table(report)
     assert "fast_decode cosine vs exact" in text and describe(e2e)[0] in text
     assert "images/s" in markdown(report)
+
+
+def test_plain_export_peers_are_discovered_on_cpu_only(monkeypatch):
+    for mod in (contenders_mod, backends_mod):
+        monkeypatch.setattr(mod, "has_module", lambda name: True)
+    manifest = {"towers": {"image": {}, "text": {}}, "variants": []}
+    names = ("onnxruntime.plain", "openvino.plain")
+    assert set(names) <= set(contenders_mod.backends())
+    specs, _ = discover(manifest, backends=("torch", *names), towers=("image", "text"), device="cpu")
+    assert [(s.backend, s.role, s.towers) for s in specs[1:]] == [(n, "peer", ("image", "text")) for n in names]
+    specs, skipped = discover(manifest, backends=names, towers=("image",), device="cuda")
+    assert specs == [] and all("CPU peer" in s.reason for s in skipped) and len(skipped) == 2
+    monkeypatch.setattr(backends_mod, "has_module", lambda name: name != "openvino")
+    specs, skipped = discover(manifest, backends=names, towers=("image",), device="cpu")
+    assert [s.backend for s in specs] == ["onnxruntime.plain"]
+    assert [(s.backend, "clipdeploy[openvino]" in s.reason) for s in skipped] == [("openvino.plain", True)]
+
+
+def test_plain_export_peers_run_and_name_the_best_peer(micro_artifact):
+    """The real thing on the micro artifact: a dynamo export of open_clip's image tower on each runtime."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from clipdeploy.benchmarks.bench import BenchConfig, run_bench
+    from clipdeploy.benchmarks.harness import TimingConfig
+
+    peers = ("onnxruntime.plain",) + (("openvino.plain",) if backends_mod.has_module("openvino") else ())
+    report = run_bench(BenchConfig(
+        artifact=micro_artifact.path, backends=("torch", *peers, "onnxruntime"), precisions=("fp32",), batches=(3,),
+        towers=("image",), timing=TimingConfig(iters=2, warmup=1), threads=1, isolate=False, progress=False,
+        checkpoint=micro_artifact.checkpoint, device="cpu",
+    ))
+    got = {r["backend"]: r for r in report["records"]}
+    for peer in peers:
+        assert got[peer]["role"] == "peer" and got[peer]["cos_min"] > 0.9999, got[peer]  # same weights as PyTorch
+    fastest = min((r for r in report["records"] if r["role"] != "clipdeploy"), key=lambda r: r["p50_ms"])
+    ours = got["onnxruntime"]
+    assert ours["best_peer"] == f"{fastest['backend']} fp32"
+    assert ours["speedup_vs_best_peer"] == pytest.approx(fastest["p50_ms"] / ours["p50_ms"])
+    assert "onnxruntime.plain fp32 (peer)" in terminal_table(report)
+
+
+def test_plain_export_of_the_text_tower(micro_artifact):
+    """encode_text exported plainly matches PyTorch at full length and says why it cannot run shorter ids."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from clipdeploy.benchmarks.contenders import ContenderSpec, OpenOptions
+    from clipdeploy.benchmarks.plain_export import PlainExportContender
+    from clipdeploy.benchmarks.torch_reference import build_reference_model
+    from clipdeploy.manifest import read_manifest
+
+    manifest = read_manifest(micro_artifact.path)
+    spec = ContenderSpec("onnxruntime.plain", "fp32", "cpu", ("text",), "peer")
+    peer = PlainExportContender(spec, micro_artifact.path, manifest, OpenOptions(1, checkpoint=micro_artifact.checkpoint))
+    model = build_reference_model(manifest, micro_artifact.checkpoint)
+    ids = torch.randint(1, 400, (3, 77), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model.encode_text(ids).numpy()
+    got = peer.encode("text", ids.numpy())
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99999
+    assert "full-length" in peer.unsupported("text", 10, 77) and peer.unsupported("text", 77, 77) is None

@@ -19,6 +19,7 @@ import numpy as np
 import clipdeploy
 from clipdeploy.benchmarks.harness import Timer, cuda_event_timer, perf_counter_timer
 from clipdeploy.benchmarks.inputs import text_is_dynamic
+from clipdeploy.benchmarks.plain_export import PLAIN_PEERS, PlainExportContender
 from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_text_encoder
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, UsageError
@@ -39,9 +40,9 @@ COMPILE = "torch.compile"
 
 
 def backends() -> tuple[str, ...]:
-    """What a benchmark can measure: PyTorch (the reference), ``torch.compile`` (a peer) and every registered
-    runtime backend."""
-    return (TORCH, COMPILE, *registry.names())
+    """What a benchmark can measure: PyTorch (the reference), ``torch.compile`` and plain exports on ONNX
+    Runtime and OpenVINO (peers), and every registered runtime backend."""
+    return (TORCH, COMPILE, *PLAIN_PEERS, *registry.names())
 
 
 BACKENDS = backends()  # the built-in ones, for defaults; a backend registered later is still accepted
@@ -62,11 +63,11 @@ def precision_rank(precision: str) -> float:
 class ContenderSpec:
     """One thing to measure: a backend running one precision on one device."""
 
-    backend: str  # "torch", "torch.compile", "onnxruntime" or "tensorrt"
+    backend: str  # "torch", "torch.compile", "onnxruntime.plain", "openvino.plain" or a registered backend
     precision: str  # a variant precision; for PyTorch "fp32" or "fp16-autocast"
     device: str  # "cpu" or "cuda"
     towers: tuple[str, ...]  # the towers it runs, in order
-    role: str  # "reference" (PyTorch eager fp32), "peer" (other PyTorch modes) or "clipdeploy"
+    role: str  # "reference" (PyTorch eager fp32), "peer" (other PyTorch modes, plain exports) or "clipdeploy"
 
     @property
     def label(self) -> str:
@@ -122,7 +123,8 @@ def discover(
     """Contenders for the requested backends, towers and precisions, and what was left out and why.
 
     ``precisions`` filters the compiled variants only; PyTorch always runs eager fp32 (the
-    reference), and on a GPU also fp16 autocast and ``torch.compile`` (peers).
+    reference), and on a GPU also fp16 autocast; ``torch.compile`` and, on CPU, plain exports on ONNX
+    Runtime and OpenVINO are peers when named.
     """
     known = globals()["backends"]()  # the parameter shadows the function
     for b in backends:
@@ -149,12 +151,38 @@ def discover(
     elif COMPILE in backends:
         skipped.append(Skipped(COMPILE, REFERENCE, "PyTorch or open_clip is not installed; pip install 'clipdeploy[export]'"))
 
-    for backend in known[2:]:
+    peers, why = _plain_peers(backends, towers, device)
+    specs += peers
+    skipped += why
+
+    for backend in registry.names():
         if backend not in backends:
             continue
         found, why = _variant_contenders(manifest, backend, towers, device, precisions)
         specs += found
         skipped += why
+    return specs, skipped
+
+
+def _plain_peers(
+    backends: tuple[str, ...], towers: tuple[str, ...], device: str
+) -> tuple[list[ContenderSpec], list[Skipped]]:
+    """A plain ``torch.onnx.export`` of the model on each named runtime: what a user gets without clipdeploy."""
+    specs, skipped = [], []
+    for name, runtime in PLAIN_PEERS.items():
+        if name not in backends:
+            continue
+        reason = None
+        if device != "cpu":
+            reason = "a CPU peer; on a GPU the peers are PyTorch fp16 autocast and torch.compile"
+        elif not (has_module("torch") and has_module("open_clip")):
+            reason = "PyTorch or open_clip is not installed (the plain export needs them); pip install 'clipdeploy[export]'"
+        else:
+            reason = registry.get(runtime).unavailable("cpu")
+        if reason:
+            skipped.append(Skipped(name, REFERENCE, reason))
+        else:
+            specs.append(ContenderSpec(name, REFERENCE, device, towers, "peer"))
     return specs, skipped
 
 
@@ -369,6 +397,8 @@ class TorchContender:
 
 
 def open_contender(spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> Contender:
+    if spec.backend in PLAIN_PEERS:
+        return PlainExportContender(spec, root, manifest, options)
     if spec.is_torch:
         return TorchContender(spec, root, manifest, options)
     return RuntimeContender(spec, root, manifest, options)

@@ -15,10 +15,11 @@ JSON schema ``clipdeploy-bench/1`` (``bench.json``)::
     contenders    [{backend, precision, device, towers, role, label, describe}]
     records       one per measured (tower, backend, precision, batch, seq_len):
         tower                  "image" | "text"
-        backend                "torch" | "torch.compile" | "onnxruntime" | "tensorrt"
+        backend                "torch" | "torch.compile" | "onnxruntime.plain" | "openvino.plain" (peers: a plain
+                               torch.onnx.export(dynamo=True) on that runtime) | "onnxruntime" | "openvino" | "tensorrt"
         precision              variant precision (fp32, fp16, int8, int8-fp16); PyTorch: fp32 | fp16-autocast
         device                 "cpu" | "cuda"
-        role                   "reference" (PyTorch eager fp32) | "peer" (other PyTorch modes) | "clipdeploy"
+        role                   "reference" (PyTorch eager fp32) | "peer" (other PyTorch modes, plain exports) | "clipdeploy"
         batch                  items per call
         seq_len                text: token columns fed (the context length, or the short length); image: null
         iters                  timed calls (warm-up excluded)
@@ -89,7 +90,8 @@ TARGETS = (
 )
 
 _TOWER_ORDER = {"image": 0, "text": 1}
-_BACKEND_ORDER = {"torch": 0, "onnxruntime": 1, "tensorrt": 2, "torch.compile": 3}
+_BACKEND_ORDER = {"torch": 0, "onnxruntime": 1, "openvino": 2, "tensorrt": 3, "torch.compile": 4,
+                  "onnxruntime.plain": 5, "openvino.plain": 6}
 
 
 def contender_label(rec: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import progress
+from clipdeploy import precisions, progress
 from clipdeploy.engines.config import BuildConfig, Range
 from clipdeploy.engines.engine_validate import check_compute_capability, validate_engines
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
@@ -57,6 +57,9 @@ def sources(manifest: dict[str, Any], cfg: BuildConfig) -> dict[str, Variant]:
         raise UsageError(
             f"this artifact has no {', '.join(missing_towers)} tower; it has {', '.join(manifest['towers'])}"
         )
+    if precisions.get(cfg.precision).reuses_reference:  # its variant is the fp32 file under a runtime setting
+        runs = " or ".join(precisions.get(cfg.precision).backends) or "no backend"
+        raise UsageError(f"{cfg.precision} runs on {runs} only, not TensorRT; build --precision fp16 or int8-fp16")
     found: dict[str, Variant] = {}
     for tower in towers:
         onnx = [v for v in variants(manifest) if v.tower == tower and v.format == "onnx"]

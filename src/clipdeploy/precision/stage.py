@@ -25,6 +25,7 @@ from clipdeploy.options import THREADS, opt
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
 from clipdeploy.runtime.backends.onnxruntime import OrtRunner
+from clipdeploy.runtime.backends.openvino import OvOptions, OvRunner
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.session import load
 from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
@@ -48,7 +49,7 @@ class QuantizeConfig:
     precision: str = field(
         metadata=opt(
             "int8: Q/DQ with fp32 elsewhere (best on ONNX Runtime CPU); int8-fp16: Q/DQ with fp16 elsewhere "
-            "(best on TensorRT)",
+            "(best on TensorRT); bf16: OpenVINO runs the fp32 file in bf16 (CPUs with AVX512_BF16 or AMX only)",
             choices=precisions.quantized,
         )
     )
@@ -118,6 +119,9 @@ class QuantizeConfig:
         made = precisions.quantized()
         if precisions.get(self.precision).name not in made:
             raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(made)}")
+        refusal = precisions.cpu_refusal(self.precision)  # its gate must run here, on the CPU that serves it
+        if refusal:
+            raise UsageError(refusal)
         if self.method not in int8.METHODS:
             raise UsageError(f"--method {self.method!r} is not one of {', '.join(int8.METHODS)}")
         for name in ("samples", "min_samples"):
@@ -237,7 +241,10 @@ class _Stage:
         for stale in work.glob(out.name + "*"):
             stale.unlink()
         # The precision's own make step (PrecisionSpec.make) writes `out`; see make_fp16 and friends below.
-        info: dict[str, Any] = precisions.get(cfg.precision).make_step()(self, tower, src, out, work, exclude, suffix)
+        spec = precisions.get(cfg.precision)
+        info: dict[str, Any] = spec.make_step()(self, tower, src, out, work, exclude, suffix)
+        if spec.reuses_reference:  # nothing written: the gate runs the fp32 file on its backend
+            return src, info
         graph.check(out)
         return out, info
 
@@ -258,6 +265,11 @@ class _Stage:
         return info
 
     def runner(self, path: Path) -> Any:
+        spec = precisions.get(self.cfg.precision)
+        if spec.gate_backend == "openvino":
+            # The variant as the openvino backend serves it (its precision hint); uncached, made once per gate.
+            sha = next(v.sha256 for v in self.fp32.values() if self.root / v.file == path)
+            return OvRunner(path, spec.name, sha, OvOptions(num_threads=self.cfg.threads, cache_dir=""))
         return OrtRunner(path, self.options)
 
     def evaluate(self, paths: dict[str, Path]) -> dict[str, Any]:
@@ -369,6 +381,7 @@ class _Stage:
                 paths, report = self.recover(work, paths, report)
             report.update({
                 "reference": f"{precisions.REFERENCE} onnx on onnxruntime CPU",
+                "variant_backend": precisions.get(cfg.precision).gate_backend,
                 "method": cfg.method if calibrated else None,
                 "data": {"image": self.images.report(), "text": self.texts.report(), "seed": cfg.seed,
                          "gate_prompts": self.prompt_source,
@@ -388,7 +401,11 @@ class _Stage:
         manifest.setdefault("validation", {}).setdefault("quantize", {})[cfg.precision] = report
         if report["passed"]:
             entries = []
+            spec = precisions.get(cfg.precision)
             for tower, path in paths.items():
+                if spec.reuses_reference:
+                    entries.append(self.reuse_entry(tower, report))
+                    continue
                 final = self.root / f"{tower}.{cfg.precision}.onnx"
                 side = sorted(p for p in path.parent.glob(path.name + ".data"))
                 if side and path.name != final.name:
@@ -425,6 +442,25 @@ class _Stage:
                 v for v in manifest["variants"] if not (v["precision"] == cfg.precision and v["format"] == "onnx")
             ] + entries
         write_manifest(self.root, manifest)
+
+    def reuse_entry(self, tower: str, report: dict[str, Any]) -> dict[str, Any]:
+        """The manifest entry of a variant that runs the fp32 file: its file, sums and sizes, its own gate."""
+        spec = precisions.get(self.cfg.precision)
+        fp32 = next(v for v in read_manifest(self.root)["variants"]
+                    if v["tower"] == tower and v["format"] == "onnx" and v["precision"] == precisions.REFERENCE)
+        keep = ("file", "sha256", "bytes", "external_data", "opset")
+        return {
+            "tower": tower, "precision": spec.name, "format": "onnx",
+            **{k: fp32[k] for k in keep if k in fp32},
+            "source": fp32["file"],
+            "requires_cpu": list(spec.cpu_features),
+            "validation": {
+                "reference": precisions.REFERENCE,
+                "passed": True,
+                **report[tower],
+                **({"top1_agreement": report["top1_agreement"]} if "top1_agreement" in report else {}),
+            },
+        }
 
 
 # ---- make steps: each precision's PrecisionSpec.make names one of these ---------------------------------
@@ -476,3 +512,10 @@ def quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     """Make and gate the ``cfg.precision`` variant of both towers; returns the gate report."""
     cfg.check()
     return _Stage(cfg).run()
+
+
+def make_bf16(
+    stage: _Stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str
+) -> dict[str, Any]:
+    # No file is made: OpenVINO runs the fp32 file with INFERENCE_PRECISION_HINT=bf16 (see openvino.py).
+    return {"runs": stage.fp32[tower].file, "openvino_inference_precision_hint": "bf16"}

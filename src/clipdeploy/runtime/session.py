@@ -363,6 +363,9 @@ def load(
         raise UsageError(f"backend {backend!r} is not one of {', '.join(registry.choices())}")
     if precision is not None:
         precisions.get(precision)  # an unknown name: one line with a suggestion
+        refusal = precisions.cpu_refusal(precision)
+        if refusal:
+            raise UsageError(refusal)
     settings = registry.LoadSettings(
         providers=tuple(providers or ("CPUExecutionProvider",)),
         intra_op_num_threads=intra_op_num_threads,
@@ -379,6 +382,11 @@ def load(
     if backend == registry.AUTO:
         backend, skipped = _auto(manifest, precision, settings)
         why = _auto_why(backend, skipped, registry.get(backend).preference(settings), precision)
+    if precision is not None and precisions.get(precision).reuses_reference:
+        runs = precisions.get(precision).backends
+        if backend not in runs:  # it would run the reference file and call it this precision
+            raise UsageError(f"precision {precision!r} runs on {' or '.join(runs) or 'no backend'} only, not on "
+                             f"{backend}; pass backend={runs[0] if runs else 'openvino'!r}")
     chosen, runners = registry.get(backend).open(root, manifest, precision, settings, verify)
     if verify:
         verify_files(root, sorted(manifest.get("files", {}).items()))

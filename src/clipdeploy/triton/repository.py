@@ -216,6 +216,10 @@ def collect(cfg: TritonConfig, warnings: list[str], notes: set[str]) -> list[Pla
                 warnings.append(f"{root}: {v.file} {state} its accuracy check, so it is not served; {fix}")
                 continue
             if v.format == "onnx":
+                if precisions.get(v.precision).reuses_reference:  # the fp32 file under an OpenVINO setting
+                    notes.add(f"{v.precision} ONNX variants are left out: they run on "
+                              f"{' or '.join(precisions.get(v.precision).backends)} only, not ONNX Runtime")
+                    continue
                 if not cfg.precisions and v.precision not in onnx_default:
                     notes.add(
                         f"{v.precision} ONNX variants are left out: ONNX Runtime on {cfg.onnx_device} does not pick "

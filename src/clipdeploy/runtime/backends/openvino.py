@@ -73,7 +73,7 @@ class OvRunner(Runner):
     def __init__(self, path: Path, precision: str, sha256: str, options: OvOptions) -> None:
         ov = import_openvino()
         if precision not in _PRECISION_HINTS:
-            raise UsageError(f"the openvino backend does not run {precision} variants; choose fp32 or int8")
+            raise UsageError(f"the openvino backend does not run {precision} variants; choose fp32, bf16 or int8")
         self.path = Path(path)
         self.precision = precision
         check_locations(self.path)  # external data only beside the model, as for ONNX Runtime
@@ -106,6 +106,13 @@ class OvRunner(Runner):
                 f"OpenVINO cannot load {str(self.path)!r} ({' '.join(str(e).split())[:200]}); "
                 "the file is corrupt or from a newer exporter: re-export the model with --force"
             ) from e
+        if precision == "bf16" and self.compiled.get_property("INFERENCE_PRECISION_HINT") != ov.Type.bf16:
+            # OpenVINO falls back to f32 where it cannot run bf16: serving that as bf16 would misstate it.
+            raise UsageError(
+                f"OpenVINO compiled {self.path.name} in "
+                f"{self.compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()}, not bf16, on this CPU; "
+                "use precision='fp32'"
+            )
         self.inputs = [self._io(p) for p in self.compiled.inputs]
         self.outputs = [self._io(p) for p in self.compiled.outputs]
         self._ports = list(self.compiled.outputs)

@@ -23,8 +23,8 @@ def _figures(record: dict[str, Any]) -> str:
     gate = "pass" if record.get("passed") else "FAIL"
     poly = [
         f"{out} max abs {r['max_abs_err']:.2e}, rel {r['max_rel_err']:.2e}"
-        + (f" (atol {r['atol']:.2e}, rtol {r['rtol']:.2e}: {'pass' if r['passed'] else 'FAIL'})" if r["atol"] is not None
-           else " (measured, not gated)")
+        + (f" ({'within' if r['passed'] else 'OUTSIDE'} atol {r['atol']:.2e}, rtol {r['rtol']:.2e})"
+           if r["atol"] is not None else " (measured, not gated)")
         for out, r in record.get("polygraphy", {}).items()
     ]  # fmt: skip
     return (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import clipdeploy
 
-HEAVY = ("torch", "torchvision", "open_clip", "onnx", "tensorrt", "onnxscript")
+HEAVY = ("torch", "torchvision", "open_clip", "onnx", "tensorrt", "onnxscript", "polygraphy")
 SAMPLE = sorted((Path(clipdeploy.__file__).parent / "data" / "images").glob("*.jpg"))[0]
 
 BLOCKER = textwrap.dedent(

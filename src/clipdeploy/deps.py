@@ -30,7 +30,7 @@ _EXTRAS = {
     "onnx": "export", "onnx_ir": "export", "onnxscript": "export", "torch": "export", "torchvision": "export", "open_clip": "export",
     "transformers": "export", "timm": "export", "safetensors": "export", "onnxruntime": "cpu",
     "tensorrt": "tensorrt", "cuda": "tensorrt", "matplotlib": "bench", "tqdm": "bench", "tritonclient": "triton",
-    "pyarrow": "bulk", "ray": "ray",
+    "pyarrow": "bulk", "ray": "ray", "polygraphy": "tensorrt",
 }
 _EXTRA_HINTS = {"cpu": "'clipdeploy[cpu]' (or 'clipdeploy[gpu]' for CUDA)"}
 

@@ -78,6 +78,25 @@ def manifest_of(art: Path) -> dict:
 # ---- scenarios ----------------------------------------------------------------------------------
 
 
+def saved_results(art: Path, results: Path) -> dict:
+    """What validate --save-results wrote: its runners, how far the saved outputs are from what the emulated
+    engine computes on the saved inputs, and the comparison of the file with ONNX Runtime (--load-results)."""
+    from clipdeploy.engines import polygraphy_results
+    from clipdeploy.engines.engine_validate import compare_saved
+
+    runs = polygraphy_results.load(results)
+    return {
+        "runners": sorted(r.key for r in runs),
+        "iterations": {r.file: len(r.outputs) for r in runs},
+        "err_vs_engine": max(
+            float(np.abs(next(iter(o.values())) - expected(next(iter(i.values())))).max())
+            for r in runs
+            for i, o in zip(r.inputs, r.outputs, strict=True)
+        ),
+        "compare": compare_saved(art, results),
+    }
+
+
 def scenario_pipeline(world: TrtWorld, template: Path, work: Path) -> dict:
     """build (every option) -> validate -> load (tensorrt, auto, graphs, threads, torch) -> encode."""
     import clipdeploy
@@ -106,7 +125,9 @@ def scenario_pipeline(world: TrtWorld, template: Path, work: Path) -> dict:
     fig["cache_after_second"] = json.loads(cache.read_bytes())
     fig["entries"] = fp32 + fp16
     fig["plans"] = {e["file"]: json.loads((art / e["file"]).read_bytes()) for e in fp32 + fp16}
-    fig["validate"] = validate_engines(art, engine_host_code_allowed=True)
+    results = work / "pipeline-results.json"
+    fig["validate"] = validate_engines(art, engine_host_code_allowed=True, save_results=results)
+    fig["saved"] = saved_results(art, results)
     fig["validate_without_host_code"] = error_of(lambda: validate_engines(art, precision="fp16"))
 
     rng = np.random.default_rng(0)

@@ -190,6 +190,22 @@ def test_contract_manifest_entries_and_plan_names(contract):
     assert text16["profile"]["input_ids"] == {"min": [1, 2], "opt": [2, 8], "max": [4, 16]}
     for file, record in f["validate"].items():
         assert record["passed"] and record["min_cosine"] > 0.9999, (file, record)
+        (out,) = record["polygraphy"].values()  # Polygraphy's comparator ran, gated (fp32/fp16) and passed
+        assert out["passed"] is True and out["atol"] > 0 and out["max_abs_err"] <= out["atol"], (file, out)
+
+
+def test_contract_validate_saves_results_that_compare_anywhere(contract):
+    """--save-results under real TensorRT names: one outputs and one inputs runner per engine, the outputs are
+    the (emulated) engine's, and the file compares with ONNX Runtime with no TensorRT call (API use, not behaviour)."""
+    f = scenario(contract, "pipeline")["figures"]
+    saved = f["saved"]
+    assert sorted(k.rsplit(":", 1)[1] for k in saved["runners"]) == sorted(f["validate"])
+    assert all(k.split(":")[:2] in (["image", "fp32"], ["text", "fp32"], ["image", "fp16"], ["text", "fp16"])
+               for k in saved["runners"])  # fmt: skip
+    assert set(saved["iterations"].values()) == {3}  # batch 1, opt and max of each profile
+    assert saved["err_vs_engine"] < 1e-5
+    assert sorted(saved["compare"]) == sorted(f["validate"])
+    assert all(r["passed"] for r in saved["compare"].values())
     assert "version-compatible" in f["validate_without_host_code"]
     # Both builds' tactics are in the cache: loaded, extended and merged back.
     assert len(f["cache_after_first"]) == 2 and len(f["cache_after_second"]) == 4

@@ -288,3 +288,20 @@ def test_validate_command_records_figures(artifact, built, capsys):
     for v in m["variants"]:
         if v["file"] in report:
             assert v["validation"]["gpu"] and v["validation"]["passed"]
+
+
+def test_saved_results_of_real_engines_compare_without_tensorrt(artifact, built, tmp_path, capsys):
+    """--save-results on real engines, then --load-results (ONNX Runtime only) agrees with the live validation."""
+    pytest.importorskip("polygraphy")
+    from clipdeploy.cli import main
+    from clipdeploy.engines.engine_validate import compare_saved
+
+    results = tmp_path / "results.json"
+    live = validate_engines(artifact, precision="fp16", save_results=results)
+    saved = compare_saved(artifact, results)
+    assert sorted(saved) == sorted(live)
+    for file, record in saved.items():
+        assert record["passed"] and record["min_cosine"] == pytest.approx(live[file]["min_cosine"], abs=1e-9)
+        assert record["polygraphy"] == live[file]["polygraphy"]
+    assert main(["validate", str(artifact), "--load-results", str(results)]) == 0
+    assert capsys.readouterr().out.count(": pass") == 2

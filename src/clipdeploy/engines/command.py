@@ -10,7 +10,7 @@ from typing import Any
 from clipdeploy import options, precisions
 from clipdeploy.engines.builder import build_engines
 from clipdeploy.engines.config import BuildConfig, parse_range
-from clipdeploy.engines.engine_validate import validate_engines
+from clipdeploy.engines.engine_validate import compare_saved, validate_engines
 from clipdeploy.errors import UsageError
 from clipdeploy.options import add_dataclass_options, cuda_index
 
@@ -21,10 +21,34 @@ def _figures(record: dict[str, Any]) -> str:
     if "skipped" in record:
         return f"skipped: {record['skipped']}"
     gate = "pass" if record.get("passed") else "FAIL"
+    poly = [
+        f"{out} max abs {r['max_abs_err']:.2e}, rel {r['max_rel_err']:.2e}"
+        + (f" ({'within' if r['passed'] else 'OUTSIDE'} atol {r['atol']:.2e}, rtol {r['rtol']:.2e})"
+           if r["atol"] is not None else " (measured, not gated)")
+        for out, r in record.get("polygraphy", {}).items()
+    ]  # fmt: skip
     return (
         f"min cosine {record['min_cosine']:.6f}, max abs err {record['max_abs_err']:.2e} "
-        f"({record['abs_err_rel']:.1e} of max) at batch {', '.join(record['batches'])}: {gate}"
+        f"({record['abs_err_rel']:.1e} of max) at batch {', '.join(record['batches'])}"
+        + (f"; Polygraphy: {'; '.join(poly)}" if poly else "")
+        + f": {gate}"
     )
+
+
+def parse_tolerances(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """--atol/--rtol [OUTPUT=]VALUE (repeatable) -> {"atol": {OUTPUT or "": value}, ...}."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in ("atol", "rtol"):
+        for item in getattr(args, kind) or []:
+            name, sep, value = item.rpartition("=")
+            try:
+                v = float(value)
+            except ValueError:
+                v = float("nan")
+            if (sep and not name) or not v >= 0:
+                raise UsageError(f"--{kind} {item!r} is not [OUTPUT=]VALUE with VALUE >= 0, e.g. --{kind} 1e-3")
+            out.setdefault(kind, {})[name] = v
+    return out
 
 
 # ---- build --------------------------------------------------------------------------------------
@@ -90,9 +114,22 @@ def add_build(sub: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    tolerances = parse_tolerances(args)
+    if args.load_results is not None:
+        if args.save_results is not None or args.precision is not None:
+            raise UsageError("--load-results compares the saved engines as they are; drop --save-results and --precision")
+        report = compare_saved(Path(args.artifact), Path(args.load_results), tolerances)
+        for file, record in report.items():
+            print(f"{file} (saved): {_figures(record)}")
+        return 0
     device = cuda_index("--device", args.device) if args.device is not None else _DEFAULT_DEVICE
     report = validate_engines(
-        Path(args.artifact), device=device, precision=args.precision, engine_host_code_allowed=args.allow_host_code
+        Path(args.artifact),
+        device=device,
+        precision=args.precision,
+        engine_host_code_allowed=args.allow_host_code,
+        save_results=args.save_results,
+        tolerances=tolerances,
     )
     for file, record in report.items():
         print(f"{file}: {_figures(record)}")
@@ -104,8 +141,11 @@ def add_validate(sub: Any) -> None:
         "validate",
         help="compare an artifact's TensorRT engines with their ONNX sources on this GPU",
         description="Run every TensorRT engine that fits this GPU and TensorRT version, and its ONNX source on ONNX "
-        "Runtime CPU, on the bundled images and prompts; record cosine and abs-error figures in the manifest. "
-        "Exits 1 when an engine is outside its precision's tolerance.",
+        "Runtime CPU, on the bundled images and prompts; record cosine and abs-error figures, and Polygraphy's "
+        "per-output comparison, in the manifest. Exits 1 when an engine is outside its precision's tolerance. "
+        "--save-results keeps the engines' inputs and outputs (Polygraphy RunResults JSON) so that "
+        "--load-results can compare them later on any machine, without TensorRT or a GPU. "
+        "Polygraphy comes with 'clipdeploy[tensorrt]'.",
     )
     p.add_argument("artifact", help="artifact directory with engines made by `clipdeploy build`")
     p.add_argument("--precision", choices=precisions.names(), help="validate only engines of this precision")
@@ -113,4 +153,19 @@ def add_validate(sub: Any) -> None:
     p.add_argument(
         "--allow-host-code", action="store_true", help="load version-compatible plans, which embed host code"
     )
+    p.add_argument("--save-results", metavar="FILE", help="write the engines' inputs and outputs as Polygraphy RunResults JSON")
+    p.add_argument(
+        "--load-results",
+        metavar="FILE",
+        help="compare results saved by --save-results with ONNX Runtime here (no TensorRT or GPU needed)",
+    )
+    p.add_argument(
+        "--atol",
+        action="append",
+        metavar="[OUTPUT=]VALUE",
+        help="Polygraphy's absolute tolerance for OUTPUT (or every output); an element fails when it exceeds "
+        "both atol and rtol (default: the precision's max abs error as a fraction of the largest reference "
+        "value, rtol 0; int8 and fp8 are measured, not gated; repeatable)",
+    )
+    p.add_argument("--rtol", action="append", metavar="[OUTPUT=]VALUE", help="Polygraphy's relative tolerance, as --atol")
     p.set_defaults(func=cmd_validate)

@@ -17,7 +17,8 @@ import numpy as np
 
 from clipdeploy import precisions, progress
 from clipdeploy.bundled import sample_images, sample_prompts
-from clipdeploy.errors import EngineError, UsageError
+from clipdeploy.engines import polygraphy_results as pg
+from clipdeploy.errors import ArtifactError, EngineError, UsageError
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
@@ -84,12 +85,82 @@ def check_compute_capability(precision: str, gpu: cuda.GpuInfo) -> None:
         )
 
 
-def validate_engine(
-    root: Path, entry: dict[str, Any], inputs: dict[str, np.ndarray], device: int, host_code_allowed: bool
+def polygraphy_tolerances(
+    precision: str, reference: list[dict[str, np.ndarray]], overrides: dict[str, dict[str, float]] | None = None
+) -> dict[str, pg.Tolerance | None]:
+    """Polygraphy's per-output tolerance for an engine of ``precision``.
+
+    By default atol is the precision's ``max_abs_rel`` times the output's largest reference value (rtol 0),
+    the same bound as our own abs-error gate; precisions gated on direction only (int8, fp8) are measured,
+    not gated, by Polygraphy. ``overrides`` ({"atol"|"rtol": {OUTPUT or "": value}}, from --atol/--rtol)
+    replace that, per output or for all ("")."""
+    overrides = overrides or {}
+    rel = TOLERANCES[precision].max_abs_rel
+    out: dict[str, pg.Tolerance | None] = {}
+    for name in reference[0]:
+        peak = max(float(np.abs(it[name].astype(np.float64)).max()) for it in reference)
+        default = pg.Tolerance(atol=rel * peak, rtol=0.0) if rel is not None else None
+        given = {k: v.get(name, v.get("")) for k, v in overrides.items()}
+        given = {k: v for k, v in given.items() if v is not None}
+        if given:
+            base = default or pg.Tolerance(0.0, 0.0)
+            out[name] = pg.Tolerance(atol=given.get("atol", base.atol), rtol=given.get("rtol", base.rtol))
+        else:
+            out[name] = default
+    return out
+
+
+def run_engine(
+    engine: Any, tower_inputs: np.ndarray, profile: dict[str, Any]
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The engine's outputs on the sample inputs at each reference batch size: (inputs, outputs) per batch."""
+    (spec,) = engine.inputs
+    feeds, outputs = [], []
+    for batch in _batches(profile):
+        x = _fit(tower_inputs, batch, profile.get(spec.name)).astype(spec.dtype, copy=False)
+        feeds.append({spec.name: x})
+        outputs.append({k: np.asarray(v, np.float32) for k, v in engine.infer({spec.name: x}).items()})
+    return feeds, outputs
+
+
+def judge(
+    run: pg.EngineRun, reference: Any, overrides: dict[str, dict[str, float]] | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """Compare one engine with its ONNX source; returns the validation record and any failures."""
+    """Compare an engine's saved run with ONNX Runtime on the same inputs: our cosine and abs-error figures
+    on the embedding, and Polygraphy's comparator on every output. Returns the figures and the failures."""
+    tol = TOLERANCES[run.precision]
+    want = []
+    for feed in run.inputs:
+        got = reference.infer({reference.inputs[0].name: next(iter(feed.values()))})
+        want.append({k: np.asarray(v, np.float32) for k, v in got.items()})
+    (ref_out,) = reference.outputs
+    name = f"{run.tower} {run.precision} engine"
+    per_batch, comparisons = {}, []
+    for got, ref in zip(run.outputs, want, strict=True):
+        if ref_out.name not in got:
+            raise ArtifactError(f"the {name} has no output {ref_out.name!r}, which its ONNX source has")
+        c = compare(got[ref_out.name], ref[ref_out.name])
+        per_batch[str(len(ref[ref_out.name]))] = c.to_dict()
+        comparisons.append(c)
+    worst = merge(comparisons)
+    failures = gate_failures(name, worst, min_cosine=tol.min_cosine, max_abs_rel=tol.max_abs_rel)
+    shared = [{k: v for k, v in g.items() if k in r} for g, r in zip(run.outputs, want, strict=True)]
+    polygraphy = pg.compare_outputs(shared, want, polygraphy_tolerances(run.precision, want, overrides))
+    failures += pg.failures(name, polygraphy)
+    record = {**worst.to_dict(), "batches": per_batch, "polygraphy": polygraphy, "tolerance": asdict(tol)}
+    return record, failures
+
+
+def validate_engine(
+    root: Path,
+    entry: dict[str, Any],
+    inputs: dict[str, np.ndarray],
+    device: int,
+    host_code_allowed: bool,
+    overrides: dict[str, dict[str, float]] | None = None,
+) -> tuple[dict[str, Any], list[str], pg.EngineRun]:
+    """Compare one engine with its ONNX source; returns the validation record, any failures, and the run."""
     tower, precision = entry["tower"], entry["precision"]
-    tol = TOLERANCES[precision]
     source = entry["source"]
     options = TrtOptions(device=device, engine_host_code_allowed=host_code_allowed)
     axis_names = {t["name"]: t["shape"] for t in read_manifest(root)["towers"][tower].get("inputs", [])}
@@ -97,37 +168,21 @@ def validate_engine(
         root / entry["file"], options, axis_names=axis_names, host_code=bool(entry.get("version_compatible"))
     )
     try:
-        reference = OrtRunner(root / source, OrtOptions(providers=("CPUExecutionProvider",)))
-        (spec,) = engine.inputs
-        (out,) = engine.outputs
-        per_batch, comparisons = {}, []
-        profile = entry.get("profile") or {}
-        for batch in _batches(profile):
-            x = _fit(inputs[tower], batch, profile.get(spec.name))
-            x = x.astype(spec.dtype, copy=False)
-            got = engine.infer({spec.name: x})[out.name]
-            (ref_out,) = reference.outputs
-            want = reference.infer({reference.inputs[0].name: x})[ref_out.name]
-            c = compare(got.astype(np.float32), want.astype(np.float32))
-            per_batch[str(batch)] = c.to_dict()
-            comparisons.append(c)
+        feeds, outputs = run_engine(engine, inputs[tower], entry.get("profile") or {})
     finally:
         engine.close()
-    worst = merge(comparisons)
-    failures = gate_failures(
-        f"{tower} {precision} engine", worst, min_cosine=tol.min_cosine, max_abs_rel=tol.max_abs_rel
-    )
+    run = pg.EngineRun(tower, precision, entry.get("source_sha256", ""), entry["file"], feeds, outputs)
+    reference = OrtRunner(root / source, OrtOptions(providers=("CPUExecutionProvider",)))
+    figures, failures = judge(run, reference, overrides)
     record = {
         "reference": f"onnxruntime CPUExecutionProvider on {source}",
         "gpu": engine.gpu.name,
         "tensorrt_version": engine.version,
         "validated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **worst.to_dict(),
-        "batches": per_batch,
-        "tolerance": asdict(tol),
+        **figures,
         "passed": not failures,
     }
-    return record, failures
+    return record, failures, run
 
 
 def validate_engines(
@@ -137,11 +192,15 @@ def validate_engines(
     files: list[str] | None = None,
     precision: str | None = None,
     engine_host_code_allowed: bool = False,
+    save_results: str | Path | None = None,
+    tolerances: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Validate every engine in the artifact that can run here (or those in ``files``); record the figures.
 
-    Engines built for another GPU or TensorRT version are reported as skipped. Raises AccuracyError
-    when any engine fails, after writing every figure to the manifest.
+    Engines built for another GPU or TensorRT version are reported as skipped. ``save_results`` writes
+    every engine's inputs and outputs as Polygraphy RunResults JSON (see :func:`compare_saved`);
+    ``tolerances`` overrides Polygraphy's per-output atol/rtol (see :func:`polygraphy_tolerances`). Raises
+    AccuracyError when any engine fails, after writing every figure to the manifest (and the results).
     """
     root = Path(artifact)
     manifest = read_manifest(root)
@@ -164,6 +223,7 @@ def validate_engines(
     report: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
+    runs: list[pg.EngineRun] = []
     for v in engines:
         reason = engine_mismatch(v.extra, gpu, str(trt.__version__))
         if reason is not None:
@@ -173,11 +233,16 @@ def validate_engines(
         verify_files(root, variant_files(v))
         entry = {"tower": v.tower, "precision": v.precision, "file": v.file, **v.extra}
         with progress.stage(f"checking {v.file} against its ONNX source") as step:
-            record, engine_failures = validate_engine(root, entry, inputs, device, engine_host_code_allowed)
+            record, engine_failures, run = validate_engine(
+                root, entry, inputs, device, engine_host_code_allowed, tolerances
+            )
             step.note("pass" if not engine_failures else f"{len(engine_failures)} failed")
         records[v.file] = record
         report[v.file] = record
         failures += engine_failures
+        runs.append(run)
+    if save_results is not None and runs:
+        pg.save(Path(save_results), runs)
     if records:
         # Read again: another stage may have written the manifest meanwhile.
         manifest = read_manifest(root)
@@ -186,4 +251,49 @@ def validate_engines(
                 entry["validation"] = records[entry["file"]]
         write_manifest(root, manifest)
     raise_if_failed("engine validation", failures, report)
+    return report
+
+
+def _saved_source(root: Path, manifest: dict[str, Any], run: pg.EngineRun) -> Any:
+    """The ONNX variant a saved engine run is compared with: the one its engine was built from."""
+    onnx = [v for v in variants(manifest) if v.format == "onnx" and v.tower == run.tower]
+    # Variants of several precisions may be the same file: prefer the engine's own precision.
+    match = sorted((v for v in onnx if v.sha256 == run.source_sha256), key=lambda v: v.precision != run.precision)
+    if not match:
+        have = ", ".join(f"{v.file} ({v.sha256[:12]}…)" for v in onnx if v.precision == run.precision) or "none"
+        raise ArtifactError(
+            f"{run.file} was built from a {run.tower} {run.precision} ONNX file with sha256 {run.source_sha256[:12]}…, "
+            f"which {str(root)!r} does not have (its {run.precision} {run.tower} variants: {have}); "
+            "compare on a copy of the artifact the engine was built from"
+        )
+    verify_files(root, variant_files(match[0]))
+    return match[0]
+
+
+def compare_saved(
+    artifact: str | Path, results: str | Path, tolerances: dict[str, dict[str, float]] | None = None
+) -> dict[str, Any]:
+    """Compare engine outputs saved by ``validate_engines(save_results=...)`` with ONNX Runtime here.
+
+    Needs neither TensorRT nor a GPU: the saved inputs run through each engine's ONNX source (found by
+    its sha256) on ONNX Runtime CPU. Reads the manifest, writes nothing. Raises AccuracyError on a failure.
+    """
+    root = Path(artifact)
+    manifest = read_manifest(root)
+    report: dict[str, Any] = {}
+    failures: list[str] = []
+    for run in pg.load(Path(results)):
+        source = _saved_source(root, manifest, run)
+        with progress.stage(f"checking saved {run.file} against {source.file}") as step:
+            reference = OrtRunner(root / source.file, OrtOptions(providers=("CPUExecutionProvider",)))
+            figures, engine_failures = judge(run, reference, tolerances)
+            step.note("pass" if not engine_failures else f"{len(engine_failures)} failed")
+        report[run.file] = {
+            "reference": f"onnxruntime CPUExecutionProvider on {source.file}",
+            "results": str(results),
+            **figures,
+            "passed": not engine_failures,
+        }
+        failures += engine_failures
+    raise_if_failed("engine validation of saved results", failures, report)
     return report

@@ -136,3 +136,20 @@ def test_texts(tiny_art, tmp_path):
     want = clipdeploy.load(tiny_art).encode_text(["a dog", "a cat"])
     assert [r["key"] for r in got] == ["0", "2"]
     assert np.allclose(np.asarray([r["embedding"] for r in got]), want, atol=1e-6)
+
+
+def test_progress_lines_count_items_with_rate_and_eta(tiny_art, dataset, tmp_path, monkeypatch, capsys):
+    from clipdeploy import progress
+
+    monkeypatch.setattr(progress, "active", lambda: True)  # as on a terminal
+    monkeypatch.setattr(progress, "_tqdm", lambda: None)  # without tqdm: plain lines
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)  # a line at every update
+    capsys.readouterr()
+    argv = ["embed-dataset", str(tiny_art), str(dataset.folder), str(dataset.tar), "-o", str(tmp_path / "o"),
+            "--shard-size", "4", "--batch-size", "3"]  # fmt: skip
+    assert main(argv) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("embedding: ")]
+    total = len(dataset.readable) + 3  # 15 items: shards of 4, 4, 4, 3
+    assert [line.split(" items")[0] for line in lines] == [f"embedding: {n}/{total}" for n in (4, 8, 12, 15)]
+    assert all("items/s" in line for line in lines)
+    assert all(", ETA " in line for line in lines[:-1]) and lines[-1].endswith("s") and " in " in lines[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -153,3 +154,43 @@ def test_progress_lines_count_items_with_rate_and_eta(tiny_art, dataset, tmp_pat
     assert [line.split(" items")[0] for line in lines] == [f"embedding: {n}/{total}" for n in (4, 8, 12, 15)]
     assert all("items/s" in line for line in lines)
     assert all(", ETA " in line for line in lines[:-1]) and lines[-1].endswith("s") and " in " in lines[-1]
+
+
+def test_fast_decode_end_to_end(tiny_art, dataset, tmp_path):
+    """--fast-decode: every row exists; large JPEGs (2x the input size or more, so Pillow's draft mode
+    decodes them at a reduced scale) stay at cosine >= 0.99 to exact encode_image; below 2x draft mode
+    is a no-op, so those rows are identical to an exact run's."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    bundled = sorted((Path(clipdeploy.__file__).parent / "data" / "images").glob("*.jpg"))
+    assert bundled, "the bundled photographs are missing"
+    large = {f"large/{p.name}": p.read_bytes() for p in bundled}
+    small = {"small/gray.jpg": dataset.readable[("folder", "gray.jpg")],  # 64x20
+             "small/cmyk.jpg": dataset.readable[("folder", "nested/deeper/cmyk.jpg")]}  # fmt: skip
+    buf = io.BytesIO()
+    Image.open(bundled[0]).convert("RGB").resize((63, 90)).save(buf, format="JPEG")
+    small["small/just-under-2x.jpg"] = buf.getvalue()  # 63 < 2 x 32: no draft
+    for key, data in {**large, **small}.items():
+        (folder / key).parent.mkdir(exist_ok=True)
+        (folder / key).write_bytes(data)
+    session = clipdeploy.load(tiny_art)
+    from tests.support.tiny_artifact import IMAGE_SIZE
+
+    assert min(min(Image.open(p).size) for p in bundled) >= 2 * IMAGE_SIZE  # draft mode does reduce these
+
+    for name, flags in (("exact", []), ("fast", ["--fast-decode"])):
+        assert main(["-q", "embed-dataset", str(tiny_art), str(folder), "-o", str(tmp_path / name), *flags]) == 0
+    exact, fast = rows(tmp_path / "exact"), rows(tmp_path / "fast")
+    assert fast.keys() == exact.keys() and {k for _, k in fast} == {*large, *small}
+    keys = sorted(large)
+    emb = np.stack([fast[(str(folder), k)][0] for k in keys])
+    want = session.encode_image([large[k] for k in keys])
+    cos = (emb * want).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.99, cos
+    assert not all(np.array_equal(fast[(str(folder), k)][0], exact[(str(folder), k)][0]) for k in keys)  # it acted
+    for k in small:
+        assert np.array_equal(fast[(str(folder), k)][0], exact[(str(folder), k)][0]), k

@@ -54,6 +54,8 @@ def test_every_readable_item_once_and_corrupt_ones_listed(tiny_art, dataset, tmp
     assert all(e["reason"] for e in errors)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (manifest["rows"], manifest["errors"], manifest["items"]) == (len(dataset.readable), 3, len(dataset.readable) + 3)
+    # exit code: 1 when more than --max-errors items could not be read, 0 at or under it (resumed runs alike)
+    assert run(tiny_art, dataset, tmp_path / "out2", "--max-errors", "2") == 1
     assert run(tiny_art, dataset, tmp_path / "out2", "--max-errors", "3") == 0
 
 

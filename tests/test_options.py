@@ -11,6 +11,7 @@ import pytest
 
 from clipdeploy.benchmarks.bench import BenchConfig
 from clipdeploy.benchmarks.harness import TimingConfig
+from clipdeploy.bulk.config import EmbedDatasetConfig
 from clipdeploy.cli import build_parser, main
 from clipdeploy.engines.command import config_from_args as build_config_from_args
 from clipdeploy.engines.config import BuildConfig
@@ -78,8 +79,6 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 def test_no_command_option_carries_a_default_of_its_own():
     """Defaults live in the config dataclasses: an option not given parses to None (or False for a flag)."""
     own = {("embed", "--backend")}  # load()'s backend, not a config field (the backend registry owns it)
-    # embed-dataset has no config dataclass yet (a known gap, noted on issue 15): its argparse defaults are its own.
-    own |= {("embed-dataset", o) for o in ("--batch-size", "--shard-size", "--workers", "--max-errors", "--backend")}
     found = [
         (name, a.option_strings[-1], a.default)
         for name, p in _commands().items()
@@ -97,6 +96,8 @@ def test_no_command_option_carries_a_default_of_its_own():
         (["build", "A"], BuildConfig, {"artifact": Path("A")}),
         (["export", "RN50", "-o", "O"], ExportConfig, {"model": "RN50", "output": Path("O")}),
         (["triton", "A", "-o", "R"], TritonConfig, {"artifacts": [Path("A")], "output": Path("R")}),
+        (["embed-dataset", "A", "S", "-o", "O"], EmbedDatasetConfig,
+         {"artifact": Path("A"), "sources": ["S"], "output": Path("O")}),
     ],
 )
 def test_a_bare_command_makes_the_dataclass_defaults(argv, cls, fixed):
@@ -152,3 +153,21 @@ def test_only_the_fields_given_as_options_are_read():
     p.add_argument("--ratio", default="not a ratio")  # the parser's own option, not Toy.ratio
     add_dataclass_options(p, Toy, ["count"])
     assert config_from_args(Toy, p.parse_args(["--count", "4"]), name="n") == Toy(name="n", count=4)
+
+
+def test_embed_dataset_options_parse_into_its_config():
+    args = build_parser().parse_args(
+        ["embed-dataset", "A", "S1", "S2", "-o", "O", "--batch-size", "8", "--workers", "2", "--max-errors", "5",
+         "--fast-decode", "--threads", "1", "--ray", "auto"]
+    )  # fmt: skip
+    cfg = config_from_args(
+        EmbedDatasetConfig, args, artifact=Path("A"), sources=args.sources, output=Path("O"), ray=args.ray
+    )
+    assert cfg == EmbedDatasetConfig(
+        Path("A"), ["S1", "S2"], Path("O"), batch_size=8, workers=2, max_errors=5, fast_decode=True, threads=1,
+        ray="auto",
+    )  # fmt: skip
+    assert build_parser().parse_args(["embed-dataset", "A", "S", "-o", "O", "--ray"]).ray == "local"
+    with pytest.raises(UsageError, match=r"^--max-errors -1 must be 0 or more$"):
+        config_from_args(EmbedDatasetConfig, build_parser().parse_args(["embed-dataset", "A", "S", "-o", "O",
+                                                                        "--max-errors", "-1"]))  # fmt: skip

@@ -161,11 +161,52 @@ class _NoCounter:
         pass
 
 
+LINE_SECONDS = 5.0  # without tqdm: at most one progress line this often (and one at the end)
+
+
+class LineCounter(_NoCounter):
+    """A counter drawn as plain lines (no tqdm): ``desc: done/total unit (pct), rate unit/s, ETA``."""
+
+    def __init__(self, total: int | None, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.done = 0
+        self._start = self._last = time.perf_counter()
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self._start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        text = f"{self.desc}: {self.done}"
+        if self.total:
+            text += f"/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%)"
+        else:
+            text += f" {self.unit}s"
+        text += f", {rate:.1f} {self.unit}s/s"
+        if self.total and rate > 0 and self.done < self.total:
+            text += f", ETA {_seconds((self.total - self.done) / rate)}"
+        return text
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self._last >= LINE_SECONDS and (self.total is None or self.done < self.total):
+            self._last = now
+            write(self.line())
+
+    def close(self) -> None:
+        write(self.line() + f" in {_seconds(time.perf_counter() - self._start)}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def counter(total: int | None, desc: str, unit: str = "it") -> Any:
-    """A bar advanced by hand (``update(n)``, ``close()``, or as a context manager); a no-op when off."""
-    tqdm = _tqdm() if active() else None
-    if tqdm is None:
+    """A bar advanced by hand (``update(n)``, ``close()``, or as a context manager); a no-op when off.
+    Without tqdm a terminal gets a plain line every few seconds (count, rate, ETA) and one at the end."""
+    if not active():
         return _NoCounter()
+    tqdm = _tqdm()
+    if tqdm is None:
+        return LineCounter(total, "  " * _depth + desc, unit)
     return tqdm(
         total=total, desc="  " * _depth + desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True
     )

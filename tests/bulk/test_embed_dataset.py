@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -53,6 +54,8 @@ def test_every_readable_item_once_and_corrupt_ones_listed(tiny_art, dataset, tmp
     assert all(e["reason"] for e in errors)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (manifest["rows"], manifest["errors"], manifest["items"]) == (len(dataset.readable), 3, len(dataset.readable) + 3)
+    # exit code: 1 when more than --max-errors items could not be read, 0 at or under it (resumed runs alike)
+    assert run(tiny_art, dataset, tmp_path / "out2", "--max-errors", "2") == 1
     assert run(tiny_art, dataset, tmp_path / "out2", "--max-errors", "3") == 0
 
 
@@ -136,3 +139,60 @@ def test_texts(tiny_art, tmp_path):
     want = clipdeploy.load(tiny_art).encode_text(["a dog", "a cat"])
     assert [r["key"] for r in got] == ["0", "2"]
     assert np.allclose(np.asarray([r["embedding"] for r in got]), want, atol=1e-6)
+
+
+def test_progress_lines_count_items_with_rate_and_eta(tiny_art, dataset, tmp_path, monkeypatch, capsys):
+    from clipdeploy import progress
+
+    monkeypatch.setattr(progress, "active", lambda: True)  # as on a terminal
+    monkeypatch.setattr(progress, "_tqdm", lambda: None)  # without tqdm: plain lines
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)  # a line at every update
+    capsys.readouterr()
+    argv = ["embed-dataset", str(tiny_art), str(dataset.folder), str(dataset.tar), "-o", str(tmp_path / "o"),
+            "--shard-size", "4", "--batch-size", "3"]  # fmt: skip
+    assert main(argv) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("embedding: ")]
+    total = len(dataset.readable) + 3  # 15 items: shards of 4, 4, 4, 3
+    assert [line.split(" items")[0] for line in lines] == [f"embedding: {n}/{total}" for n in (4, 8, 12, 15)]
+    assert all("items/s" in line for line in lines)
+    assert all(", ETA " in line for line in lines[:-1]) and lines[-1].endswith("s") and " in " in lines[-1]
+
+
+def test_fast_decode_end_to_end(tiny_art, dataset, tmp_path):
+    """--fast-decode: every row exists; large JPEGs (2x the input size or more, so Pillow's draft mode
+    decodes them at a reduced scale) stay at cosine >= 0.99 to exact encode_image; below 2x draft mode
+    is a no-op, so those rows are identical to an exact run's."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    bundled = sorted((Path(clipdeploy.__file__).parent / "data" / "images").glob("*.jpg"))
+    assert bundled, "the bundled photographs are missing"
+    large = {f"large/{p.name}": p.read_bytes() for p in bundled}
+    small = {"small/gray.jpg": dataset.readable[("folder", "gray.jpg")],  # 64x20
+             "small/cmyk.jpg": dataset.readable[("folder", "nested/deeper/cmyk.jpg")]}  # fmt: skip
+    buf = io.BytesIO()
+    Image.open(bundled[0]).convert("RGB").resize((63, 90)).save(buf, format="JPEG")
+    small["small/just-under-2x.jpg"] = buf.getvalue()  # 63 < 2 x 32: no draft
+    for key, data in {**large, **small}.items():
+        (folder / key).parent.mkdir(exist_ok=True)
+        (folder / key).write_bytes(data)
+    session = clipdeploy.load(tiny_art)
+    from tests.support.tiny_artifact import IMAGE_SIZE
+
+    assert min(min(Image.open(p).size) for p in bundled) >= 2 * IMAGE_SIZE  # draft mode does reduce these
+
+    for name, flags in (("exact", []), ("fast", ["--fast-decode"])):
+        assert main(["-q", "embed-dataset", str(tiny_art), str(folder), "-o", str(tmp_path / name), *flags]) == 0
+    exact, fast = rows(tmp_path / "exact"), rows(tmp_path / "fast")
+    assert fast.keys() == exact.keys() and {k for _, k in fast} == {*large, *small}
+    keys = sorted(large)
+    emb = np.stack([fast[(str(folder), k)][0] for k in keys])
+    want = session.encode_image([large[k] for k in keys])
+    cos = (emb * want).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.99, cos
+    assert not all(np.array_equal(fast[(str(folder), k)][0], exact[(str(folder), k)][0]) for k in keys)  # it acted
+    for k in small:
+        assert np.array_equal(fast[(str(folder), k)][0], exact[(str(folder), k)][0]), k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,17 +36,16 @@ class DiesOnce(ShardEmbedder):
 
 
 def test_ray_gives_the_local_rows_and_survives_a_killed_actor(ray_cluster, tiny_art, dataset, tmp_path, monkeypatch):
+    """One Ray run in which an actor dies on its first shard: its rows must still equal local mode's, each
+    once. (A separate run without the kill proved nothing this one does not, and cost ~12 s.)"""
     run(tiny_art, dataset, tmp_path / "local")
-    assert run(tiny_art, dataset, tmp_path / "ray", "--ray", "--workers", "2") == 1
-    want, got = rows(tmp_path / "local"), rows(tmp_path / "ray")
-    assert got.keys() == want.keys()
-    assert all(np.array_equal(got[k][0], want[k][0]) for k in want)
-
+    want = rows(tmp_path / "local")
     real = ray_runner.run_ray
     monkeypatch.setattr(ray_runner, "run_ray", lambda *a, **k: real(*a, **k, udf=DiesOnce))
     killed = tmp_path / "killed" / "out"
     assert run(tiny_art, dataset, killed, "--ray", "--workers", "2") == 1
     assert (killed.parent / "died").exists()  # an actor did die mid-run
-    again = rows(killed)
-    assert again.keys() == want.keys()
-    assert all(np.array_equal(again[k][0], want[k][0]) for k in want)
+    assert json.loads((killed / "_manifest.json").read_text())["runner"] == "ray"
+    got = rows(killed)  # rows() fails on a key seen twice
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k][0], want[k][0]) for k in want)

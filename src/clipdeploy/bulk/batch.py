@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipdeploy.bulk.sources import Item
+from clipdeploy.bulk.sources import Item, tar_members
 from clipdeploy.errors import InputError
 
 if TYPE_CHECKING:
@@ -25,18 +25,43 @@ class BatchResult:
     errors: dict[int, str] = field(default_factory=dict)
 
 
-def read_item(item: Item, tars: dict[str, tarfile.TarFile] | None = None) -> bytes | str:
-    """An item's encoded bytes (a file or tar member), or its text; ``tars`` caches open tar files."""
-    loc = item.locator
-    if isinstance(loc, tuple):
-        path, member = loc
-        tars = {} if tars is None else tars
-        if path not in tars:
-            tars[path] = tarfile.open(path)
-        f = tars[path].extractfile(member)
+class TarCache:
+    """Open tar files and their members, each tar opened and indexed once (close() when done)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
+
+    def read(self, path: str, member: str) -> bytes:
+        if path not in self._open:
+            tar = tarfile.open(path)
+            # Indexed as enumeration did, so a tar cut short fails only for the member the cut runs through
+            # (tarfile's own lookup reads every header, and would fail for all of them).
+            self._open[path] = (tar, {m.name: m for m in tar_members(tar)})
+        tar, index = self._open[path]
+        if member not in index:
+            raise InputError(f"tar member {member!r} of {path!r} is not a file in it")
+        f = tar.extractfile(index[member])
         if f is None:
             raise InputError(f"tar member {member!r} of {path!r} is not a file")
         return f.read()
+
+    def close(self) -> None:
+        for tar, _ in self._open.values():
+            tar.close()
+        self._open.clear()
+
+
+def read_item(item: Item, tars: TarCache | None = None) -> bytes | str:
+    """An item's encoded bytes (a file or tar member), or its text; ``tars`` keeps tar files open between calls."""
+    loc = item.locator
+    if isinstance(loc, tuple):
+        if tars is not None:
+            return tars.read(*loc)
+        once = TarCache()
+        try:
+            return once.read(*loc)
+        finally:
+            once.close()
     return loc
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy import progress
+from clipdeploy.bulk.config import EmbedDatasetConfig
 from clipdeploy.bulk.local import run_local
 from clipdeploy.bulk.shards import plan, plan_digest
 from clipdeploy.bulk.sources import enumerate_items
@@ -17,31 +18,39 @@ from clipdeploy.bulk.writer import ERRORS, claim_output, finish, is_done
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
 from clipdeploy.manifest import file_sha256
-from clipdeploy.options import add_threads, threads_from_args
-from clipdeploy.runtime.backends import registry as backends
+from clipdeploy.options import add_dataclass_options, config_from_args
 
 
 def embed_dataset(args: argparse.Namespace, runner: Any = None) -> int:
-    """Run the command; returns the exit code (0, or 1 when more than --max-errors items failed)."""
+    """The CLI entry: the exit code is 1 when more than --max-errors items could not be read, else 0."""
+    cfg = config_from_args(
+        EmbedDatasetConfig, args, artifact=Path(args.artifact), sources=list(args.sources),
+        output=Path(args.output), ray=args.ray,
+    )  # fmt: skip
+    manifest = run_embed_dataset(cfg, runner)
+    return 1 if manifest["errors"] > cfg.max_errors else 0
+
+
+def run_embed_dataset(cfg: EmbedDatasetConfig, runner: Any = None) -> dict[str, Any]:
+    """Embed ``cfg.sources`` into ``cfg.output`` (resuming a run there); returns the run's manifest."""
     require("pyarrow", "bulk")  # before any work: the output is parquet
-    if args.batch_size < 1 or args.shard_size < 1 or args.workers < 1:
-        raise UsageError("--batch-size, --shard-size and --workers take a positive integer")
-    artifact = Path(args.artifact)
+    cfg.check()
+    artifact = cfg.artifact
     if not (artifact / "manifest.json").is_file():
         raise UsageError(f"{str(artifact)!r} is not an artifact directory (no manifest.json); pass one `export` made")
-    items = enumerate_items(args.source, texts=args.texts, column=args.column)
-    shards = plan(items, args.shard_size)
+    items = enumerate_items(cfg.sources, texts=cfg.texts, column=cfg.column)
+    shards = plan(items, cfg.shard_size)
     job = Job(
-        str(artifact), str(Path(args.output).resolve()), args.backend, args.precision, args.batch_size,
-        args.texts, args.fast_decode, threads_from_args(args),
+        str(artifact), str(cfg.output.resolve()), cfg.backend, cfg.precision, cfg.batch_size,
+        cfg.texts, cfg.fast_decode, cfg.threads,
     )  # fmt: skip
     session = open_session(job)  # which variant runs, for the output's identity (and a bad artifact fails here)
-    tower = "text" if args.texts else "image"
+    tower = "text" if cfg.texts else "image"
     variant = session.variants[tower]
     identity = {
         "artifact_sha256": file_sha256(artifact / "manifest.json"),
         "variant": f"{tower}.{variant.precision}.{variant.format}:{variant.sha256}",
-        "plan_sha256": plan_digest(items, args.shard_size),
+        "plan_sha256": plan_digest(items, cfg.shard_size),
         "model": session.model_name,
     }
     out = Path(job.out)
@@ -51,24 +60,25 @@ def embed_dataset(args: argparse.Namespace, runner: Any = None) -> int:
     start = time.perf_counter()
     todo = sum(len(s) for _, s in pending)
     if runner is None:
-        if args.ray is not None:
+        if cfg.ray is not None:
             # here, not at the top: ray loads only with --ray
             from clipdeploy.bulk.ray_runner import run_ray
 
-            runner = lambda j, p, w: run_ray(j, p, w, address=None if args.ray == "local" else args.ray)  # noqa: E731
+            address = None if cfg.ray == "local" else cfg.ray
+            runner = lambda j, p, w: run_ray(j, p, w, address=address)  # noqa: E731
         else:
             runner = run_local
     sizes = dict(pending)
     if pending:  # a finished run does no model work at all
         with progress.counter(todo, "embedding", unit="item") as bar:
-            for done in runner(job, pending, args.workers):
+            for done in runner(job, pending, cfg.workers):
                 bar.update(len(sizes[done["index"]]))
     seconds = time.perf_counter() - start
     manifest = finish(
         out, len(shards),
         {**identity, "items": len(items), "embedded_this_run": todo, "seconds": round(seconds, 3),
          "items_per_second": round(todo / seconds, 2) if seconds > 0 and todo else None,
-         "runner": "ray" if args.ray is not None else f"local x{args.workers}"},
+         "runner": "ray" if cfg.ray is not None else f"local x{cfg.workers}"},
     )  # fmt: skip
     failed = manifest["errors"]
     print(
@@ -76,7 +86,26 @@ def embed_dataset(args: argparse.Namespace, runner: Any = None) -> int:
         + (f" listed in {out / ERRORS}" if failed else ""),
         file=sys.stderr,
     )
-    return 1 if failed > args.max_errors else 0
+    return manifest
+
+
+DESCRIPTION = """\
+Embed a whole dataset into OUT/part-NNNNN.parquet (key, source, embedding, caption), plus OUT/_errors.jsonl
+(every item that could not be read, with the reason) and OUT/_manifest.json (counts, seconds, items/s).
+SOURCE: image folders (recursive), webdataset .tar shards, parquet/CSV files with a path column (relative
+paths are relative to the table's folder); with --texts a text file (a caption a line) or a text column.
+Globs and braces (shard-{000..099}.tar) expand. Each shard is written atomically: a re-run skips finished
+shards and redoes the rest, so a killed run resumes with nothing lost or twice.
+
+Local: clipdeploy embed-dataset ART images/ -o out --workers 4
+       N processes here, each loading the artifact once; a progress line with items/s and ETA.
+Ray:   clipdeploy embed-dataset ART 'shards/{000..999}.tar' -o /shared/out --ray auto --workers 16
+       --ray alone starts a local Ray, --ray auto or --ray HOST:PORT joins a cluster; --workers actors
+       (one GPU each for tensorrt/cuda); Ray retries a dead actor's shard. OUT must be storage every node
+       sees. pip install 'clipdeploy[ray]'.
+
+Exit code: 0 when at most --max-errors items (default 0) could not be read, 1 when more could not,
+2 for bad usage or input (one line saying what to fix)."""
 
 
 def add_embed_dataset(sub: Any) -> None:
@@ -84,33 +113,20 @@ def add_embed_dataset(sub: Any) -> None:
         "embed-dataset",
         help="embed a whole dataset into sharded parquet, resumable, locally or on Ray",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Embed image folders, webdataset .tar shards (braces like shard-{000..099}.tar expand) or "
-        "parquet/CSV path columns into OUT/part-NNNNN.parquet (key, source, embedding, caption), with "
-        "OUT/_errors.jsonl and OUT/_manifest.json.\n"
-        "Exactly once: each shard is written atomically; a re-run skips finished shards and redoes the rest.\n"
-        "Local:  clipdeploy embed-dataset ART images/ -o out --workers 4   (processes on this machine)\n"
-        "Ray:    clipdeploy embed-dataset ART 'shards/{000..999}.tar' -o out --ray auto   (join a cluster;\n"
-        "        --ray alone starts a local one; GPU actors for the tensorrt/cuda backends). pip install "
-        "'clipdeploy[ray]'.",
+        description=DESCRIPTION,
     )
     p.add_argument("artifact", help="artifact directory made by `clipdeploy export`")
-    p.add_argument("source", nargs="+", help="image folders, .tar shards, parquet/CSV files (globs and braces ok)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folders, .tar shards, parquet/CSV or text files")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="directory for the parquet shards")
-    p.add_argument("--texts", action="store_true", help="embed text lines (a text file, or a parquet/CSV column)")
-    p.add_argument("--column", help="the parquet/CSV column with paths (default: path) or texts (default: text)")
-    p.add_argument("--batch-size", type=int, default=32, help="items per inference call (default: 32)")
-    p.add_argument("--shard-size", type=int, default=10000, help="items per output shard (default: 10000)")
-    p.add_argument("--workers", type=int, default=1, help="local processes, or Ray actors with --ray (default: 1)")
     p.add_argument(
         "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
         help="run on Ray Data: 'auto' or an address joins a cluster; no value starts a local Ray",
     )  # fmt: skip
-    p.add_argument(
-        "--max-errors", type=int, default=0,
-        help="unreadable items allowed before the exit code is 1 (default: 0; they are always listed)",
+    add_dataclass_options(
+        p, EmbedDatasetConfig,
+        ["texts", "column", "batch_size", "shard_size", "workers", "max_errors", "backend", "precision",
+         "fast_decode", "threads"],
+        overrides={"threads": {"help": "ONNX Runtime intra-op threads per worker", "default_text":
+                               "the cores available with one worker, 1 each with more"}},
     )  # fmt: skip
-    p.add_argument("--backend", default=backends.AUTO, choices=backends.choices())
-    p.add_argument("--precision", help="variant to run (default: the fastest accepted one)")
-    p.add_argument("--fast-decode", action="store_true", help="faster, approximate JPEG decoding (if supported)")
-    add_threads(p)
     p.set_defaults(func=embed_dataset)

@@ -1,8 +1,9 @@
 """Enumerate dataset items: image folders, webdataset-style tars, parquet/CSV path columns, text files.
 
 Each item has a stable key, unique within its source: the path relative to the folder, the tar member's
-key (its name without the extension), or ``file:row`` for tables and text files. Items are small and
-picklable (no pixels): workers read the bytes when they embed them.
+key (its name without the extension), the path as a table's path column writes it (a relative one is
+read relative to the table's folder), or the row (0-based line or table row) of a text. Items are small
+and picklable (no pixels): workers read the bytes when they embed them.
 """
 
 from __future__ import annotations
@@ -99,9 +100,8 @@ def _images(path: str, column: str) -> list[Item]:
     if suffix == ".tar":
         return _tar_items(path)
     if suffix in TABLE_EXTENSIONS:
-        base = p.parent
-        values = _column(path, column)
-        return [Item(path, v, v if os.path.isabs(v) else str(base / v)) for v in values]
+        base = p.parent  # a relative path in a table is relative to the table's folder, not to the cwd
+        return [Item(path, v, v if os.path.isabs(v) else str(base / v)) for _, v in _column(path, column)]
     if suffix in IMAGE_EXTENSIONS:
         return [Item(path, p.name, path)]
     raise UsageError(
@@ -109,11 +109,28 @@ def _images(path: str, column: str) -> list[Item]:
     )
 
 
+def tar_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The file members; a tar cut short (a killed download) keeps those before the cut, and the member
+    the cut runs through fails when it is read, so it lands in the errors file rather than stopping the run."""
+    found: list[tarfile.TarInfo] = []
+    while True:
+        try:
+            m = tar.next()
+        except tarfile.ReadError:
+            if not found:
+                raise
+            break
+        if m is None:
+            break
+        found.append(m)
+    return [m for m in found if m.isfile()]
+
+
 def _tar_items(path: str) -> list[Item]:
     """Webdataset grouping: members sharing a key (the name up to the first dot of the base name)."""
     try:
         with tarfile.open(path) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
+            members = tar_members(tar)
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
             for m in members:
                 directory, _, base = m.name.rpartition("/")
@@ -129,32 +146,50 @@ def _tar_items(path: str) -> list[Item]:
                     continue
                 caption = None
                 if ".txt" in parts:
-                    f = tar.extractfile(parts[".txt"])
-                    caption = f.read().decode("utf-8", errors="replace").strip() if f else None
+                    caption = _caption(tar, parts[".txt"])
                 items.append(Item(path, key, (path, image.name), caption))
             return items
     except (tarfile.TarError, OSError) as e:
         raise InputError(f"source {path!r} is not a readable tar ({e}); check the file") from e
 
 
-def _column(path: str, column: str) -> list[str]:
+def _caption(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
+    try:
+        f = tar.extractfile(member)
+        return f.read().decode("utf-8", errors="replace").strip() if f else None
+    except (tarfile.TarError, OSError):  # cut short with the tar: the image beside it still embeds
+        return None
+
+
+def _column(path: str, column: str) -> list[tuple[int, str]]:
+    """(row, value) of each non-empty cell of ``column``; rows count from 0, not counting a CSV header."""
     if path.lower().endswith(".csv"):
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if column not in (reader.fieldnames or []):
                 raise UsageError(f"source {path!r} has no column {column!r} (it has {reader.fieldnames}); "
                                  "pass --column NAME")
-            return [row[column] for row in reader if row[column]]
+            return [(i, row[column]) for i, row in enumerate(reader) if row[column]]
     pq = require("pyarrow.parquet", "bulk")
-    names = pq.read_schema(path).names
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError...
+        raise InputError(f"source {path!r} is not a readable parquet file ({type(e).__name__}: {e}); check it") from e
     if column not in names:
         raise UsageError(f"source {path!r} has no column {column!r} (it has {names}); pass --column NAME")
-    return [str(v) for v in pq.read_table(path, columns=[column]).column(column).to_pylist() if v]
+    values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    return [(i, str(v)) for i, v in enumerate(values) if v is not None and str(v)]
 
 
 def _texts(path: str, column: str) -> list[Item]:
     if path.lower().endswith(TABLE_EXTENSIONS):
-        return [Item(path, f"{i}", t) for i, t in enumerate(_column(path, column))]
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
+        return [Item(path, f"{i}", t) for i, t in _column(path, column)]
+    if os.path.isdir(path) or path.lower().endswith(".tar"):
+        raise UsageError(f"--texts source {path!r} is not a text file; pass a file with one text a line, "
+                         "or a parquet/CSV file and --column")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise InputError(f"--texts source {path!r} is not UTF-8 text ({e}); pass a text file") from e
     return [Item(path, f"{i}", t) for i, t in enumerate(lines) if t.strip()]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipdeploy.bulk.batch import encode_prepared, prepare_batch, read_item
+from clipdeploy.bulk.batch import TarCache, encode_prepared, prepare_batch, read_item
 from clipdeploy.bulk.sources import Item
 from clipdeploy.bulk.writer import is_done, write_shard
 from clipdeploy.runtime.session import load
@@ -38,7 +37,7 @@ def run_shard(session: Any, job: Job, index: int, items: list[Item]) -> dict[str
         return {"index": index, "rows": 0, "errors": 0, "skipped": 1}
     rows: dict[str, list[Any]] = {"key": [], "source": [], "embedding": [], "caption": []}
     errors: list[dict[str, str]] = []
-    tars: dict[str, tarfile.TarFile] = {}
+    tars = TarCache()
     batches = [items[s : s + job.batch_size] for s in range(0, len(items), job.batch_size)]
 
     def prepare(batch: list[Item]) -> tuple[Any, dict[int, str]]:
@@ -66,7 +65,6 @@ def run_shard(session: Any, job: Job, index: int, items: list[Item]) -> dict[str
                 for i, reason in sorted({**result.errors, **unread}.items()):
                     errors.append({"source": batch[i].source, "key": batch[i].key, "reason": reason})
     finally:
-        for t in tars.values():
-            t.close()
+        tars.close()
     write_shard(out, index, rows, session.embed_dim, errors)
     return {"index": index, "rows": len(rows["key"]), "errors": len(errors), "skipped": 0}

@@ -27,7 +27,8 @@ from tests.support.models import MODELS  # noqa: E402
 FLOAT8 = onnx.TensorProto.FLOAT8E4M3FN
 
 
-def _check_fp8_graph(path) -> dict[str, int]:
+def _check_fp8_graph(path, stem_kept: bool = False, kept: frozenset = frozenset()) -> dict[str, int]:
+    """The placement rules; ``kept``: nodes recovery left in fp16 (not quantized by design)."""
     model = onnx.load(str(path))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
     inits = {i.name: i for i in model.graph.initializer}
@@ -48,47 +49,71 @@ def _check_fp8_graph(path) -> dict[str, int]:
             else:
                 assert producers[n.input[0]].op_type == "QuantizeLinear"
     assert "Conv" in ops or "MatMul" in ops
-    for n in model.graph.node:  # every MatMul/Gemm/Conv reads a DequantizeLinear on its data input
+    inputs = {i.name for i in model.graph.input}
+    for n in model.graph.node:  # every MatMul/Gemm/Conv reads a DequantizeLinear on its data input ...
         if n.op_type in ("MatMul", "Gemm", "Conv"):
+            src = producers.get(n.input[0])
+            reads_pixels = n.input[0] in inputs or (src is not None and src.op_type == "Cast" and src.input[0] in inputs)
+            if (stem_kept and n.op_type == "Conv" and reads_pixels) or n.name in kept:
+                continue  # ... but the patch embedding, kept in fp16 by default
             assert producers[n.input[0]].op_type == "DequantizeLinear", n.name
+    for n in model.graph.node:  # and a float8 tensor feeds its DequantizeLinear only
+        if n.op_type == "QuantizeLinear":
+            assert all(c.op_type == "DequantizeLinear" for c in model.graph.node if n.output[0] in c.input)
     return counts
 
 
-# Not yet seen passing on the 2-core machine before the deadline (its export + training contended):
-# kept out of CI until it has been run once (`pytest -m slow tests/precision/test_fp8.py`).
+def _photo_cfg(art, crops, **kw) -> QuantizeConfig:  # noqa: F811
+    return QuantizeConfig(artifact=art, precision="fp8", calib_images=[crops], samples=96, holdout=48,
+                          threads=2, force=True, **kw)
+
+
+def _left_out(art) -> dict:
+    """What the manifest records as kept out of fp8, per tower."""
+    build = read_manifest(art)["validation"]["quantize"]["fp8"]["build"]
+    return {t: build[t]["fp8"] for t in ("image", "text")}
+
+
+# About a minute on the loaded 2-core machine (export, calibration, the gate, one recovery round).
 @pytest.mark.slow
-def test_fp8_passes_its_gate_on_the_trained_vit(trained, shapes, tmp_path):  # noqa: F811
+def test_fp8_passes_its_gate_on_the_trained_vit_with_photos(trained, shapes, crops, tmp_path):  # noqa: F811
     art = _copy(trained, tmp_path)
-    report = quantize(_cfg(art, shapes, "fp8", force=True))
+    # Photo crops for the image tower; the trained model's own class prompts for top-1 (ImageNet
+    # prompts are near-ties for a model trained on shapes).
+    report = quantize(_photo_cfg(art, crops, gate_prompts=shapes / "prompts.txt"))
     print(f"fp8 vit: image {report['image']}, text {report['text']}, top-1 {report['top1_agreement']}")
     assert report["passed"], report["failures"]
     assert report["thresholds"] == {"min_cosine": 0.97, "min_mean_cosine": 0.995, "min_top1": 0.97}
     assert report["top1_enforced"] is True
     for tower in ("image", "text"):
-        counts = _check_fp8_graph(art / f"{tower}.fp8.onnx")
+        kept = frozenset(k["node"] for k in report.get("recovery", {}).get("kept_in_higher_precision", {}).get(tower, []))
+        counts = _check_fp8_graph(art / f"{tower}.fp8.onnx", stem_kept=tower == "image", kept=kept)
         assert counts["weights"] > 0 and counts["activations"] > 0
+    left = _left_out(art)
+    assert left["image"]["patch_embedding"]["kept"] == "fp16" and left["image"]["left_unquantized"]["excluded"]
     entries = {v["tower"]: v for v in read_manifest(art)["variants"] if v["precision"] == "fp8"}
     assert set(entries) == {"image", "text"} and all(e["opset"] >= 19 for e in entries.values())
     fp32, fp8 = clipdeploy.load(art, precision="fp32"), clipdeploy.load(art, precision="fp8")
-    images = sorted((shapes / "images").glob("*.jpg"))[-8:]
+    images = sorted(crops.glob("*.jpg"))[-8:]
     a, b = fp32.encode_image(images), fp8.encode_image(images)
     assert b.dtype == np.float32 and cosine_rows(a, b).min() > 0.97
 
 
-# Known failure: ONNX Runtime (1.27) loads the ConvNeXt fp8 graph with a FLOAT8 tensor entering a
-# Transpose ("permute_1_QuantizeLinear"), which no provider runs; not yet fixed.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="ConvNeXt fp8: a FLOAT8 Transpose input ONNX Runtime refuses (open)")
 def test_fp8_passes_its_gate_on_convnext_photos(crops, tmp_path):  # noqa: F811
     model = MODELS["micro-convnext"]
     art = tmp_path / "artifact"
     export_model(ExportConfig(model=model.name, output=art, model_config=model.config_file(tmp_path), seed=model.seed))
-    report = quantize(QuantizeConfig(artifact=art, precision="fp8", calib_images=[crops],
-                                     samples=96, holdout=48, threads=2))
+    # The micro text tower has 7 quantizable nodes: the default 10% bound lets recovery keep none;
+    # measured: plain fp8 text mean 0.9939 < 0.995, one round keeping its worst nodes in fp16 passes.
+    report = quantize(_photo_cfg(art, crops, max_fp32_fraction=0.3))
     print(f"fp8 convnext: image {report['image']}, text {report['text']}")
     assert report["passed"], report["failures"]
     assert min(report[t]["min_cosine"] for t in ("image", "text")) >= 0.97
-    assert _check_fp8_graph(art / "image.fp8.onnx")["weights"] > 0
+    assert _check_fp8_graph(art / "image.fp8.onnx", stem_kept=True)["weights"] > 0
+    # The graph ONNX Runtime refused before (a float8 Transpose input) now loads and runs.
+    emb = clipdeploy.load(art, precision="fp8").encode_image(sorted(crops.glob("*.jpg"))[:4])
+    assert emb.shape[0] == 4 and np.isfinite(emb).all()
 
 
 def test_fp8_is_registered_for_tensorrt_and_onnxruntime():

@@ -75,5 +75,6 @@ def add_quantize(sub: Any) -> None:
     add_dataclass_options(
         p.add_argument_group("recovery (int8)"), QuantizeConfig, ["recover", "max_fp32_fraction", "max_rounds"]
     )
+    add_dataclass_options(p.add_argument_group("fp8"), QuantizeConfig, ["fp8_patch_embedding"])
     add_dataclass_options(p, QuantizeConfig, ["threads", "force"], overrides={"threads": {"help": THREADS_HELP}})
     p.set_defaults(func=cmd_quantize)

@@ -1,15 +1,24 @@
 """fp8 explicit quantization: FLOAT8E4M3FN QuantizeLinear/DequantizeLinear pairs, fp16 elsewhere.
 
-Made from the int8 Q/DQ graph (same calibration, same placement: MatMul/Gemm/Conv inputs, LayerNorm
-after a Conv), then every pair is turned into E4M3: activation scales become calibrated amax / 448
-(per tensor), weight scales per-channel amax / 448, zero points FLOAT8E4M3FN zeros. Weights are
-stored compactly as FLOAT8E4M3FN initializers feeding their DequantizeLinear (no weight
-QuantizeLinear left), the form TensorRT 10/11 and ONNX Runtime's CPU provider both read. FLOAT8
-Q/DQ needs opset 19, so the prepared fp32 graph is converted to opset 19 before quantization.
+TensorRT's FP8 placement: a Q -> DQ pair directly on each activation input of MatMul/Gemm/Conv
+(per-tensor scale, calibrated amax / 448), and each weight stored as a FLOAT8E4M3FN initializer
+feeding its DequantizeLinear (per-channel scale, amax / 448 per output channel). A float8 tensor
+feeds nothing but its DequantizeLinear: no layout op, no LayerNorm, no graph output, so ONNX
+Runtime's CPU provider (which runs float8 Q/DQ and nothing else in float8) loads it, and TensorRT
+sees the pattern it fuses into fp8 kernels. Everything else becomes fp16, as in int8-fp16.
+
+The Q/DQ are written here, on the prepared fp32 graph, from ONNX Runtime's int8 calibration cache
+(the same ranges int8 uses): rewriting ONNX Runtime's int8 Q/DQ graph instead inherits its
+optimizer's fusions and its Q/DQ through Transpose, neither of which exists in float8. The int8
+graph is still made, because recovery ranks nodes on it.
+
+The patch embedding (the Conv that reads the pixels) stays unquantized by default: the first layer
+sees the raw image, and NVIDIA's own CLIP FP8 recipe leaves it out for accuracy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +30,13 @@ from clipdeploy.precision import fp16, graph, int8
 OPSET = 19  # FLOAT8E4M3FN QuantizeLinear/DequantizeLinear exist from opset 19 on
 FP8_MAX = 448.0  # largest finite E4M3FN value
 RANGE_SAMPLES = 64  # calibration samples the fp16 pass observes (as stage.RANGE_SAMPLES)
-INT8_MAX = 127.0  # ONNX Runtime's symmetric int8 range is [-127, 127]: scale = amax / 127
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 
 
 def upgrade_opset(path: Path, opset: int = OPSET) -> int:
     """Convert the default-domain opset of the model at ``path`` to ``opset`` if older; returns the old one."""
     onnx = require("onnx", "export")
-    from onnx import version_converter
+    from onnx import version_converter  # here, not at the top: onnx is an optional (export) dependency
 
     model = graph.load(path)
     old = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -40,128 +49,127 @@ def upgrade_opset(path: Path, opset: int = OPSET) -> int:
     return old
 
 
-def _fp8(array: np.ndarray) -> np.ndarray:
+def to_fp8(array: np.ndarray) -> np.ndarray:
+    """``array`` rounded to E4M3FN, saturating: E4M3FN has no infinity, and casting past 448 gives NaN."""
     ml_dtypes = require("ml_dtypes", "export")
-    # E4M3FN has no infinity: saturate instead of producing NaN for values past 448.
     return np.clip(array, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
-def int8_to_fp8(model: Any) -> tuple[Any, dict[str, int]]:
-    """Turn an int8 Q/DQ ModelProto (ONNX Runtime's, symmetric) into FLOAT8E4M3FN Q/DQ.
+def patch_embedding(model: Any) -> list[str]:
+    """The Conv nodes that read a graph input directly (the patch embedding, a CNN's stem)."""
+    inputs = {i.name for i in model.graph.input}
+    return [n.name or n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs]
 
-    Returns the new ModelProto and counts of what it changed."""
+
+def _weight_axis(node: Any, weight: np.ndarray) -> int:
+    """The output-channel axis of a MatMul/Gemm/Conv weight (per-channel scales run along it)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return weight.ndim - 1  # MatMul: (..., K, N)
+
+
+def insert_qdq(model: Any, ranges: dict[str, tuple[float, float]], exclude: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
+    """FLOAT8E4M3FN Q/DQ on the inputs of every MatMul/Gemm/Conv of the fp32 ModelProto ``model``
+    (opset >= 19) not named in ``exclude``. Activation scales come from ``ranges`` (tensor ->
+    calibrated (low, high)); an activation input without a range is left unquantized, and so is its node.
+
+    Returns the new ModelProto and what it did."""
     ir = require("onnx_ir", "export")
 
     m = graph.to_ir(model)
     del model
     g = m.graph
-    rescaled: set[str] = set()
-    counts = {"activation_qdq": 0, "fp8_weights": 0, "layernorm_inputs_left_unquantized": _unquantize_layernorms(g)}
-    qdq = [n for n in g if n.op_type in ("QuantizeLinear", "DequantizeLinear")]  # after the LayerNorm pass
-    for node in qdq:
-        scale, zero = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
-        if scale is None or scale.const_value is None:
-            raise ValueError(f"{node.name}: a Q/DQ scale that is not an initializer cannot be made fp8")
-        if scale.name not in rescaled:  # scales and zero points are shared by a Q and its DQ
-            s = scale.const_value.numpy().astype(np.float32) * np.float32(INT8_MAX / FP8_MAX)
-            scale.const_value = ir.tensor(s, name=scale.name)
-            rescaled.add(scale.name)
-        if zero is not None and zero.name not in rescaled:
-            z = _fp8(np.zeros(zero.const_value.shape.numpy() if zero.const_value is not None else (), np.float32))
-            zero.const_value = ir.tensor(z, dtype=ir.DataType.FLOAT8E4M3FN, name=zero.name)
-            zero.dtype = ir.DataType.FLOAT8E4M3FN
-            rescaled.add(zero.name)
-        for out in node.outputs:
-            if node.op_type == "QuantizeLinear":
-                out.dtype = ir.DataType.FLOAT8E4M3FN
-    counts["dequantized_before_layout_op"] = _dequantize_before_layout_ops(g, qdq)
-    for node in qdq:
-        if node.op_type != "QuantizeLinear":
-            continue
-        w = node.inputs[0]
-        if not (w.is_initializer() and w.const_value is not None):
-            counts["activation_qdq"] += 1
-            continue
-        # A weight: quantize it here and let its DequantizeLinear read the fp8 tensor directly.
-        scale = node.inputs[1].const_value.numpy()
-        weights = w.const_value.numpy().astype(np.float32)
-        if scale.ndim == 1 and scale.size > 1:
-            axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
-            shape = [1] * weights.ndim
-            shape[axis] = -1
-            scale = scale.reshape(shape)
-        name = f"{w.name}_fp8"
-        q = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT8E4M3FN), shape=ir.Shape(weights.shape),
-                     const_value=ir.tensor(_fp8(weights / scale), dtype=ir.DataType.FLOAT8E4M3FN, name=name))
-        g.register_initializer(q)
-        node.outputs[0].replace_all_uses_with(q)
-        g.remove(node, safe=True)
-        if not w.uses() and not w.is_graph_output():
-            g.initializers.pop(w.name, None)
+    excluded = set(exclude)
+    counts: dict[str, Any] = {"activation_qdq": 0, "fp8_weights": 0, "nodes_quantized": 0,
+                              "left_unquantized": {"excluded": [], "no_range": []}}
+    made: dict[str, ir.Value] = {}  # one Q/DQ pair (or fp8 weight) per source tensor, shared by its readers
+
+    def initializer(name: str, array: np.ndarray, dtype: Any = None) -> ir.Value:
+        t = ir.tensor(array, dtype=dtype, name=name)
+        v = ir.Value(name=name, type=ir.TensorType(t.dtype), shape=ir.Shape(array.shape), const_value=t)
+        g.register_initializer(v)
+        return v
+
+    def activation(x: ir.Value, before: ir.Node) -> ir.Value:
+        if x.name in made:
+            return made[x.name]
+        lo, hi = ranges[x.name]
+        scale = np.float32(max(abs(lo), abs(hi)) / FP8_MAX)
+        tag = f"{x.name}_fp8"
+        s = initializer(f"{tag}_scale", np.array(scale, np.float32))
+        z = initializer(f"{tag}_zero_point", to_fp8(np.zeros((), np.float32)), ir.DataType.FLOAT8E4M3FN)
+        q = ir.node("QuantizeLinear", [x, s, z], name=f"{tag}_QuantizeLinear")
+        q.outputs[0].name = f"{tag}_quantized"
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{tag}_DequantizeLinear")
+        dq.outputs[0].name = f"{tag}_dequantized"
+        g.insert_before(before, [q, dq])
+        counts["activation_qdq"] += 1
+        made[x.name] = dq.outputs[0]
+        return dq.outputs[0]
+
+    def weight(w: ir.Value, node: ir.Node, before: ir.Node) -> ir.Value:
+        if w.name in made:
+            return made[w.name]
+        values = w.const_value.numpy().astype(np.float32)
+        axis = _weight_axis(node, values)
+        amax = np.abs(values).max(axis=tuple(a for a in range(values.ndim) if a != axis))
+        scale = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        tag = f"{w.name}_fp8"
+        q = initializer(tag, to_fp8(values / scale.reshape(shape)), ir.DataType.FLOAT8E4M3FN)
+        s = initializer(f"{tag}_scale", scale)
+        z = initializer(f"{tag}_zero_point", to_fp8(np.zeros(scale.shape, np.float32)), ir.DataType.FLOAT8E4M3FN)
+        dq = ir.node("DequantizeLinear", [q, s, z], {"axis": axis}, name=f"{tag}_DequantizeLinear")
+        dq.outputs[0].name = f"{tag}_dequantized"
+        g.insert_before(before, [dq])
         counts["fp8_weights"] += 1
-    proto = graph.to_proto(m)
-    del proto.graph.value_info[:]  # types changed; let the consumers re-infer them
-    return proto, counts
+        made[w.name] = dq.outputs[0]
+        return dq.outputs[0]
 
-
-def _unquantize_layernorms(g: Any) -> int:
-    """Drop the int8 path's Q/DQ on LayerNorm inputs (after a Conv): ONNX Runtime's optimizer moves
-    such a QuantizeLinear up through the Transpose before it, and no provider transposes FLOAT8. The
-    LayerNorm runs in fp32 either way; TensorRT loses only the Conv's fp8 output."""
-    dropped = 0
-    for ln in [n for n in g if n.op_type == "LayerNormalization"]:
-        dq = ln.inputs[0].producer()
-        q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear":
+    for node in [n for n in g if n.op_type in QUANTIZED_OPS]:
+        label = node.name or node.outputs[0].name
+        if label in excluded:
+            counts["left_unquantized"]["excluded"].append(label)
             continue
-        ln.replace_input_with(0, q.inputs[0])
-        for node in (dq, q):
-            if not any(o.uses() or o.is_graph_output() for o in node.outputs):
-                g.remove(node, safe=True)
-        dropped += 1
-    return dropped
-
-
-def _dequantize_before_layout_ops(g: Any, qdq: list[Any]) -> int:
-    """ONNX Runtime's quantizer lets int8 flow through layout ops (Q -> Transpose -> DQ); no runtime
-    moves FLOAT8 through them, so dequantize first: Q -> DQ -> Transpose, with the Q's own scale
-    (per tensor: a layout op does not change it). TensorRT moves the DQ forward by itself."""
-    ir = require("onnx_ir", "export")
-
-    moved = 0
-    for q in [n for n in qdq if n.op_type == "QuantizeLinear"]:
-        y = q.outputs[0]
-        for c, k in list(y.uses()):
-            if c.op_type == "DequantizeLinear":
-                continue
-            if q.inputs[1].const_value.numpy().size > 1:
-                raise ValueError(f"{c.name}: a per-channel Q/DQ through a {c.op_type} cannot be made fp8")
-            dq = ir.node("DequantizeLinear", [y, *q.inputs[1:]], name=f"{q.name}_fp8_dq_{moved}")
-            dq.outputs[0].name = f"{y.name}_fp8_dq_{moved}"
-            g.insert_after(q, [dq])
-            c.replace_input_with(k, dq.outputs[0])
-            # The int8 DequantizeLinear downstream of the layout op now reads a float: drop it.
-            for out in c.outputs:
-                for d, _ in list(out.uses()):
-                    if d.op_type == "DequantizeLinear":
-                        d.outputs[0].replace_all_uses_with(out)
-                        g.remove(d, safe=True)
-            moved += 1
-    return moved
+        data = [k for k in (0, 1) if k < len(node.inputs) and node.inputs[k] is not None]
+        consts = {k for k in data if node.inputs[k].is_initializer() and node.inputs[k].const_value is not None}
+        if any(node.inputs[k].name not in ranges for k in data if k not in consts) or 0 in consts:
+            counts["left_unquantized"]["no_range"].append(label)
+            continue
+        for k in data:
+            x = node.inputs[k]
+            node.replace_input_with(k, weight(x, node, node) if k in consts else activation(x, node))
+        counts["nodes_quantized"] += 1
+    for w in list(g.initializers.values()):  # weights now stored in fp8 only
+        if not w.uses() and not w.is_graph_output():
+            g.initializers.pop(w.name)
+    proto = graph.to_proto(m)
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < OPSET:
+            raise ValueError(f"fp8 Q/DQ needs opset {OPSET}; the graph is opset {opset.version} (call upgrade_opset)")
+    return proto, counts
 
 
 def make_fp8(stage: Any, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str) -> dict[str, Any]:
     """The fp8 make step (PrecisionSpec.make; signature as precision/stage.py's make steps)."""
-    prepared = work / f"{tower}.prepared.onnx"
+    prepared = stage.prepared(tower, work)
     info: dict[str, Any] = {}
-    if not prepared.exists():  # the stage reuses it for every round and for recovery's ranking
-        int8.prepare(src, prepared)
-        info["opset_upgraded_from"] = upgrade_opset(prepared)
+    fp32 = work / f"{tower}.fp8-prepared.onnx"
+    if not fp32.exists():  # reused by every recovery round
+        graph.save(graph.load(prepared), fp32)
+        info["opset_upgraded_from"] = upgrade_opset(fp32)
+    # Calibrates once (cached, shared with int8); recovery ranks nodes on this int8 graph.
     qdq = work / f"{tower}.qdq{suffix}.onnx"
-    # Calibrates once (cached) and places Q/DQ as int8 does; recovery ranks nodes on this int8 graph.
     info.update(stage.quantize_int8(tower, qdq, work, exclude, suffix))
+    info.pop("layernorm_after_conv_quantized", None)  # an int8 detail: fp8 quantizes no LayerNorm
+    ranges = int8.calibrated_ranges(stage.root / info["calibration_cache"]["file"])
+    stem = patch_embedding(graph.load(fp32)) if stage.cfg.fp8_patch_embedding == "fp16" else []
+    proto, info["fp8"] = insert_qdq(graph.load(fp32), ranges, [*exclude, *stem])
+    info["fp8"]["patch_embedding"] = {"nodes": stem, "kept": "fp16"} if stem else {"kept": "fp8"}
     fp8_qdq = work / f"{tower}.fp8qdq{suffix}.onnx"
-    proto, info["fp8"] = int8_to_fp8(graph.load(qdq))
     graph.save(proto, fp8_qdq)
     keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
     tmp = work / f"{tower}.fp16pass{suffix}.onnx"

@@ -103,6 +103,11 @@ class QuantizeConfig:
         default=0.10, metadata=opt("most quantizable nodes recovery may keep unquantized")
     )
     max_rounds: int = field(default=5, metadata=opt("recovery rounds at most"))
+    fp8_patch_embedding: str = field(
+        default="fp16",
+        metadata=opt("fp8 only: keep the patch embedding (the Conv that reads the pixels) in fp16, NVIDIA's "
+                     "recipe for accuracy, or quantize it to fp8 too", choices=("fp16", "fp8")),
+    )  # fmt: skip
     threads: int | None = field(default=None, metadata=THREADS)  # for calibration and the gate
     force: bool = field(default=False, metadata=opt("replace an existing variant of this precision"))
 

@@ -263,3 +263,20 @@ def test_cli(gpu_artifact, tmp_path, capsys):
     assert "micro_image_fp32_onnx" not in configs
     assert main(["triton", str(gpu_artifact), "-o", str(tmp_path / "s"), "--triton-release", "latest"]) == 2
     assert "is not a release name like 25.08" in capsys.readouterr().err
+
+
+def test_fp8_engines_are_served_like_the_other_precisions(micro_artifact, tmp_path):
+    """fp8 reaches Triton through the precision registry alone: its engines (compute capability 9.0 here)
+    become tensorrt_plan models with their own ensembles, like fp16's."""
+    root = copy_artifact(micro_artifact.path, tmp_path / "art")
+    for tower in ("image", "text"):
+        add_engine(root, tower, precision="fp8", cc="9.0")
+    summary = build_repository(TritonConfig(artifacts=[root], output=tmp_path / "r"))
+    (art,) = summary["artifacts"]
+    configs = all_configs(tmp_path / "r")
+    for tower in ("image", "text"):
+        assert f"art_{tower}_fp8_trt" in art["models"]
+        assert configs[f"art_{tower}_fp8_trt"].platform == "tensorrt_plan"
+        assert f"art_embed_{tower}_fp8_trt" in configs
+    only = build_repository(TritonConfig(artifacts=[root], output=tmp_path / "o", precisions=("fp8",)))
+    assert {m for m in only["artifacts"][0]["models"] if m.endswith("_trt")} == {"art_image_fp8_trt", "art_text_fp8_trt"}

@@ -103,6 +103,14 @@ class QuantizeConfig:
         default=0.10, metadata=opt("most quantizable nodes recovery may keep unquantized")
     )
     max_rounds: int = field(default=5, metadata=opt("recovery rounds at most"))
+    # Nodes a finding from elsewhere (Polygraphy's `debug precision`, an earlier run's manifest) says to leave
+    # unquantized: kept from the first build on, before any node recovery picks itself.
+    keep_nodes: list[str] = field(
+        default_factory=list,
+        metadata=opt("calibrated precisions: keep this MatMul/Gemm/Conv node unquantized (repeatable, or "
+                     "comma-separated; names as in the manifest's recovery.kept_in_higher_precision)",
+                     flag="--keep-node", action="append", metavar="NODE", default_text="none"),
+    )  # fmt: skip
     fp8_patch_embedding: str = field(
         default="fp16",
         metadata=opt("fp8 only: keep the patch embedding (the Conv that reads the pixels) in fp16, NVIDIA's "
@@ -140,6 +148,10 @@ class QuantizeConfig:
             )
         if self.samples < self.min_samples:
             raise UsageError(f"--samples {self.samples} is below --min-samples {self.min_samples}")
+        if self.keep_nodes and not precisions.get(self.precision).calibrated:
+            calibrated = [n for n in precisions.names() if precisions.get(n).calibrated]
+            raise UsageError(f"--keep-node applies to calibrated precisions ({', '.join(calibrated)}), "
+                             f"not {self.precision}")
         for name in ("min_cosine", "min_mean_cosine"):
             value = getattr(self, name)
             if value is not None and not -1 < value <= 1:  # `not` also refuses NaN
@@ -239,6 +251,27 @@ class _Stage:
             int8.prepare(self.root / self.fp32[tower].file, path)
         return path
 
+    def requested_keep(self, tower: str, work: Path) -> list[str]:
+        """The --keep-node names that are quantizable nodes of ``tower``."""
+        wanted = [n.strip() for item in self.cfg.keep_nodes for n in item.split(",") if n.strip()]
+        if not wanted:
+            return []
+        present = set(int8.quantizable_nodes(graph.load(self.prepared(tower, work))))
+        return [n for n in wanted if n in present]
+
+    def check_keep_nodes(self, work: Path) -> dict[str, list[str]]:
+        """Every --keep-node name must be a quantizable node of some tower: a typo must not pass silently."""
+        kept = {t: self.requested_keep(t, work) for t in self.towers}
+        wanted = [n.strip() for item in self.cfg.keep_nodes for n in item.split(",") if n.strip()]
+        unknown = [n for n in wanted if not any(n in k for k in kept.values())]
+        if unknown:
+            raise UsageError(
+                f"--keep-node {unknown[0]!r} is not a MatMul/Gemm/Conv node of the "
+                f"{' or '.join(self.towers)} tower; take names from `clipdeploy manifest` "
+                "(recovery.kept_in_higher_precision) or Polygraphy's report"
+            )
+        return {t: k for t, k in kept.items() if k}
+
     def build(self, tower: str, work: Path, exclude: list[str], suffix: str = "") -> tuple[Path, dict[str, Any]]:
         cfg = self.cfg
         src = self.root / self.fp32[tower].file
@@ -247,6 +280,7 @@ class _Stage:
             stale.unlink()
         # The precision's own make step (PrecisionSpec.make) writes `out`; see make_fp16 and friends below.
         spec = precisions.get(cfg.precision)
+        exclude = list(dict.fromkeys([*self.requested_keep(tower, work), *exclude]))
         info: dict[str, Any] = spec.make_step()(self, tower, src, out, work, exclude, suffix)
         if spec.reuses_reference:  # nothing written: the gate runs the fp32 file on its backend
             return src, info
@@ -374,6 +408,7 @@ class _Stage:
         clean_stale_writes(self.root)
         with reserved(self.root, QUANTIZE_PREFIX) as work:
             paths, infos = {}, {}
+            requested = self.check_keep_nodes(work) if cfg.keep_nodes else {}
             for tower in self.towers:
                 with progress.stage(f"{cfg.precision} {tower} tower"):
                     paths[tower], infos[tower] = self.build(tower, work, [])
@@ -392,6 +427,7 @@ class _Stage:
                          "gate_prompts": self.prompt_source,
                          "gate_text_length": int(self.prompt_ids.shape[1])},
                 "build": infos,
+                **({"kept_by_request": requested} if requested else {}),
                 "seconds": round(time.perf_counter() - start, 1),
             })
             self.record(work, paths, report)

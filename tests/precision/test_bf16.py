@@ -97,21 +97,12 @@ def test_openvino_picks_fp32_over_a_bf16_variant_it_cannot_run(micro_artifact, t
                     "refused here (tested above), so its gate can only run on a CPU that has one")
 def test_bf16_passes_its_gate_on_photos(micro_artifact, tmp_path):
     pytest.importorskip("openvino", reason="the bf16 gate runs on OpenVINO: pip install 'clipdeploy[openvino]'")
-    Image = pytest.importorskip("PIL.Image")
-    from clipdeploy.bundled import sample_images
     from clipdeploy.precision.stage import QuantizeConfig, quantize
+    from tests.support.photos import write_crops
 
     art = tmp_path / "art"
     shutil.copytree(micro_artifact.path, art)
-    crops = tmp_path / "crops"  # 64 crops of real photographs, at several scales
-    crops.mkdir()
-    rng = np.random.default_rng(2)
-    photos = [Image.open(p).convert("RGB") for p in sample_images()]
-    for i in range(64):
-        img = photos[i % len(photos)]
-        side = int(rng.integers(48, min(img.size) + 1))
-        x, y = (int(rng.integers(0, d - side + 1)) for d in img.size)
-        img.crop((x, y, x + side, y + side)).save(crops / f"{i:03d}.jpg")
+    crops = write_crops(tmp_path / "crops", 64, seed=2)  # crops of real photographs, at several scales
     report = quantize(QuantizeConfig(artifact=art, precision="bf16", calib_images=[crops], samples=32, holdout=32,
                                      threads=2))
     assert report["passed"], report["failures"]

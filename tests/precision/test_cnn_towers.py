@@ -19,12 +19,12 @@ onnx = pytest.importorskip("onnx")
 Image = pytest.importorskip("PIL.Image")
 
 import clipdeploy  # noqa: E402
-from clipdeploy.bundled import sample_images  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.manifest import read_manifest  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 
 from tests.support.models import MODELS  # noqa: E402
+from tests.support.photos import write_crops  # noqa: E402
 
 CNN_MODELS = ("micro-convnext", "micro-resnet")  # registry names, also the test ids
 
@@ -32,15 +32,7 @@ CNN_MODELS = ("micro-convnext", "micro-resnet")  # registry names, also the test
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory):
     """160 random crops of the bundled photographs, at several scales."""
-    root = tmp_path_factory.mktemp("crops")
-    rng = np.random.default_rng(0)
-    photos = [Image.open(p).convert("RGB") for p in sample_images()]
-    for i in range(160):
-        img = photos[i % len(photos)]
-        side = int(rng.integers(48, min(img.size) + 1))
-        x, y = (int(rng.integers(0, d - side + 1)) for d in img.size)
-        img.crop((x, y, x + side, y + side)).save(root / f"{i:03d}.jpg")
-    return root
+    return write_crops(tmp_path_factory.mktemp("crops"), 160, seed=0)
 
 
 @pytest.fixture(scope="module", params=CNN_MODELS)

@@ -19,26 +19,18 @@ Image = pytest.importorskip("PIL.Image")
 import clipdeploy  # noqa: E402
 from clipdeploy import cpu_features, precisions  # noqa: E402
 from clipdeploy.errors import UsageError  # noqa: E402
-from clipdeploy.bundled import sample_images  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 
 from tests.support.models import MODELS  # noqa: E402
+from tests.support.photos import write_crops  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red circle", "an astronaut", "coffee", "a very long caption " * 5, "x"]
 
 
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ov-crops")
-    rng = np.random.default_rng(1)
-    photos = [Image.open(p).convert("RGB") for p in sample_images()]
-    for i in range(64):
-        img = photos[i % len(photos)]
-        side = int(rng.integers(48, min(img.size) + 1))
-        x, y = (int(rng.integers(0, d - side + 1)) for d in img.size)
-        img.crop((x, y, x + side, y + side)).save(root / f"{i:03d}.jpg")
-    return root
+    return write_crops(tmp_path_factory.mktemp("ov-crops"), 64, seed=1)
 
 
 @pytest.fixture(scope="module", params=["micro-vit", "micro-resnet", "micro-convnext"])

@@ -19,6 +19,7 @@ import numpy as np
 from clipdeploy.benchmarks.harness import Timer, perf_counter_timer
 from clipdeploy.benchmarks.torch_reference import build_reference_model
 from clipdeploy.deps import require
+from clipdeploy.runtime.backends.onnxruntime import graph_optimization_level
 from clipdeploy.export.specs import context_length
 
 # Bench backend name -> the runtime that runs the plain export.
@@ -78,12 +79,7 @@ class PlainExportContender:
             ort = require("onnxruntime", "cpu")
             so = ort.SessionOptions()
             so.intra_op_num_threads, so.inter_op_num_threads = options.threads, 1
-            so.graph_optimization_level = {
-                "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            }[options.graph_optimization_level]
+            so.graph_optimization_level = graph_optimization_level(ort, options.graph_optimization_level)
             session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             return lambda x: session.run(None, {name: x})[0]

@@ -55,6 +55,16 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def graph_optimization_level(ort: Any, name: str) -> Any:
+    """ONNX Runtime's GraphOptimizationLevel for one of our level names (disable, basic, extended, all)."""
+    return {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[name]
+
+
 class OrtRunner(Runner):
     """One ONNX file in one InferenceSession. ``InferenceSession.run`` is thread-safe."""
 
@@ -78,12 +88,7 @@ class OrtRunner(Runner):
             so.intra_op_num_threads = options.intra_op_num_threads
         if options.inter_op_num_threads is not None:
             so.inter_op_num_threads = options.inter_op_num_threads
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[options.graph_optimization_level]
+        so.graph_optimization_level = graph_optimization_level(ort, options.graph_optimization_level)
         self.path = Path(path)
         self.options = options
 

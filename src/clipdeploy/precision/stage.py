@@ -119,6 +119,10 @@ class QuantizeConfig:
     threads: int | None = field(default=None, metadata=THREADS)  # for calibration and the gate
     force: bool = field(default=False, metadata=opt("replace an existing variant of this precision"))
 
+    def keep_node_names(self) -> list[str]:
+        """--keep-node's names, each given alone or comma-separated."""
+        return [n.strip() for item in self.keep_nodes for n in item.split(",") if n.strip()]
+
     def thresholds(self) -> GateThresholds:
         base = DEFAULT_THRESHOLDS[self.precision]
         return GateThresholds(
@@ -183,6 +187,7 @@ class _Stage:
 
     def __init__(self, cfg: QuantizeConfig) -> None:
         self.cfg = cfg
+        self.keep_by_tower: dict[str, list[str]] = {}  # --keep-node names found in each tower's graph
         self.root = Path(cfg.artifact)
         self.manifest = read_manifest(self.root)
         existing = [v for v in variants(self.manifest) if v.precision == cfg.precision and v.format == "onnx"]
@@ -252,18 +257,17 @@ class _Stage:
         return path
 
     def requested_keep(self, tower: str, work: Path) -> list[str]:
-        """The --keep-node names that are quantizable nodes of ``tower``."""
-        wanted = [n.strip() for item in self.cfg.keep_nodes for n in item.split(",") if n.strip()]
-        if not wanted:
-            return []
-        present = set(int8.quantizable_nodes(graph.load(self.prepared(tower, work))))
-        return [n for n in wanted if n in present]
+        """The --keep-node names that are quantizable nodes of ``tower`` (read once per tower)."""
+        if tower not in self.keep_by_tower:
+            wanted = self.cfg.keep_node_names()
+            present = set(int8.quantizable_nodes(graph.load(self.prepared(tower, work)))) if wanted else set()
+            self.keep_by_tower[tower] = [n for n in wanted if n in present]
+        return self.keep_by_tower[tower]
 
     def check_keep_nodes(self, work: Path) -> dict[str, list[str]]:
         """Every --keep-node name must be a quantizable node of some tower: a typo must not pass silently."""
         kept = {t: self.requested_keep(t, work) for t in self.towers}
-        wanted = [n.strip() for item in self.cfg.keep_nodes for n in item.split(",") if n.strip()]
-        unknown = [n for n in wanted if not any(n in k for k in kept.values())]
+        unknown = [n for n in self.cfg.keep_node_names() if not any(n in k for k in kept.values())]
         if unknown:
             raise UsageError(
                 f"--keep-node {unknown[0]!r} is not a MatMul/Gemm/Conv node of the "

@@ -24,13 +24,14 @@ from clipdeploy.manifest_command import add_inspect
 from clipdeploy.pipeline.command import add_run
 from clipdeploy.precision.command import add_quantize
 from clipdeploy.runtime.command import add_embed
+from clipdeploy.serve.command import add_serve
 from clipdeploy.triton.command import add_triton
 
 # Every subcommand, in `--help` order: each package's command.py builds its parser from its config
 # dataclass (clipdeploy.options); this module only assembles them and turns errors into one line.
 COMMANDS = (
     add_export, add_quantize, add_build, add_validate, add_embed, add_embed_dataset, add_inspect, add_models, add_bench, add_run,
-    add_triton,
+    add_triton, add_serve,
 )  # fmt: skip
 
 

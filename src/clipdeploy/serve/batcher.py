@@ -60,6 +60,7 @@ class Batcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._running = False  # a batch is in the inference thread
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class Batcher(Generic[T, R]):
         self._closing = True
         if self._task is None:
             return
-        while self._pending:
+        while self._pending or self._running:  # queued and running batches finish first
             assert self._wake is not None
             self._wake.set()
             await asyncio.sleep(0.005)
@@ -138,12 +139,16 @@ class Batcher(Generic[T, R]):
                     with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), remaining)
             batch = []
+            self._running = True
             while self._pending and len(batch) < self.max_batch:
                 item, fut = self._pending.popleft()
                 if not fut.done():  # its request was cancelled (client gone): no work for it
                     batch.append((item, fut))
-            if batch:
-                await self._run_batch(loop, batch)
+            try:
+                if batch:
+                    await self._run_batch(loop, batch)
+            finally:
+                self._running = False
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         if self._on_batch is not None:

@@ -82,6 +82,21 @@ def not_writable(folder: Path, e: OSError, option: str = "") -> UsageError:
     )
 
 
+def check_writable(folder: Path, option: str = "") -> None:
+    """Refuse at once, in one line, a ``folder`` (or, if it does not exist yet, the nearest existing
+    directory above it) that this process cannot write: before the work, not after it."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        code = errno.EROFS if read_only else errno.EACCES
+        raise not_writable(existing, OSError(code, os.strerror(code)), option)
+
+
 def open_new_file(path: Path) -> int:
     """``os.open`` a file that must not exist yet, write-only, with the umask's mode; a directory this
     process cannot write is a one-line UsageError naming it."""

@@ -286,3 +286,23 @@ def test_a_directory_that_cannot_be_written_is_named_in_one_line(tmp_path, monke
             attempt()
         msg = str(e.value)
         assert words in msg and repr(str(tmp_path)) in msg and ".lock" not in msg and ".tmp" not in msg, msg
+
+
+def test_every_manifest_writer_goes_through_the_lock():
+    """``write_manifest`` is called only by ``updating_manifest`` (which holds the artifact's lock from
+    the read to the write) and by the exporter, which writes into its own fresh temporary directory."""
+    import ast
+
+    import clipdeploy
+
+    src = Path(clipdeploy.__file__).resolve().parent
+    callers = set()
+    for path in src.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_manifest":
+                    callers.add(f"{path.relative_to(src).as_posix()}:{fn.name}")
+    assert callers == {"manifest.py:updating_manifest", "export/exporter.py:_build", "export/exporter.py:export_model"}

@@ -29,8 +29,9 @@ pytest.importorskip("onnxruntime")
 from clipdeploy import cpu_features, staging  # noqa: E402
 from clipdeploy.calibration import dataset, sources  # noqa: E402
 from clipdeploy.cli import main  # noqa: E402
-from clipdeploy.errors import DependencyError, UsageError  # noqa: E402
+from clipdeploy.errors import ArtifactError, DependencyError, UsageError  # noqa: E402
 from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files  # noqa: E402
+from clipdeploy.precision import stage  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 from clipdeploy.runtime.session import load  # noqa: E402
 
@@ -223,3 +224,23 @@ def test_a_reused_calibration_cache_is_read_not_rewritten(art, data):
     report = quantize(cfg)
     assert all(report["build"][t]["calibration_cache"]["reused"] for t in ("image", "text"))
     assert {p: p.stat().st_ino for p in caches} == stamps
+
+
+def test_a_reexport_while_quantizing_records_nothing(art, data, monkeypatch):
+    """`export --force` replaced the fp32 towers while int8 was being made from the old ones: the old
+    model's int8 must not be recorded beside the new model."""
+    real = stage._Stage.record
+
+    def reexported_then_record(self, work, paths, report):
+        m = json.loads((art / "manifest.json").read_text())
+        for v in m["variants"]:
+            v["sha256"] = "f" * 64  # what a new export's manifest would say
+        (art / "manifest.json").write_text(json.dumps(m))
+        return real(self, work, paths, report)
+
+    monkeypatch.setattr(stage._Stage, "record", reexported_then_record)
+    with pytest.raises(ArtifactError, match="changed while int8 was being made"):
+        quantize(_cfg(art, data, "int8"))
+    m = json.loads((art / "manifest.json").read_text())
+    assert {v["precision"] for v in m["variants"]} == {"fp32"}
+    assert not list(art.glob("*.int8.onnx")) and not list(art.glob(".*"))

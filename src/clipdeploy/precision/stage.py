@@ -453,7 +453,7 @@ class _Stage:
         one (another precision, a build) neither loses its entries nor sees a sum of another file."""
         cfg = self.cfg
         spec = precisions.get(cfg.precision)
-        staged: list[tuple[str, list[tuple[Path, Path]], dict[str, Any]]] = []  # tower, (made, final) pairs, entry
+        staged: list[tuple[list[tuple[Path, Path]], dict[str, Any]]] = []  # (made, final) pairs, and the entry
         if report["passed"] and not spec.reuses_reference:
             for tower, path in paths.items():
                 final = self.root / f"{tower}.{cfg.precision}.onnx"
@@ -465,7 +465,7 @@ class _Stage:
                     side = graph.save(graph.load(path), renamed)
                     path = renamed
                 final_side = self.root / (final.name + ".data")
-                staged.append((tower, [(path, final), *((p, final_side) for p in side)], {
+                staged.append(([(path, final), *((p, final_side) for p in side)], {
                     "tower": tower,
                     "precision": cfg.precision,
                     "format": "onnx",
@@ -487,7 +487,7 @@ class _Stage:
                 entries = [self.reuse_entry(manifest, tower, report) for tower in paths]
             else:
                 entries = []
-                for _, moves, entry in staged:
+                for moves, entry in staged:
                     for made, final in moves:
                         os.replace(made, final)
                     entries.append(entry)

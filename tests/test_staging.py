@@ -159,3 +159,150 @@ def test_without_flock_writers_go_on_and_cleaners_touch_nothing(tmp_path, monkey
         assert work.is_dir()
     atomic_write_text(tmp_path / "m.json", "{}")
     assert (tmp_path / "m.json").read_text() == "{}"
+
+
+# ---- an artifact's own locks ------------------------------------------------------------------------------
+
+_COUNT = """
+import sys, time
+from pathlib import Path
+from clipdeploy.staging import artifact_lock
+root, n = Path(sys.argv[1]), int(sys.argv[2])
+for _ in range(n):
+    with artifact_lock(root):  # a read-modify-write with a pause between the read and the write
+        value = int((root / "count").read_text())
+        time.sleep(0.02)
+        (root / "count").write_text(str(value + 1))
+"""
+
+
+def test_artifact_lock_orders_read_modify_writes_of_two_processes(tmp_path):
+    (tmp_path / "count").write_text("0")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _COUNT, str(tmp_path), "15"], env=env) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert (tmp_path / "count").read_text() == "30"  # unordered, the two lose each other's increments
+    assert sorted(os.listdir(tmp_path)) == ["count"]  # the lock file goes with its last holder
+
+
+def test_updating_manifest_waits_for_a_holder_and_reads_after_its_write(tmp_path):
+    import json
+    import threading
+
+    from clipdeploy.manifest import updating_manifest
+    from clipdeploy.staging import artifact_lock
+
+    pytest.importorskip("onnx", reason="the tiny artifact is written with onnx")
+    from tests.support.tiny_artifact import bpe_vocab, make_tiny_artifact
+
+    if bpe_vocab() is None:
+        pytest.skip("the tiny artifact needs open_clip's BPE vocabulary file")
+    art = make_tiny_artifact(tmp_path / "art", ("fp32",))
+    seen = []
+
+    def second():
+        with updating_manifest(art) as manifest:
+            seen.append(manifest.get("first"))
+            manifest["second"] = True
+
+    with artifact_lock(art):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive(), "a second writer did not wait for the lock"
+        m = json.loads((art / "manifest.json").read_text())
+        m["first"] = True
+        (art / "manifest.json").write_text(json.dumps(m))
+    t.join(10)
+    assert seen == [True]
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["first"] and m["second"]
+
+
+def test_a_waiter_locks_the_new_directory_after_a_swap(tmp_path):
+    """export --force swaps the artifact while holding the old one's lock: a waiter must then lock the
+    new directory, not the old one on its way out."""
+    import threading
+
+    from clipdeploy.staging import ARTIFACT_LOCK, artifact_lock
+
+    out = tmp_path / "art"
+    out.mkdir()
+    held_on = []
+
+    def waiter():
+        with artifact_lock(out):
+            lock = out / ARTIFACT_LOCK
+            held_on.append(lock.is_file() and (out / "new.txt").is_file())
+
+    with artifact_lock(out):
+        t = threading.Thread(target=waiter)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()
+        with reserved(tmp_path, ".art.tmp-") as work:
+            (work / "new.txt").write_text("new")
+            swap_directory(work, out)
+    t.join(10)
+    assert held_on == [True]
+    assert sorted(os.listdir(out)) == ["new.txt"]
+
+
+def test_job_lock_refuses_a_second_run_naming_the_first_and_a_dead_holder_does_not_count(tmp_path):
+    from clipdeploy.staging import job_lock, job_lock_path, running_jobs
+
+    with job_lock(tmp_path, "quantize-int8", "quantize --precision int8"):
+        assert running_jobs(tmp_path) and running_jobs(tmp_path)[0].startswith(f"quantize-int8 (pid {os.getpid()} ")
+        with pytest.raises(UsageError, match=rf"quantize --precision int8 is already running on .*pid {os.getpid()}"):
+            with job_lock(tmp_path, "quantize-int8", "quantize --precision int8"):
+                pass
+        with job_lock(tmp_path, "quantize-fp16", "quantize --precision fp16"):  # another job runs beside it
+            assert len(running_jobs(tmp_path)) == 2
+    assert os.listdir(tmp_path) == [] and running_jobs(tmp_path) == []
+    # A holder killed with SIGKILL leaves its file, but not its lock.
+    job_lock_path(tmp_path, "quantize-int8").write_text("pid 999999 host gone\n")
+    assert running_jobs(tmp_path) == []
+    with job_lock(tmp_path, "quantize-int8", "quantize --precision int8"):
+        assert f"pid {os.getpid()}" in job_lock_path(tmp_path, "quantize-int8").read_text()
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
+def test_a_directory_that_cannot_be_written_is_named_in_one_line(tmp_path, monkeypatch, code, words):
+    from clipdeploy.staging import artifact_lock, job_lock
+
+    real = os.open
+
+    def refuse(path, flags, *a, **k):
+        if flags & os.O_CREAT:
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", refuse)
+    for attempt in (lambda: reserved(tmp_path, ".out.tmp-").__enter__(),
+                    lambda: atomic_write_text(tmp_path / "manifest.json", "{}"),
+                    lambda: artifact_lock(tmp_path).__enter__(),
+                    lambda: job_lock(tmp_path, "quantize-int8", "quantize").__enter__()):
+        with pytest.raises(UsageError) as e:
+            attempt()
+        msg = str(e.value)
+        assert words in msg and repr(str(tmp_path)) in msg and ".lock" not in msg and ".tmp" not in msg, msg
+
+
+def test_every_manifest_writer_goes_through_the_lock():
+    """``write_manifest`` is called only by ``updating_manifest`` (which holds the artifact's lock from
+    the read to the write) and by the exporter, which writes into its own fresh temporary directory."""
+    import ast
+
+    import clipdeploy
+
+    src = Path(clipdeploy.__file__).resolve().parent
+    callers = set()
+    for path in src.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_manifest":
+                    callers.add(f"{path.relative_to(src).as_posix()}:{fn.name}")
+    assert callers == {"manifest.py:updating_manifest", "export/exporter.py:_build", "export/exporter.py:export_model"}

@@ -7,14 +7,16 @@ failed checks.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from clipdeploy import __version__, deps, progress
+from clipdeploy import __version__, deps, progress, staging
 from clipdeploy.benchmarks.command import add_bench
 from clipdeploy.bulk.command import add_embed_dataset
 from clipdeploy.engines.command import add_build, add_validate
@@ -127,6 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "user or its mode forbids this: fix its permissions (chmod) or run as its owner",
             file=sys.stderr,
         )
+        return 2
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        # A write on a read-only mount where no stage expected one: one line naming the directory.
+        if args.verbose:
+            traceback.print_exc()
+        folder = Path(str(e.filename)).parent if e.filename else Path(".")
+        print(f"clipdeploy: error: {staging.not_writable(folder, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clipdeploy: interrupted", file=sys.stderr)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from clipdeploy.manifest_schema import (  # the vocabulary lives with the schema
     check_schema,
     resolve_member,
 )
-from clipdeploy.staging import lock_new_file, output_temporaries, reserved
+from clipdeploy.staging import artifact_lock, lock_new_file, output_temporaries, reserved
 
 # MAJOR.MINOR. A reader refuses a newer major version; minor versions only add fields.
 SCHEMA_VERSION = "1.0"
@@ -82,29 +83,62 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class PendingFile:
+    """A file written in full beside its destination under a locked temporary name, not yet in place.
+
+    :meth:`commit` renames it into place (inside :func:`~clipdeploy.staging.artifact_lock` when a
+    manifest entry names it, so that the file and its entry change together); :meth:`discard`
+    removes it. The temporary stays locked until then, so :func:`~clipdeploy.staging.clean_stale_writes`
+    tells it from a dead writer's. The file gets the mode the umask gives, not tempfile's 0600.
+    """
+
+    def __init__(self, path: Path, data: Any) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            self.tmp = self.path.parent / f".{self.path.name}.{os.urandom(4).hex()}.tmp"
+            fd = lock_new_file(self.tmp)
+            if fd is not None:
+                break
+        else:  # pragma: no cover - 100 collisions of 32 random bits
+            raise FileExistsError(f"no free temporary name beside {self.path}")
+        self._fd: int | None = fd
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(memoryview(data))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> Path:
+        """Rename the file into place (still locked: a cleaner cannot take it from under us)."""
+        try:
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        self._close()
+        return self.path
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            self.tmp.unlink(missing_ok=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def atomic_write_bytes(path: Path, data: Any) -> None:
     """Write a file (bytes or any buffer) so that readers see either the old content or the whole new one.
 
     The file gets the mode the umask gives (0644 under 022), not tempfile's private 0600.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        # Locked while written: a writer killed mid-way leaves a file the next run can tell is dead.
-        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
-        fd = lock_new_file(tmp)
-        if fd is not None:
-            break
-    else:  # pragma: no cover - 100 collisions of 32 random bits
-        raise FileExistsError(f"no free temporary name beside {path}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(tmp, path)  # still locked: a cleaner cannot take the file from under us
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    PendingFile(path, data).commit()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -130,9 +164,27 @@ def swap_directory(work: Path, output: Path) -> None:
 
 
 def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json``. A stage that read the manifest to change it does both inside
+    ``staging.artifact_lock(artifact_dir)`` (see :func:`updating_manifest`)."""
     path = Path(artifact_dir) / MANIFEST_NAME
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
+
+
+@contextmanager
+def updating_manifest(artifact_dir: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Read the manifest under the artifact's lock, let the caller change it, and write it back.
+
+    The lock is held from the read to the write, so concurrent stages (int8 and fp16 quantized by
+    parallel CI jobs) never lose each other's entries; rename the files the new entries name into
+    place inside the ``with`` too. Nothing slow belongs inside: other stages wait for it. Nothing is
+    written if the body raises.
+    """
+    root = Path(artifact_dir)
+    with artifact_lock(root):
+        manifest = read_manifest(root)
+        yield manifest
+        write_manifest(root, manifest)
 
 
 def _parse_version(text: Any) -> tuple[int, int]:

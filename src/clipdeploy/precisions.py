@@ -51,6 +51,9 @@ class PrecisionSpec:
     reuses_reference: bool = False
     gate_backend: str = "onnxruntime"  # the backend its accuracy gate runs the variant on
     instead: str = ""  # what to use where it cannot run, for the one-line refusal
+    # (module, extra) its make step and its gate import: `quantize` imports each before it reads any data,
+    # so a missing package is one line at once, not after minutes of calibration.
+    needs: tuple[tuple[str, str], ...] = ()
 
     def make_step(self) -> Callable[..., Any]:
         """The function that builds this precision's variant, imported now (it may pull in onnx)."""
@@ -191,6 +194,10 @@ def view(value: Callable[[PrecisionSpec], V], which: Callable[[], tuple[str, ...
 
 _STAGE = "clipdeploy.precision.stage"
 _INT8_GATE = {"min_cosine": 0.95, "min_mean_cosine": 0.99, "min_top1": 0.95}
+# What the graph-editing make steps import (precision/graph.py, fp16.py, int8.py).
+_GRAPH = (("onnx", "export"), ("onnx_ir", "export"))
+_FP16_PASS = (("onnxruntime.transformers.float16", "cpu"),)
+_CALIBRATE = (("onnxruntime.quantization", "cpu"),)
 
 FP32 = REFERENCE = register(PrecisionSpec(
     "fp32", EXPORT,
@@ -203,6 +210,7 @@ FP16 = register(PrecisionSpec(
     engine_tolerance={"min_cosine": 0.999, "max_abs_rel": 5e-2},
     preference={"onnxruntime-cuda": 0, "tensorrt": 1},
     slow_on=("onnxruntime-cpu",),  # no fp16 kernels on CPU: emulated, slower than fp32
+    needs=_GRAPH + _FP16_PASS,
 )).name
 # The per-sample floor catches the image a good mean hides (mean 0.996 with one sample at 0.76).
 INT8 = register(PrecisionSpec(
@@ -211,6 +219,7 @@ INT8 = register(PrecisionSpec(
     engine_tolerance={"min_cosine": 0.99, "max_abs_rel": None},
     preference={"onnxruntime-cpu": 0},
     calibrated=True,
+    needs=_GRAPH + _CALIBRATE,
 )).name
 INT8_FP16 = register(PrecisionSpec(
     "int8-fp16", f"{_STAGE}:make_int8_fp16",
@@ -219,6 +228,7 @@ INT8_FP16 = register(PrecisionSpec(
     preference={"tensorrt": 0},
     slow_on=("onnxruntime-cpu",),
     calibrated=True,
+    needs=_GRAPH + _CALIBRATE + _FP16_PASS,
 )).name
 # FLOAT8E4M3FN Q/DQ, fp16 elsewhere: TensorRT on compute capability 8.9+ (Ada, Hopper, Blackwell) only;
 # ONNX Runtime's CPU provider runs it emulated, which is what the gate measures.
@@ -229,6 +239,7 @@ FP8 = register(PrecisionSpec(
     slow_on=("onnxruntime-cpu",),
     calibrated=True,
     min_compute_capability=(8, 9),
+    needs=_GRAPH + _CALIBRATE + _FP16_PASS + (("ml_dtypes", "export"),),
 )).name
 # OpenVINO running the fp32 file with INFERENCE_PRECISION_HINT=bf16 (its default on such CPUs): no file of
 # its own, gated like fp16 against fp32 on held-out data, and only on a CPU that computes bf16 natively
@@ -242,4 +253,5 @@ BF16 = register(PrecisionSpec(
     reuses_reference=True,
     gate_backend="openvino",
     instead="precision='fp32', or int8 (clipdeploy quantize --precision int8)",
+    needs=(("openvino", "openvino"),),  # its gate runs OpenVINO
 )).name

@@ -6,6 +6,12 @@ with ``flock`` for the life of the run (the kernel drops it when the process die
 included). The next run on the same output calls :func:`clean_stale`: a temporary whose lock it can
 take belongs to a dead run and is removed; one whose lock is held is a live run's and is left alone.
 
+An artifact's own writers (quantize, build, validate, export --force) serialize through two locks
+kept in the artifact directory, held with ``flock`` the same way: :func:`artifact_lock`, short-held
+and waited for, around every read-modify-write of ``manifest.json`` and the renames of the files its
+entries name; and :func:`job_lock`, held for a whole long job (``quantize --precision int8``), which
+a second run of the same job refuses at once instead of waiting minutes.
+
 Modes: everything is created with ``os.mkdir(path, 0o777)`` / ``os.open(path, ..., 0o666)``, so the
 kernel applies the umask (0755/0644 under 022, 0750/0640 under 027), as any build tool does.
 ``tempfile.mkdtemp``/``mkstemp`` would make them 0700/0600, private to whoever exported.
@@ -57,9 +63,49 @@ def ensure_parent(output: Path, option: str = "-o") -> None:
         ) from None
 
 
+# errno values that mean "this directory cannot be written", as a user can fix it.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def not_writable(folder: Path, e: OSError, option: str = "") -> UsageError:
+    """The one-line error for a directory this process cannot write: it names the directory (not the
+    lock or temporary file it was about to make) and says why and what to do."""
+    where = f"{option} {str(folder)!r}" if option else repr(str(folder))
+    if e.errno == errno.EROFS:
+        return UsageError(
+            f"cannot write in {where}: it is on a read-only file system; copy it somewhere writable "
+            "(cp -r) and run there, or choose a writable path"
+        )
+    return UsageError(
+        f"cannot write in {where} (permission denied): it belongs to another user or its mode forbids writing; "
+        "copy it somewhere you can write (cp -r), or run as its owner"
+    )
+
+
+def check_writable(folder: Path, option: str = "") -> None:
+    """Refuse at once, in one line, a ``folder`` (or, if it does not exist yet, the nearest existing
+    directory above it) that this process cannot write: before the work, not after it."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        code = errno.EROFS if read_only else errno.EACCES
+        raise not_writable(existing, OSError(code, os.strerror(code)), option)
+
+
 def open_new_file(path: Path) -> int:
-    """``os.open`` a file that must not exist yet, write-only, with the umask's mode."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    """``os.open`` a file that must not exist yet, write-only, with the umask's mode; a directory this
+    process cannot write is a one-line UsageError naming it."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if e.errno in _NOT_WRITABLE:
+            raise not_writable(Path(path).parent, e) from None
+        raise
 
 
 def lock_new_file(path: Path) -> int | None:
@@ -163,6 +209,121 @@ def reserved(parent: Path, prefix: str, *, create: bool = True) -> Iterator[Path
         _remove(path)
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+# ---- an artifact's own locks ----------------------------------------------------------------------------
+
+ARTIFACT_LOCK = ".clipdeploy.lock"  # the manifest lock, in the artifact directory
+_JOB_LOCK = ".clipdeploy.{job}.lock"  # one long job's lock (``quantize-int8``)
+
+
+def _open_locked(path: Path, *, wait: bool) -> int | None:
+    """Open (creating, umask mode) and ``flock`` the lock file ``path``; None if held and not ``wait``.
+
+    The holder unlinks the file before it lets go, so a lock taken on a file that is no longer at
+    ``path`` (unlinked, or its directory swapped by ``export --force``) is dropped and taken again.
+    """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as e:
+            if e.errno in _NOT_WRITABLE:
+                raise not_writable(path.parent, e) from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                return None
+            # A filesystem without flock (some network mounts): go on unlocked, saying so.
+            log.warning("clipdeploy: %s cannot be locked (%s); concurrent runs on it are not kept apart",
+                        path.parent, e.strerror or e)
+            return fd
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _release(fd: int, path: Path) -> None:
+    """Unlink the lock file (if it is still ours) while holding it, then let go."""
+    try:
+        if _same_file(fd, path):
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def artifact_lock(root: Path) -> Iterator[None]:
+    """Hold the exclusive manifest lock of the artifact ``root``, waiting for another holder.
+
+    Every read-modify-write of ``manifest.json`` happens inside, with the renames of the files the
+    new entries name, so that two stages never lose each other's entries nor leave an entry whose
+    sha256 belongs to another run's file. Held for seconds at most: nothing slow is done inside.
+    """
+    path = Path(root) / ARTIFACT_LOCK
+    fd = _open_locked(path, wait=True)
+    assert fd is not None  # waited for
+    try:
+        yield
+    finally:
+        _release(fd, path)
+
+
+def job_lock_path(root: Path, job: str) -> Path:
+    return Path(root) / _JOB_LOCK.format(job=job)
+
+
+@contextmanager
+def job_lock(root: Path, job: str, what: str) -> Iterator[None]:
+    """Hold the lock of one long ``job`` on the artifact ``root`` (e.g. ``quantize-int8``), or refuse at once.
+
+    A second run of the same job would take minutes to overwrite the first one's work, so it is a
+    one-line UsageError naming the holder (pid, host, since when) instead of a silent wait. Taking
+    the lock is also the stage's first write: a directory it cannot write fails here, before any work.
+    """
+    path = job_lock_path(root, job)
+    fd = _open_locked(path, wait=False)
+    if fd is None:
+        try:
+            holder = path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+        except OSError:
+            holder = "another process"
+        raise UsageError(
+            f"{what} is already running on {str(root)!r} ({holder}; lock {path.name}); wait for it to finish, "
+            "or run another precision, which may run beside it"
+        )
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield
+    finally:
+        _release(fd, path)
+
+
+def running_jobs(root: Path) -> list[str]:
+    """The jobs (``quantize-int8``) now running on the artifact ``root``, each with its holder."""
+    found = []
+    prefix, suffix = _JOB_LOCK.split("{job}")
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return found
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)) or name == ARTIFACT_LOCK:
+            continue
+        try:
+            fd = os.open(Path(root) / name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd, unsupported=True):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                found.append(f"{name[len(prefix):-len(suffix)]} ({holder})")
+        finally:
+            os.close(fd)
+    return found
 
 
 def _remove(path: Path) -> None:

@@ -17,14 +17,15 @@ from clipdeploy.engines.config import BuildConfig, Range
 from clipdeploy.engines.engine_validate import check_compute_capability, validate_engines
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
 from clipdeploy.manifest import (
+    PendingFile,
     Variant,
     atomic_write_bytes,
     file_sha256,
     read_manifest,
+    updating_manifest,
     variant_files,
     variants,
     verify_files,
-    write_manifest,
 )
 from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.runtime import cuda
@@ -235,13 +236,14 @@ def build_plan(
     return plan, profile_record
 
 
-def _update_manifest(root: Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    # Read again: another stage may have added variants while the engines were building.
-    manifest = read_manifest(root)
-    new_files = {e["file"] for e in entries}
-    manifest["variants"] = [v for v in manifest["variants"] if v["file"] not in new_files] + entries
-    write_manifest(root, manifest)
-    return manifest
+def _record(root: Path, plans: list[PendingFile], entries: list[dict[str, Any]]) -> None:
+    """Rename the finished plans into place and add their entries, in one hold of the artifact's lock:
+    a build beside this one never leaves an entry whose sum is of the other build's plan."""
+    with updating_manifest(root) as manifest:  # read again: another stage may have written it meanwhile
+        for plan in plans:
+            plan.commit()
+        new_files = {e["file"] for e in entries}
+        manifest["variants"] = [v for v in manifest["variants"] if v["file"] not in new_files] + entries
 
 
 def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
@@ -272,42 +274,48 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
             f"TensorRT {version} could not start a builder ({e}; {logger.tail()}); check the GPU driver"
         ) from e
     cache = TimingCache(cfg.timing_cache)
-    entries = []
-    for tower, variant in chosen.items():
-        source = root / variant.file
-        log.info("clipdeploy: building the %s %s engine from %s on %s", cfg.precision, tower, variant.file, gpu.name)
-        start = time.perf_counter()
-        with progress.stage(f"building the {cfg.precision} {tower} engine with TensorRT {version}"):
-            plan, profile = build_plan(trt, builder, source, tower, manifest, cfg, cache)
-        seconds = time.perf_counter() - start
-        rel = f"{ENGINE_DIR}/{plan_name(tower, cfg.precision, gpu, version, cfg.hardware_compat, cfg.version_compat)}"
-        atomic_write_bytes(root / rel, plan)
-        del plan
-        entries.append(
-            {
-                "tower": tower,
-                "precision": cfg.precision,
-                "format": "tensorrt",
-                "file": rel,
-                "sha256": file_sha256(root / rel),
-                "bytes": (root / rel).stat().st_size,
-                "source": variant.file,
-                "source_sha256": variant.sha256,
-                "tensorrt_version": version,
-                "gpu": gpu.name,
-                "compute_capability": gpu.cc,
-                "profile": profile,
-                "build_seconds": round(seconds, 2),
-                "hardware_compatibility": cfg.hardware_compat,
-                "version_compatible": cfg.version_compat,
-                "builder_optimization_level": cfg.opt_level,
-                "workspace_bytes": cfg.workspace,
-                "tf32": cfg.tf32,
-                "validation": {},
-            }
-        )
-    cache.save()
-    _update_manifest(root, entries)
+    entries: list[dict[str, Any]] = []
+    plans: list[PendingFile] = []  # each plan written in full beside its name, renamed with the manifest update
+    try:
+        for tower, variant in chosen.items():
+            source = root / variant.file
+            log.info("clipdeploy: building the %s %s engine from %s on %s", cfg.precision, tower, variant.file, gpu.name)
+            start = time.perf_counter()
+            with progress.stage(f"building the {cfg.precision} {tower} engine with TensorRT {version}"):
+                plan, profile = build_plan(trt, builder, source, tower, manifest, cfg, cache)
+            seconds = time.perf_counter() - start
+            rel = f"{ENGINE_DIR}/{plan_name(tower, cfg.precision, gpu, version, cfg.hardware_compat, cfg.version_compat)}"
+            plans.append(PendingFile(root / rel, plan))
+            del plan
+            tmp = plans[-1].tmp
+            entries.append(
+                {
+                    "tower": tower,
+                    "precision": cfg.precision,
+                    "format": "tensorrt",
+                    "file": rel,
+                    "sha256": file_sha256(tmp),
+                    "bytes": tmp.stat().st_size,
+                    "source": variant.file,
+                    "source_sha256": variant.sha256,
+                    "tensorrt_version": version,
+                    "gpu": gpu.name,
+                    "compute_capability": gpu.cc,
+                    "profile": profile,
+                    "build_seconds": round(seconds, 2),
+                    "hardware_compatibility": cfg.hardware_compat,
+                    "version_compatible": cfg.version_compat,
+                    "builder_optimization_level": cfg.opt_level,
+                    "workspace_bytes": cfg.workspace,
+                    "tf32": cfg.tf32,
+                    "validation": {},
+                }
+            )
+        cache.save()
+        _record(root, plans, entries)
+    finally:
+        for plan in plans:
+            plan.discard()  # those not committed (a failed build): no plan without its entry is left
     if cfg.validate:
         validate_engines(
             root, device=cfg.device, files=[e["file"] for e in entries], engine_host_code_allowed=cfg.version_compat

@@ -19,7 +19,7 @@ from clipdeploy import precisions, progress
 from clipdeploy.bundled import sample_images, sample_prompts
 from clipdeploy.engines import polygraphy_results as pg
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
-from clipdeploy.manifest import read_manifest, variant_files, variants, verify_files, write_manifest
+from clipdeploy.manifest import read_manifest, updating_manifest, variant_files, variants, verify_files
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
 from clipdeploy.runtime.backends.tensorrt import TrtOptions, TrtRunner
@@ -244,12 +244,10 @@ def validate_engines(
     if save_results is not None and runs:
         pg.save(Path(save_results), runs)
     if records:
-        # Read again: another stage may have written the manifest meanwhile.
-        manifest = read_manifest(root)
-        for entry in manifest["variants"]:
-            if entry["file"] in records:
-                entry["validation"] = records[entry["file"]]
-        write_manifest(root, manifest)
+        with updating_manifest(root) as manifest:  # read again: another stage may have written it meanwhile
+            for entry in manifest["variants"]:
+                if entry["file"] in records:
+                    entry["validation"] = records[entry["file"]]
     raise_if_failed("engine validation", failures, report)
     return report
 

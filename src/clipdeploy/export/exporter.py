@@ -7,6 +7,7 @@ artifact untouched.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from clipdeploy.options import opt
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
 from clipdeploy.runtime.text import load_tokenizer
-from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
+from clipdeploy.staging import artifact_lock, clean_beside, ensure_parent, output_temporaries, reserved, running_jobs
 from clipdeploy.tool_versions import found_versions
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
@@ -89,6 +90,43 @@ def _check_output(output: Path, force: bool) -> None:
             f"--force replaces only a clipdeploy artifact, and {str(output)!r} is not one (no {MANIFEST_NAME}); "
             "choose another -o"
         )
+    _refuse_if_busy(output)
+    lost = replaced_work(output)
+    if lost:
+        log.warning("clipdeploy: --force replaces %r once the new export passes its checks, and with it %s",
+                    str(output), lost)
+
+
+def _refuse_if_busy(output: Path) -> None:
+    """--force must not swap an artifact out from under a quantize that is writing into it."""
+    jobs = running_jobs(output)
+    if jobs:
+        raise UsageError(
+            f"--force would replace {str(output)!r} while {'; '.join(jobs)} runs on it; wait for it to finish, "
+            "or choose another -o"
+        )
+
+
+def replaced_work(artifact: Path) -> str | None:
+    """In words, what ``artifact`` holds that a new export does not write (variants other than the
+    reference, TensorRT engines, calibration caches): what ``export --force`` throws away. None if nothing."""
+    try:
+        manifest = json.loads((artifact / MANIFEST_NAME).read_text(encoding="utf-8"))
+        listed = [v for v in manifest.get("variants") or [] if isinstance(v, dict)]
+    except (OSError, ValueError, AttributeError):  # unreadable or corrupt: nothing to list
+        listed = []
+    onnx = sorted({str(v.get("precision")) for v in listed if v.get("format") == "onnx"} - {precisions.REFERENCE},
+                  key=precisions.rank)
+    engines = sorted(str(v.get("file")) for v in listed if v.get("format") == "tensorrt")
+    calibration = sorted(p.name for p in (artifact / "calibration").glob("*")) if (artifact / "calibration").is_dir() else []
+    parts = []
+    if onnx:
+        parts.append(f"its {', '.join(onnx)} variant{'s' if len(onnx) > 1 else ''}")
+    if engines:
+        parts.append(f"{len(engines)} TensorRT engine{'s' if len(engines) > 1 else ''} ({', '.join(engines)})")
+    if calibration:
+        parts.append(f"{len(calibration)} calibration file{'s' if len(calibration) > 1 else ''} (calibration/)")
+    return ", ".join(parts) if parts else None
 
 
 # The distributions an artifact records in its manifest's "tools".
@@ -441,5 +479,16 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         manifest = _build(cfg, work)
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         write_manifest(work, manifest)
-        swap_directory(work, output)
+        _swap_in(work, output)
     return manifest
+
+
+def _swap_in(work: Path, output: Path) -> None:
+    """Put the new artifact in place; an existing one is swapped out under its lock (a stage writing
+    its manifest finishes first), and not while a quantize is running on it."""
+    if not output.is_dir():
+        swap_directory(work, output)
+        return
+    with artifact_lock(output):
+        _refuse_if_busy(output)
+        swap_directory(work, output)

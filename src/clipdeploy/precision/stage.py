@@ -19,8 +19,8 @@ import numpy as np
 from clipdeploy import precisions, progress
 from clipdeploy.calibration import dataset, sources
 from clipdeploy.deps import require
-from clipdeploy.errors import AccuracyError, CalibrationError, UsageError
-from clipdeploy.manifest import file_sha256, read_manifest, variants, write_manifest
+from clipdeploy.errors import AccuracyError, ArtifactError, CalibrationError, UsageError
+from clipdeploy.manifest import atomic_write_bytes, file_sha256, read_manifest, updating_manifest, variants
 from clipdeploy.options import THREADS, opt
 from clipdeploy.precision import fp16, gate, graph, int8, recovery
 from clipdeploy.precision.gate import DEFAULT_THRESHOLDS, GateThresholds, Reference
@@ -28,7 +28,7 @@ from clipdeploy.runtime.backends.onnxruntime import OrtRunner
 from clipdeploy.runtime.backends.openvino import OvOptions, OvRunner
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.session import load
-from clipdeploy.staging import clean_stale, clean_stale_writes, reserved
+from clipdeploy.staging import clean_stale, clean_stale_writes, job_lock, reserved
 from clipdeploy.tool_versions import installed
 from clipdeploy.validation import cosine_rows
 
@@ -296,12 +296,18 @@ class _Stage:
         cfg = self.cfg
         prepared = self.prepared(tower, work)
         cache = _cache_path(self.root, tower, self.fp32[tower].sha256, cfg.method, self.sets[tower].fingerprint)
-        cache.parent.mkdir(exist_ok=True)
+        reused = cache.exists()
         info: dict[str, Any] = {
-            "calibration_cache": {"file": cache.relative_to(self.root).as_posix(), "reused": cache.exists()}
+            "calibration_cache": {"file": cache.relative_to(self.root).as_posix(), "reused": reused}
         }
+        # A new cache is written by ONNX Runtime in the work directory (it makes it 0600, through
+        # mkstemp), then copied into the artifact with the umask's mode, whole or not at all.
+        scratch = cache if reused else work / cache.name
         with progress.muted_stdout():  # ONNX Runtime's entropy/percentile calibrators print to stdout
-            layernorms = int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=cache, exclude=exclude)
+            layernorms = int8.quantize(prepared, qdq, self.feeds(tower), method=cfg.method, cache=scratch,
+                                       exclude=exclude)
+        if not reused:
+            atomic_write_bytes(cache, scratch.read_bytes())
         info["layernorm_after_conv_quantized"] = len(layernorms)
         if not suffix:
             self.qdq[tower] = qdq
@@ -440,17 +446,16 @@ class _Stage:
         return report
 
     def record(self, work: Path, paths: dict[str, Path], report: dict[str, Any]) -> None:
-        """Move accepted files into the artifact and update the manifest; a failed gate records figures only."""
+        """Move accepted files into the artifact and update the manifest; a failed gate records figures only.
+
+        The files are hashed where they were made; the manifest is then read, the files renamed into
+        place and the manifest written under the artifact's lock, so that a stage running beside this
+        one (another precision, a build) neither loses its entries nor sees a sum of another file."""
         cfg = self.cfg
-        manifest = read_manifest(self.root)  # re-read: keep whatever another stage wrote meanwhile
-        manifest.setdefault("validation", {}).setdefault("quantize", {})[cfg.precision] = report
-        if report["passed"]:
-            entries = []
-            spec = precisions.get(cfg.precision)
+        spec = precisions.get(cfg.precision)
+        staged: list[tuple[list[tuple[Path, Path]], dict[str, Any]]] = []  # (made, final) pairs, and the entry
+        if report["passed"] and not spec.reuses_reference:
             for tower, path in paths.items():
-                if spec.reuses_reference:
-                    entries.append(self.reuse_entry(tower, report))
-                    continue
                 final = self.root / f"{tower}.{cfg.precision}.onnx"
                 side = sorted(p for p in path.parent.glob(path.name + ".data"))
                 if side and path.name != final.name:
@@ -459,39 +464,60 @@ class _Stage:
                     renamed = path.with_name(final.name)
                     side = graph.save(graph.load(path), renamed)
                     path = renamed
-                moved_side = []
-                for p in side:
-                    target = self.root / (final.name + ".data")
-                    os.replace(p, target)
-                    moved_side.append(target)
-                os.replace(path, final)
-                entries.append({
+                final_side = self.root / (final.name + ".data")
+                staged.append(([(path, final), *((p, final_side) for p in side)], {
                     "tower": tower,
                     "precision": cfg.precision,
                     "format": "onnx",
                     "file": final.name,
-                    "sha256": file_sha256(final),
-                    "bytes": final.stat().st_size + sum(p.stat().st_size for p in moved_side),
-                    "external_data": [{"file": p.name, "sha256": file_sha256(p)} for p in moved_side],
-                    "opset": _opset(final),
-                    **_weights_layout(final),
+                    "sha256": file_sha256(path),
+                    "bytes": path.stat().st_size + sum(p.stat().st_size for p in side),
+                    "external_data": [{"file": final_side.name, "sha256": file_sha256(p)} for p in side],
+                    "opset": _opset(path),
+                    **_weights_layout(path),
                     "source": self.fp32[tower].file,
-                    "validation": {
-                        "reference": precisions.REFERENCE,
-                        "passed": True,
-                        **report[tower],
-                        **({"top1_agreement": report["top1_agreement"]} if "top1_agreement" in report else {}),
-                    },
-                })
+                    "validation": self.variant_validation(tower, report),
+                }))
+        with updating_manifest(self.root) as manifest:
+            manifest.setdefault("validation", {}).setdefault("quantize", {})[cfg.precision] = report
+            if not report["passed"]:
+                return
+            self.check_reference_unchanged(manifest)
+            if spec.reuses_reference:
+                entries = [self.reuse_entry(manifest, tower, report) for tower in paths]
+            else:
+                entries = []
+                for moves, entry in staged:
+                    for made, final in moves:
+                        os.replace(made, final)
+                    entries.append(entry)
             manifest["variants"] = [
                 v for v in manifest["variants"] if not (v["precision"] == cfg.precision and v["format"] == "onnx")
             ] + entries
-        write_manifest(self.root, manifest)
 
-    def reuse_entry(self, tower: str, report: dict[str, Any]) -> dict[str, Any]:
+    def check_reference_unchanged(self, manifest: dict[str, Any]) -> None:
+        """The fp32 files this run quantized must still be the artifact's: an `export --force` meanwhile
+        replaced them, and a variant of the old model must not be recorded beside the new one."""
+        now = {v.tower: v.sha256 for v in variants(manifest) if v.precision == precisions.REFERENCE and v.format == "onnx"}
+        changed = [t for t in self.towers if now.get(t) != self.fp32[t].sha256]
+        if changed:
+            raise ArtifactError(
+                f"the {precisions.REFERENCE} {' and '.join(changed)} tower of {str(self.root)!r} changed while "
+                f"{self.cfg.precision} was being made (re-exported meanwhile?); nothing was recorded: run quantize again"
+            )
+
+    def variant_validation(self, tower: str, report: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "reference": precisions.REFERENCE,
+            "passed": True,
+            **report[tower],
+            **({"top1_agreement": report["top1_agreement"]} if "top1_agreement" in report else {}),
+        }
+
+    def reuse_entry(self, manifest: dict[str, Any], tower: str, report: dict[str, Any]) -> dict[str, Any]:
         """The manifest entry of a variant that runs the fp32 file: its file, sums and sizes, its own gate."""
         spec = precisions.get(self.cfg.precision)
-        fp32 = next(v for v in read_manifest(self.root)["variants"]
+        fp32 = next(v for v in manifest["variants"]
                     if v["tower"] == tower and v["format"] == "onnx" and v["precision"] == precisions.REFERENCE)
         keep = ("file", "sha256", "bytes", "external_data", "opset")
         return {
@@ -499,12 +525,7 @@ class _Stage:
             **{k: fp32[k] for k in keep if k in fp32},
             "source": fp32["file"],
             "requires_cpu": list(spec.cpu_features),
-            "validation": {
-                "reference": precisions.REFERENCE,
-                "passed": True,
-                **report[tower],
-                **({"top1_agreement": report["top1_agreement"]} if "top1_agreement" in report else {}),
-            },
+            "validation": self.variant_validation(tower, report),
         }
 
 
@@ -554,9 +575,27 @@ def _opset(path: Path) -> int:
 
 
 def quantize(cfg: QuantizeConfig) -> dict[str, Any]:
-    """Make and gate the ``cfg.precision`` variant of both towers; returns the gate report."""
+    """Make and gate the ``cfg.precision`` variant of both towers; returns the gate report.
+
+    Everything that does not need the data is checked before any of it is read: the options and the
+    CPU (``cfg.check``), the artifact, the packages the precision and its gate need, and that the
+    artifact directory can be written (taking the precision's job lock is the first write). A second
+    quantize of the same precision on the same artifact refuses at once, naming the first; other
+    precisions run beside it.
+    """
     cfg.check()
-    return _Stage(cfg).run()
+    read_manifest(cfg.artifact)  # an artifact at all: one line if not, before anything is made in it
+    check_environment(cfg.precision)
+    with job_lock(Path(cfg.artifact), f"quantize-{precisions.get(cfg.precision).name}",
+                  f"clipdeploy quantize --precision {cfg.precision}"):
+        return _Stage(cfg).run()
+
+
+def check_environment(precision: str) -> None:
+    """Import what making and gating ``precision`` needs (PrecisionSpec.needs): a missing package is one
+    line naming its extra, at once, not after minutes of reading data."""
+    for module, extra in precisions.get(precision).needs:
+        require(module, extra)
 
 
 def make_bf16(

@@ -13,7 +13,7 @@ from clipdeploy.manifest import swap_directory
 from clipdeploy.options import add_threads, threads_from_args
 from clipdeploy.runtime.backends import registry as backends
 from clipdeploy.runtime.session import load
-from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
+from clipdeploy.staging import check_writable, clean_beside, ensure_parent, output_temporaries, reserved
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -72,6 +72,7 @@ def _check_embed_output(out: Path) -> None:
             f"-o {str(out)!r} is the current directory or holds it; embed replaces DIR as a whole, "
             "so give it a subdirectory, e.g. -o embeddings"
         )
+    check_writable(target.parent)  # before the model runs, not after
     clean_beside(target)  # what a killed embed left (a half-swapped earlier set comes back)
     if out.is_dir():
         others = sorted(p.name for p in out.iterdir() if p.name not in EMBED_FILES)

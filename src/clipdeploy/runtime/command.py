@@ -40,6 +40,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.text:
         arrays["text"] = session.encode_text(args.text, normalize=normalize)
         result["text"] = {"inputs": args.text}
+        cut = session.truncated(args.text)
+        result["text"]["truncated"] = cut
+        if cut:
+            shown = ", ".join(f"#{i + 1}" for i in cut[:10]) + (f" and {len(cut) - 10} more" if len(cut) > 10 else "")
+            print(
+                f"clipdeploy: note: cut {len(cut)} of {len(args.text)} texts ({shown}) to the context length of "
+                f"{session.context_length} tokens, as open_clip's tokenizer cuts them: only that many are embedded",
+                file=sys.stderr,
+            )
     if "image" in arrays and "text" in arrays:
         result["similarity"] = {
             "kind": "sigmoid" if session.logit_bias is not None else "softmax over texts",

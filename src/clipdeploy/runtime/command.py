@@ -126,7 +126,11 @@ def add_embed(sub: Any) -> None:
         "-o", "--output", metavar="DIR", help="write .npy files to this directory instead of printing numbers; "
         "an earlier embed's files there are replaced as a set"
     )
-    p.add_argument("--backend", default=backends.AUTO, choices=backends.choices())
+    p.add_argument(
+        "--backend", default=backends.AUTO, choices=backends.choices(),
+        help=f"what runs the towers: {backends.AUTO} (default: picks by the artifact and this machine; --verbose "
+        f"says why) or one of {', '.join(backends.names())}",
+    )
     p.add_argument("--precision", help="variant to run (default: the fastest accepted one)")
     add_threads(p)
     p.add_argument("--no-normalize", action="store_true", help="return raw, not L2-normalized, embeddings")

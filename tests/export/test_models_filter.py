@@ -38,7 +38,8 @@ def test_cli_lists_only_matches_and_hints_at_case(open_clip, capsys):
     assert main(["models", "ViT-B"]) == 0
     out, _ = capsys.readouterr()
     listed = [line.split()[0] for line in out.splitlines()[:-1]]
-    assert listed == ["ViT-B-16", "ViT-B-32", "ViT-B-32-SigLIP2-256"] and out.splitlines()[-1].startswith("3 architectures")
+    assert listed == ["ViT-B-16", "ViT-B-32", "ViT-B-32-SigLIP2-256"]
+    assert out.splitlines()[-1].startswith("3 architectures")
     assert main(["models", "vit-b"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("0 architectures") and "case-sensitive: ViT-B-16, ViT-B-32" in err, err

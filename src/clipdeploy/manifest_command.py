@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from clipdeploy.manifest import read_manifest
@@ -18,7 +19,19 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def format_manifest(m: dict[str, Any]) -> str:
+def missing_files(root: Path, m: dict[str, Any]) -> list[str]:
+    """The files the runtime would open that are not there: variants, their external data, tokenizer files."""
+    listed: list[str] = []
+    for v in m["variants"]:
+        listed.append(v["file"])
+        listed += [e["file"] if isinstance(e, dict) else e for e in v.get("external_data") or []]
+    listed += list(m.get("files") or {})
+    listed += list(((m.get("tokenizer") or {}).get("files") or {}).values())
+    # read_manifest has confined every path to the artifact, so joining them here is safe.
+    return [rel for rel in dict.fromkeys(listed) if not (root / rel).is_file()]
+
+
+def format_manifest(m: dict[str, Any], missing: tuple[str, ...] | list[str] = ()) -> str:
     model = m["model"]
     if model.get("pretrained"):
         weights = f"pretrained {model['pretrained']}"
@@ -49,7 +62,7 @@ def format_manifest(m: dict[str, Any]) -> str:
         gate = "pass" if val.get("passed") else "FAIL"
         lines.append(
             f"  {v['tower']:5s} {v['precision']:9s} {v['format']:8s} {_size(v.get('bytes', 0)):>9s}  {cos:>9s}  "
-            f"{err:>11s}  {gate:4s}  {v['file']}"
+            f"{err:>11s}  {gate:4s}  {v['file']}{'  MISSING' if v['file'] in missing else ''}"
         )
     export = m.get("validation", {}).get("export")
     if export:
@@ -68,11 +81,20 @@ def format_manifest(m: dict[str, Any]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.artifact)
+    missing = missing_files(Path(args.artifact), manifest)
     if args.json:
         json.dump(manifest, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(format_manifest(manifest))
+        print(format_manifest(manifest, missing))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        print(
+            f"clipdeploy: error: {len(missing)} file(s) the manifest lists are missing from {args.artifact}: {shown}; "
+            "restore them or re-export the model with --force",
+            file=sys.stderr,
+        )
+        return 1  # a failed check, as a failed gate is: the artifact cannot be loaded as it stands
     return 0
 
 
@@ -80,7 +102,8 @@ def add_inspect(sub: Any) -> None:
     p = sub.add_parser(
         "inspect",
         help="summarize an artifact's manifest",
-        description="Print a readable summary of an artifact: model, towers, variants and their validation figures.",
+        description="Print a readable summary of an artifact: model, towers, variants and their validation figures. "
+        "Exits 1 when a file the manifest lists (a variant, its external data, a tokenizer file) is missing.",
     )
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")

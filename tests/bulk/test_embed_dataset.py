@@ -54,6 +54,9 @@ def test_every_readable_item_once_and_corrupt_ones_listed(tiny_art, dataset, tmp
     assert all(e["reason"] for e in errors)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (manifest["rows"], manifest["errors"], manifest["items"]) == (len(dataset.readable), 3, len(dataset.readable) + 3)
+    # The counts add up: every item is a row or an error, and this first run did them all.
+    assert manifest["items_this_run"] == manifest["items"] and manifest["shards_this_run"] == manifest["shards"]
+    assert "embedded_this_run" not in manifest
     # exit code: 1 when more than --max-errors items could not be read, 0 at or under it (resumed runs alike)
     assert run(tiny_art, dataset, tmp_path / "out2", "--max-errors", "2") == 1
     assert run(tiny_art, dataset, tmp_path / "out2", "--max-errors", "3") == 0
@@ -77,6 +80,9 @@ def test_rerun_does_no_model_work_and_a_killed_run_resumes(tiny_art, dataset, tm
     assert len(list(out.glob("part-*.parquet"))) == 2
     monkeypatch.setattr(command, "run_local", real)
     assert run(tiny_art, dataset, out) == 1
+    resumed = json.loads((out / "_manifest.json").read_text())
+    assert resumed["shards_this_run"] == resumed["shards"] - 2  # the two shards the killed run finished are kept
+    assert 0 < resumed["items_this_run"] < resumed["items"] == resumed["rows"] + resumed["errors"]
     first = rows(out)
     check_rows(first, dataset, clipdeploy.load(tiny_art))
 
@@ -88,6 +94,8 @@ def test_rerun_does_no_model_work_and_a_killed_run_resumes(tiny_art, dataset, tm
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert run(tiny_art, dataset, out) == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+    again = json.loads((out / "_manifest.json").read_text())
+    assert (again["items_this_run"], again["shards_this_run"]) == (0, 0)
     assert rows(out).keys() == first.keys()
 
 

@@ -307,6 +307,9 @@ def scenario_errors(world: TrtWorld, template: Path, work: Path) -> dict:
     world.cuda.no_gpu = False
 
     sys.modules["tensorrt"] = None  # type: ignore[assignment]  # as if TensorRT were not installed
+    from clipdeploy.runtime import cuda
+
+    cuda.gpu_present = lambda: True  # on a machine with a GPU: the error names TensorRT (no GPU: test_no_gpu.py)
     fig["no_tensorrt"] = error_of(lambda: build_engines(BuildConfig(art)))
     fig["no_tensorrt_auto"] = clipdeploy.load(art).backend
     return fig

@@ -20,6 +20,7 @@ from clipdeploy.errors import ArtifactError, DependencyError, EngineError, Usage
 from clipdeploy.manifest import read_manifest
 from clipdeploy.runtime.backends.tensorrt import select_engine
 from clipdeploy.runtime.tensorrt_compat import engine_mismatch
+from clipdeploy.runtime import cuda
 from clipdeploy.runtime.cuda import GpuInfo
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", (9, 0), 80 << 30)
@@ -167,6 +168,7 @@ def test_engine_selection_prefers_fast_accepted_engines_here():
 @pytest.fixture
 def no_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if it were not installed, even where it is
+    monkeypatch.setattr(cuda, "gpu_present", lambda: True)  # a GPU machine without TensorRT (no GPU: test_no_gpu.py)
 
 
 def _one_line_error(capsys) -> str:

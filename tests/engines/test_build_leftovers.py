@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 
 from clipdeploy.cli import main
+from clipdeploy.runtime import cuda
 
 
 def _no_tensorrt(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if it were not installed, even where it is
+    monkeypatch.setattr(cuda, "gpu_present", lambda: True)  # on a GPU machine: the error names TensorRT
 
 
 def test_next_build_removes_a_dead_writers_plan_temporary(tiny_artifact, capsys, monkeypatch):

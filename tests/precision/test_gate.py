@@ -125,6 +125,16 @@ def test_text_set_keeps_caption_identities_and_reports_counts():
                          min_calibration=32)
 
 
+@pytest.mark.parametrize(("min_calibration", "hint"), [(1, False), (2, True), (32, True)])
+def test_too_little_data_suggests_lowering_min_samples_only_when_it_can_be_lowered(min_calibration, hint):
+    texts = [f"caption {i}" for i in range(8)]
+    with pytest.raises(Exception, match=r"found 8 usable captions") as e:
+        dataset.text_set(texts, lambda t: np.zeros((len(t), 1)), calibration=300, held_out=256, seed=0,
+                         min_calibration=min_calibration)
+    assert ("lower --min-samples" in str(e.value)) is hint, e.value
+    assert "pass more data" in str(e.value)
+
+
 # ---- the gate: worst case, not only the mean --------------------------------------------------------------
 
 

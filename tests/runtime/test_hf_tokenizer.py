@@ -168,3 +168,16 @@ def test_pickle_round_trip(folders, tmp_path):
     clone = pickle.loads(pickle.dumps(ours))
     np.testing.assert_array_equal(clone(CORPUS), ours(CORPUS))
     assert clone.encode("a cat") == ours.encode("a cat")
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+def test_truncated_names_the_texts_the_tokenizer_cuts(kind, folders, tmp_path):
+    # The reference: the tokenizers library's own overflow record, on texts that cleaning leaves alone.
+    _, ours, _ = _exported(kind, folders[kind.name], tmp_path)
+    length = 16
+    texts = ["a cat " * n for n in range(1, 24)]
+    plain = tokenizers.Tokenizer.from_file(str(ours.path))
+    plain.enable_truncation(length, direction=ours.truncation_side)
+    expected = [i for i, t in enumerate(texts) if plain.encode(t.strip()).overflowing]
+    assert 0 < len(expected) < len(texts), expected  # both kinds of text are present
+    assert ours.truncated(texts, context_length=length) == expected

@@ -76,8 +76,9 @@ def run_embed_dataset(cfg: EmbedDatasetConfig, runner: Any = None) -> dict[str, 
     seconds = time.perf_counter() - start
     manifest = finish(
         out, len(shards),
-        {**identity, "items": len(items), "embedded_this_run": todo, "seconds": round(seconds, 3),
-         "items_per_second": round(todo / seconds, 2) if seconds > 0 and todo else None,
+        # items = rows + errors over all shards; *_this_run: the shards this run did (the rest were done before).
+        {**identity, "items": len(items), "items_this_run": todo, "shards_this_run": len(pending),
+         "seconds": round(seconds, 3), "items_per_second": round(todo / seconds, 2) if seconds > 0 and todo else None,
          "runner": "ray" if cfg.ray is not None else f"local x{cfg.workers}"},
     )  # fmt: skip
     failed = manifest["errors"]
@@ -91,7 +92,9 @@ def run_embed_dataset(cfg: EmbedDatasetConfig, runner: Any = None) -> dict[str, 
 
 DESCRIPTION = """\
 Embed a whole dataset into OUT/part-NNNNN.parquet (key, source, embedding, caption), plus OUT/_errors.jsonl
-(every item that could not be read, with the reason) and OUT/_manifest.json (counts, seconds, items/s).
+(every item that could not be read, with the reason) and OUT/_manifest.json: items = rows (embedded) + errors
+(unreadable) over all shards, items_this_run and shards_this_run (what this run did; a resumed run skips the
+shards done before), seconds, items/s.
 SOURCE: image folders (recursive), webdataset .tar shards, parquet/CSV files with a path column (relative
 paths are relative to the table's folder); with --texts a text file (a caption a line) or a text column.
 Globs and braces (shard-{000..099}.tar) expand. Each shard is written atomically: a re-run skips finished

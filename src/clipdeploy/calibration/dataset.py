@@ -93,9 +93,9 @@ def _need(min_calibration: int) -> str:
 
 def _split_sizes(n_found: int, calibration: int, held_out: int, min_calibration: int, kind: str) -> None:
     if n_found < MIN_HELD_OUT + min_calibration:
-        raise CalibrationError(
-            f"found {n_found} usable {kind}, {_need(min_calibration)}; pass more data, or lower --min-samples"
-        )
+        # --min-samples 1 is the lowest accepted: then more data is the only way out.
+        lower = f", or lower --min-samples (now {min_calibration})" if min_calibration > 1 else ""
+        raise CalibrationError(f"found {n_found} usable {kind}, {_need(min_calibration)}; pass more data{lower}")
 
 
 def split(usable: int, calibration: int, held_out: int, min_calibration: int) -> tuple[int, int]:

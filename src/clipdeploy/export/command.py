@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -55,11 +56,32 @@ def add_export(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
+GLOB_CHARS = "*?["
+
+
+def match_models(names: list[str], pattern: str | None) -> list[str]:
+    """``names`` that ``pattern`` selects: a glob over the whole name when it has * ? or [, else a name prefix.
+
+    Case-sensitive, as open_clip spells its names: ``ViT-B`` selects ViT-B-32 and ViT-B-16, not ViT-bigG-14.
+    """
+    if not pattern:
+        return list(names)
+    if any(c in pattern for c in GLOB_CHARS):
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [n for n in names if n.startswith(pattern)]
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     open_clip = import_open_clip()
-    rows = [(name, open_clip.list_pretrained_tags_by_model(name)) for name in open_clip.list_models()]
-    if args.filter:
-        rows = [r for r in rows if args.filter.lower() in r[0].lower()]
+    names = list(open_clip.list_models())
+    chosen = match_models(names, args.filter)
+    if args.filter and not chosen:
+        # The same filter without regard to case, so that 'vit-b' finds what 'ViT-B' would.
+        folded = match_models([n.lower() for n in names], args.filter.lower())
+        close = [n for n in names if n.lower() in folded]
+        hint = f"; names are case-sensitive: {', '.join(close[:5])}{' ...' if len(close) > 5 else ''}" if close else ""
+        print(f"clipdeploy: no architecture matches {args.filter!r}{hint}", file=sys.stderr)
+    rows = [(name, open_clip.list_pretrained_tags_by_model(name)) for name in chosen]
     if args.json:
         json.dump([{"model": n, "pretrained": t} for n, t in rows], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -77,6 +99,10 @@ def add_models(sub: Any) -> None:
         help="list open_clip architectures and their pretrained tags",
         description="List the architectures open_clip can build, with the pretrained tags for --pretrained.",
     )
-    p.add_argument("filter", nargs="?", help="show only names containing this text")
+    p.add_argument(
+        "filter", nargs="?", metavar="PREFIX|GLOB",
+        help="show only names starting with PREFIX (case-sensitive: 'ViT-B' lists ViT-B-32, not ViT-bigG-14), or, "
+        "with * ? or [ ], names matching the glob as a whole ('*SigLIP*', 'RN50*')",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)

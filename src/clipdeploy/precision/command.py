@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipdeploy import precisions
 from clipdeploy.errors import AccuracyError
 from clipdeploy.options import add_dataclass_options, config_from_args
 from clipdeploy.precision.stage import QuantizeConfig, quantize
@@ -56,7 +57,7 @@ def format_report(precision: str, report: dict[str, Any]) -> str:
 def add_quantize(sub: Any) -> None:
     p = sub.add_parser(
         "quantize",
-        help="make fp16 / int8 / int8-fp16 variants, gated against fp32",
+        help=f"make {' / '.join(precisions.quantized())} variants, gated against {precisions.REFERENCE}",
         description="Make a reduced-precision variant of both towers in the ONNX graph (the form TensorRT 10 "
         "and 11 compile), calibrated on real data and gated against the fp32 reference on held-out data. "
         "A variant that misses its gate is not written, and the command fails. int8 first tries to recover "

@@ -40,6 +40,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.text:
         arrays["text"] = session.encode_text(args.text, normalize=normalize)
         result["text"] = {"inputs": args.text}
+        cut = session.truncated(args.text)
+        result["text"]["truncated"] = cut
+        if cut:
+            shown = ", ".join(f"#{i + 1}" for i in cut[:10]) + (f" and {len(cut) - 10} more" if len(cut) > 10 else "")
+            print(
+                f"clipdeploy: note: cut {len(cut)} of {len(args.text)} texts ({shown}) to the context length of "
+                f"{session.context_length} tokens, as open_clip's tokenizer cuts them: only that many are embedded",
+                file=sys.stderr,
+            )
     if "image" in arrays and "text" in arrays:
         result["similarity"] = {
             "kind": "sigmoid" if session.logit_bias is not None else "softmax over texts",
@@ -118,7 +127,11 @@ def add_embed(sub: Any) -> None:
         "-o", "--output", metavar="DIR", help="write .npy files to this directory instead of printing numbers; "
         "an earlier embed's files there are replaced as a set"
     )
-    p.add_argument("--backend", default=backends.AUTO, choices=backends.choices())
+    p.add_argument(
+        "--backend", default=backends.AUTO, choices=backends.choices(),
+        help=f"what runs the towers: {backends.AUTO} (default: picks by the artifact and this machine; --verbose "
+        f"says why) or one of {', '.join(backends.names())}",
+    )
     p.add_argument("--precision", help="variant to run (default: the fastest accepted one)")
     add_threads(p)
     p.add_argument("--no-normalize", action="store_true", help="return raw, not L2-normalized, embeddings")

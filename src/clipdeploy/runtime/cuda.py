@@ -8,7 +8,10 @@ inside functions, so ``import clipdeploy`` never needs either.
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,30 @@ from clipdeploy.errors import DependencyError, EngineError, InputError, UsageErr
 INSTALL_HINT = (
     "pip install 'clipdeploy[tensorrt]' (TensorRT 11, CUDA 13) or 'clipdeploy[tensorrt10]' (TensorRT 10, CUDA 12)"
 )
+
+
+# Where the NVIDIA driver lists its GPUs; tests point these elsewhere to act out both kinds of machine.
+PROC_GPUS = Path("/proc/driver/nvidia/gpus")
+NVIDIA_SMI = "nvidia-smi"
+NO_GPU = "this machine has no NVIDIA GPU (no driver lists one)"
+
+
+def gpu_present() -> bool:
+    """Whether the NVIDIA driver sees a GPU here, asked of the driver (its /proc entries, else ``nvidia-smi -L``),
+    not of cuda-python or TensorRT, so that it answers the same whether or not those are installed."""
+    try:
+        if PROC_GPUS.is_dir() and any(PROC_GPUS.iterdir()):
+            return True
+    except OSError:
+        pass
+    smi = shutil.which(NVIDIA_SMI)
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and any(line.startswith("GPU ") for line in out.stdout.splitlines())
 
 
 def import_cudart() -> Any:

@@ -131,6 +131,16 @@ class ClipSession:
             )
         return trim_to_pooled(ids, text["pooling"], text.get("eos_token_id"))
 
+    def truncated(self, texts: Sequence[str] | str) -> list[int]:
+        """Indices of the texts longer than the context length, which ``tokenize`` (as open_clip's tokenizer
+        does) cuts to it; the embedding then sees only their first ``context_length`` tokens."""
+        return list(self.tokenizer.truncated(texts))
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (start and end tokens included) the text tower reads."""
+        return int(self.tokenizer.context_length)
+
     def _text_entry(self) -> dict[str, Any]:
         return dict(self.manifest.get("towers", {}).get("text") or {})
 

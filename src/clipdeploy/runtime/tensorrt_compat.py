@@ -28,6 +28,12 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt
     except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
+        if not cuda.gpu_present():
+            # Installing TensorRT would not help here: say what is really missing.
+            raise DependencyError(
+                f"TensorRT engines need an NVIDIA GPU, and {cuda.NO_GPU}; build and run engines on a GPU machine "
+                "(ONNX variants run here: backend='onnxruntime', CLI --backend onnxruntime)"
+            ) from e
         raise DependencyError(
             f"TensorRT is not installed or does not load ({e}); install it with {cuda.INSTALL_HINT}"
         ) from e

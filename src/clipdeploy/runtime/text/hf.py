@@ -130,6 +130,11 @@ class HfTokenizer:
             ids[ids == self.sep_token_id] = 0
         return ids
 
+    def truncated(self, texts: str | Sequence[str], context_length: int | None = None) -> list[int]:
+        """Indices of the texts that ``__call__`` cuts: their ids, special tokens included, exceed the length."""
+        length = context_length or self.context_length
+        return [i for i, text in enumerate(as_text_list(texts)) if len(self.encode(text)) > length]
+
     def __repr__(self) -> str:
         return (
             f"HfTokenizer({str(self.path)!r}, context_length={self.context_length}, clean={self.clean!r}, "

@@ -240,6 +240,11 @@ class BpeTokenizer:
             result[row, : len(tokens)] = tokens
         return result
 
+    def truncated(self, texts: str | Sequence[str], context_length: int | None = None) -> list[int]:
+        """Indices of the texts that ``__call__`` cuts: SOT, text and EOT take more than the context length."""
+        length = context_length or self.context_length
+        return [i for i, text in enumerate(as_text_list(texts)) if len(self.encode(text)) + 2 > length]
+
     def __repr__(self) -> str:
         return (
             f"BpeTokenizer(bpe_path={str(self.bpe_path)!r}, context_length={self.context_length}, "

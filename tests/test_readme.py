@@ -1,0 +1,87 @@
+"""The README's tables and signatures that restate the code are checked against it, so they cannot drift:
+the extras table against pyproject.toml, the backends `load` names against the backend registry, the
+Python versions against requires-python and the classifiers, and the Triton commands against the
+packages the generated Python models import."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from clipdeploy.runtime.backends import registry as backends
+from clipdeploy.triton.readme import PYTHON_PACKAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {_norm(re.match(r"\s*([A-Za-z0-9_.-]+)", r)[1]) for r in reqs}
+
+
+def _section(title: str) -> str:
+    start = README.index(f"\n{title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end != -1 else None]
+
+
+def _extras_table() -> dict[str, set[str]]:
+    rows = {}
+    for line in _section("## Installing").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] in ("extra", "---"):
+            continue
+        extra = "" if cells[0] == "*(base)*" else cells[0].strip("`")
+        # "a, b (note, note), c 13": one package per comma outside parentheses, its name the first word.
+        items = re.split(r",\s*(?![^()]*\))", cells[1])
+        rows[extra] = {_norm(re.match(r"`?([A-Za-z0-9_.-]+)", item.strip())[1]) for item in items}
+    return rows
+
+
+def test_extras_table_matches_pyproject():
+    table = _extras_table()
+    declared = {"": _requirement_names(PROJECT["dependencies"])}
+    declared |= {extra: _requirement_names(reqs) for extra, reqs in PROJECT["optional-dependencies"].items()}
+    assert set(table) == set(declared), f"README extras {sorted(table)} vs pyproject.toml {sorted(declared)}"
+    for extra, names in declared.items():
+        assert table[extra] == names, f"extra {extra or '(base)'}: README lists {sorted(table[extra])}, " \
+            f"pyproject.toml declares {sorted(names)}"
+
+
+def test_load_signature_names_every_backend():
+    m = re.search(r'`load\(path, backend=((?:"[^"]+"(?: \| )?)+),', README)
+    assert m, "README: no load(path, backend=...) signature"
+    assert re.findall(r'"([^"]+)"', m[1]) == list(backends.choices()), m[0]
+
+
+def test_python_versions_are_the_declared_ones():
+    floor = re.fullmatch(r">=(\d+\.\d+)", PROJECT["requires-python"])[1]
+    listed = sorted((c.rsplit(" :: ", 1)[1] for c in PROJECT["classifiers"] if re.search(r"Python :: \d+\.\d+$", c)),
+                    key=lambda v: tuple(map(int, v.split("."))))
+    assert listed[0] == floor, (listed, floor)  # the oldest classifier is the floor CI installs on
+    quick = _section("## Quick start")
+    assert f"Python {', '.join(listed[:-1])} or {listed[-1]}" in quick
+    assert f"CI installs on {floor} and {listed[-1]}" in quick
+    assert "3.10+" not in README
+
+
+def test_triton_commands_build_the_image_the_python_models_need():
+    section = README[README.index("### Serving with Triton") :]
+    block = section[section.index("```bash") : section.index("```\n", section.index("```bash") + 7)]
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\S+-py3$", block, re.M), block
+    (pip,) = [line for line in block.splitlines() if line.startswith("RUN pip install")]
+    assert set(PYTHON_PACKAGES) <= set(pip.split()), pip
+    (run,) = [line for line in block.splitlines() if line.startswith("docker run")]
+    tag = re.search(r"docker build -t (\S+)", block)[1]
+    assert f" {tag} tritonserver" in run and "nvcr.io" not in run, run  # the built image, not the stock one
+
+
+def test_wheel_install_line_names_this_version():
+    names = set(re.findall(r"dist/clipdeploy-([0-9][^-]*)-py3-none-any\.whl", README))
+    assert names == {PROJECT["version"]}, names

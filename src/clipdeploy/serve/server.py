@@ -4,6 +4,7 @@ accepting, lets in-flight requests finish within ``graceful_timeout``, then exit
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 from clipdeploy.deps import require
@@ -44,5 +45,11 @@ def _draining_server(uvicorn: Any, app: Any) -> Any:
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.clipdeploy.draining = True
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                # uvicorn raises a captured signal again after its graceful stop, which would end the
+                # process by SIGTERM; a drained stop is a clean exit, 0, for process managers.
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list) and sig in captured:
+                    captured.remove(sig)
 
     return DrainingServer

@@ -251,7 +251,7 @@ def test_ready_is_503_until_every_model_warmed_up(sessions: dict[str, Any]) -> N
         return sessions[name]
 
     async def main() -> None:
-        app = create_app(config(sessions), None, load=load)
+        app = create_app(config(sessions), None, loader=load)
         async with client_for(app, wait_ready=False) as c:
             await asyncio.sleep(0.1)
             assert (await c.get("/health")).status_code == 200

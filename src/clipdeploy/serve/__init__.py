@@ -11,6 +11,7 @@ __all__ = ["ServeConfig", "create_app"]
 
 def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
     """See :func:`clipdeploy.serve.app.create_app`."""
+    # here, not at the top: the app needs fastapi and pydantic, which `import clipdeploy.serve` does not
     from clipdeploy.serve.app import create_app as _create_app
 
     return _create_app(*args, **kwargs)

@@ -22,6 +22,7 @@ import numpy as np
 
 from clipdeploy.deps import require
 from clipdeploy.errors import ClipDeployError
+from clipdeploy.runtime.session import load
 from clipdeploy.serve.batcher import QueueFullError
 from clipdeploy.serve.config import ServeConfig
 from clipdeploy.serve.errors import APIError, bad_request, error_body, overloaded
@@ -77,13 +78,13 @@ def create_app(
     cfg: ServeConfig,
     sessions: Mapping[str, Any] | None = None,
     *,
-    load: Callable[[ServeConfig, str, Any], Any] | None = None,
+    loader: Callable[[ServeConfig, str, Any], Any] | None = None,
 ) -> Any:
     """The FastAPI app serving ``cfg.models``.
 
     ``sessions`` (name -> ClipSession), when given, are served as they are; otherwise each artifact is
     loaded in the background when the app starts (``/health`` answers meanwhile, ``/ready`` says 503).
-    ``load(cfg, name, path)`` replaces ``clipdeploy.load`` for that (tests, Ray replicas).
+    ``loader(cfg, name, path)`` replaces ``load_session`` for that (tests, Ray replicas).
     """
     fastapi = require("fastapi", "serve")
     responses = require("fastapi.responses", "serve")
@@ -93,7 +94,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         state.pool = decode_pool(cfg)
-        warming = asyncio.get_running_loop().create_task(_load_and_warm(state, sessions, load))
+        warming = asyncio.get_running_loop().create_task(_load_and_warm(state, sessions, loader))
         try:
             yield
         finally:
@@ -286,14 +287,14 @@ def _encode(row: np.ndarray, fmt: str) -> Any:
     return np.asarray(row, dtype=np.float32).tolist()
 
 
-async def _load_and_warm(state: ServerState, sessions: Mapping[str, Any] | None, load: Any) -> None:
+async def _load_and_warm(state: ServerState, sessions: Mapping[str, Any] | None, loader: Any) -> None:
     """Load (unless given) and warm every model, one after the other, off the event loop."""
     for name, path in state.cfg.models:
         try:
             if sessions is not None and name in sessions:
                 session = sessions[name]
             else:
-                session = await asyncio.to_thread((load or _default_load), state.cfg, name, path)
+                session = await asyncio.to_thread((loader or load_session), state.cfg, name, path)
             served = ServedModel(name, session, state.cfg, state.metrics)
             served.start()
             state.models[name] = served
@@ -307,9 +308,8 @@ async def _load_and_warm(state: ServerState, sessions: Mapping[str, Any] | None,
             return
 
 
-def _default_load(cfg: ServeConfig, name: str, path: Any) -> Any:
-    from clipdeploy.runtime.session import load
-
+def load_session(cfg: ServeConfig, name: str, path: Any) -> Any:
+    """The session a served model runs: ``clipdeploy.load`` with the server's backend, precision and threads."""
     return load(path, backend=cfg.backend, precision=cfg.precision, intra_op_num_threads=cfg.threads)
 
 

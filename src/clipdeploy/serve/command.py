@@ -39,15 +39,18 @@ def run_serve(cfg: ServeConfig) -> int:
     require("prometheus_client", "serve")
     cfg.api_key = cfg.resolve_api_key()
     if cfg.ray is not None:
+        # here, not at the top: ray loads only with --ray
         from clipdeploy.serve.ray_deploy import deploy_ray
 
         return deploy_ray(cfg)
-    from clipdeploy.serve.app import _default_load
+    # here, not at the top: every `clipdeploy` command imports this module, and the server needs fastapi
+    from clipdeploy.serve.app import load_session
+    # here, not at the top: as above (uvicorn)
     from clipdeploy.serve.server import run_server
 
     sessions: dict[str, Any] = {}
     for name, path in cfg.models:
-        sessions[name] = _default_load(cfg, name, path)
+        sessions[name] = load_session(cfg, name, path)
         print(f"clipdeploy serve: {name}: {sessions[name].describe()}", file=sys.stderr)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         print(f"clipdeploy serve: warning: serving on {cfg.host} without an API key (--api-key-file or "

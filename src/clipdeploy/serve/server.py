@@ -9,6 +9,7 @@ from typing import Any
 
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
+from clipdeploy.serve.app import create_app
 from clipdeploy.serve.config import ServeConfig
 
 log = logging.getLogger("clipdeploy.serve")
@@ -17,7 +18,6 @@ log = logging.getLogger("clipdeploy.serve")
 def run_server(cfg: ServeConfig, sessions: dict[str, Any] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a graceful stop."""
     uvicorn = require("uvicorn", "serve")
-    from clipdeploy.serve.app import create_app
 
     app = create_app(cfg, sessions)
     config = uvicorn.Config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from typing import Any
 
 from clipdeploy.deps import require
@@ -25,8 +26,8 @@ def run_server(cfg: ServeConfig, sessions: dict[str, Any] | None = None) -> int:
         timeout_graceful_shutdown=cfg.graceful_timeout or None, lifespan="on",
     )  # fmt: skip
     server = _draining_server(uvicorn, app)(config)
-    log.warning("clipdeploy serve: listening on http://%s:%d (models: %s)", cfg.host, cfg.port,
-                ", ".join(name for name, _ in cfg.models))  # fmt: skip
+    print(f"clipdeploy serve: listening on http://{cfg.host}:{cfg.port} (models: "
+          f"{', '.join(name for name, _ in cfg.models)}); /ready says when they are warm", file=sys.stderr)
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits 1 when it cannot bind

@@ -342,3 +342,27 @@ def test_config_refusals_are_one_line(tmp_path: Any, sessions: dict[str, Any]) -
     with pytest.raises(UsageError, match="cannot be read"):
         ServeConfig(models=[("x", root)], api_key_file=tmp_path / "missing").resolve_api_key()
     json.dumps  # noqa: B018 (json is used by other tests in this module)
+
+
+def test_request_bodies_held_at_once_are_bounded_503_past_the_budget(sessions: dict[str, Any]) -> None:
+    slow = {"a": SlowSession(sessions["a"], delay=0.0)}
+    cfg = config(slow, max_body_mb=1.0, max_inflight_mb=1.0, max_wait_ms=0)
+    big = "a cat " + "x" * 600_000  # about 0.6 MB: two of them do not fit a 1 MB budget
+
+    async def main() -> None:
+        app = create_app(cfg, slow)
+        async with client_for(app) as c:
+            slow["a"].delay = 1.0
+            first = asyncio.get_running_loop().create_task(c.post("/v1/embeddings", json={"model": "a", "input": big}))
+            await asyncio.sleep(0.3)  # the first body is held while its inference runs
+            second = await c.post("/v1/embeddings", json={"model": "a", "input": big})
+            assert second.status_code == 503, second.text
+            assert second.headers.get("retry-after") == "1" and "max-inflight-mb" in second.json()["error"]["message"]
+            small = await c.post("/v1/embeddings", json={"model": "a", "input": "small"})
+            assert small.status_code == 200, "a small body still fits beside the held one"
+            assert (await first).status_code == 200
+            slow["a"].delay = 0.0
+            again = await c.post("/v1/embeddings", json={"model": "a", "input": big})
+            assert again.status_code == 200, "the budget is given back when a request ends"
+
+    asyncio.run(main())

@@ -323,6 +323,7 @@ class _Guard:
         self.app = app
         self.state = state
         self.api_key = api_key.encode() if api_key else None
+        self.body_bytes = 0  # bytes of request bodies held now (read, or being read): bounded by the budget
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -343,15 +344,37 @@ class _Guard:
             if refusal is not None:
                 await _send_error(send_counted, refusal)
                 return
-            receive_body, refusal = await self._read_body(scope, receive)
-            if refusal is not None:
-                await _send_error(send_counted, refusal)
+            held = self._claim_body(scope)
+            if held is None:
+                await _send_error(send_counted, overloaded(
+                    f"request bodies of {self.body_bytes} bytes are being handled, the most this server holds "
+                    f"at once (--max-inflight-mb {self.state.cfg.max_inflight_mb:g}); retry after a second"))
                 return
-            await self.app(scope, receive_body, send_counted)
+            try:
+                receive_body, refusal = await self._read_body(scope, receive)
+                if refusal is not None:
+                    await _send_error(send_counted, refusal)
+                    return
+                await self.app(scope, receive_body, send_counted)
+            finally:
+                self.body_bytes -= held
         finally:
             m = self.state.metrics
             m.requests.labels(route, str(status["code"])).inc()
             m.latency.labels(route).observe(time.perf_counter() - start)
+
+    def _claim_body(self, scope: dict[str, Any]) -> int | None:
+        """Reserve room for this request's body in the in-flight budget (its length, or the limit when
+        unknown); None when the budget is spent. One event loop: no lock needed."""
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return 0
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        limit = self.state.cfg.max_body_bytes
+        size = min(int(declared), limit) if declared is not None and declared.isdigit() else limit
+        if self.body_bytes and self.body_bytes + size > self.state.cfg.max_inflight_bytes:
+            return None
+        self.body_bytes += size
+        return size
 
     def _refusal(self, scope: dict[str, Any], path: str) -> APIError | None:
         if self.api_key is None or path in OPEN_PATHS or (path == "/metrics" and self.state.cfg.open_metrics):

@@ -74,7 +74,7 @@ def add_serve(sub: Any) -> None:
     add_dataclass_options(
         p, ServeConfig,
         ["host", "port", "backend", "precision", "threads", "max_batch", "max_wait_ms", "max_queue", "max_items",
-         "max_body_mb", "max_image_pixels", "decode_workers", "api_key_file", "open_metrics", "graceful_timeout",
+         "max_body_mb", "max_inflight_mb", "max_image_pixels", "decode_workers", "api_key_file", "open_metrics", "graceful_timeout",
          "label_cache", "replicas"],
     )  # fmt: skip
     p.set_defaults(func=cmd_serve)

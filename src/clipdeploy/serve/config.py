@@ -63,6 +63,11 @@ class ServeConfig:
         default=32.0, metadata=opt("largest request body accepted, in MB (413 past it)", metavar="MB",
                                    parse=lambda flag, text: _positive(flag, text))
     )  # fmt: skip
+    max_inflight_mb: float = field(
+        default=1024.0, metadata=opt("request bodies held at once, in MB; past it new requests get 503 "
+                                     "with Retry-After (memory stays bounded)", metavar="MB",
+                                     parse=lambda flag, text: _positive(flag, text))
+    )  # fmt: skip
     max_image_pixels: int = field(
         default=40_000_000,
         metadata=opt("largest image accepted, width x height (413 past it, checked before decoding)",
@@ -114,10 +119,17 @@ class ServeConfig:
                              "a full-size request could never be admitted; raise --max-queue")
         if not self.max_body_mb > 0:
             raise UsageError(f"--max-body-mb {self.max_body_mb!r} must be more than 0")
+        if not self.max_inflight_mb >= self.max_body_mb:
+            raise UsageError(f"--max-inflight-mb {self.max_inflight_mb!r} is smaller than --max-body-mb "
+                             f"{self.max_body_mb!r}: a full-size body could never be admitted; raise it")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * 1024 * 1024)
 
     def resolve_api_key(self) -> str | None:
         """The key from --api-key-file, else $CLIPDEPLOY_API_KEY, else None (no auth); one line if unreadable."""

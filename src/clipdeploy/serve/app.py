@@ -78,12 +78,15 @@ def create_app(
     sessions: Mapping[str, Any] | None = None,
     *,
     load: Callable[[ServeConfig, str, Any], Any] | None = None,
+    wait_ready: bool = False,
 ) -> Any:
     """The FastAPI app serving ``cfg.models``.
 
     ``sessions`` (name -> ClipSession), when given, are served as they are; otherwise each artifact is
     loaded in the background when the app starts (``/health`` answers meanwhile, ``/ready`` says 503).
     ``load(cfg, name, path)`` replaces ``clipdeploy.load`` for that (tests, Ray replicas).
+    ``wait_ready``: the app's startup returns only once every model is warm, and fails if one cannot load
+    (Ray Serve routes to a replica only after its startup, and restarts one whose startup failed).
     """
     fastapi = require("fastapi", "serve")
     responses = require("fastapi.responses", "serve")
@@ -95,6 +98,10 @@ def create_app(
         state.pool = decode_pool(cfg)
         warming = asyncio.get_running_loop().create_task(_load_and_warm(state, sessions, load))
         try:
+            if wait_ready:
+                await warming
+                if state.failed is not None:
+                    raise RuntimeError(state.failed)
             yield
         finally:
             state.draining = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import time
 from pathlib import Path
@@ -181,3 +182,33 @@ def test_a_failed_deployment_is_reported_by_the_replicas_own_error() -> None:
         raise ConnectionError("no controller")
 
     assert _why_failed(SimpleNamespace(status=unavailable)) is None
+
+
+def test_a_local_ray_refuses_replicas_it_cannot_place() -> None:
+    from types import SimpleNamespace
+
+    from clipdeploy.errors import UsageError
+    from clipdeploy.serve.ray_deploy import _check_fits
+
+    ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0})
+    cfg = ServeConfig(models=[("m", Path("a"))], ray="local", replicas=3, threads=2)
+    with pytest.raises(UsageError, match=r"--replicas 3 needs 6 CPU\(s\) \(2 each\), and this machine's Ray has 4; "
+                                         r"pass --replicas 2 or a smaller --threads"):  # fmt: skip
+        _check_fits(ray, cfg, replica_resources(cfg, 0, False))
+    with pytest.raises(UsageError, match=r"needs 3 GPU\(s\) \(1 each\), and this machine's Ray has 0; pass --replicas 1"):
+        _check_fits(ray, cfg, {"num_gpus": 1, "num_cpus": 1})
+    _check_fits(ray, dataclasses.replace(cfg, replicas=2), replica_resources(cfg, 0, False))  # 4 of 4 CPUs: fits
+
+
+def test_a_replica_whose_model_failed_fails_its_health_check() -> None:
+    from types import SimpleNamespace
+
+    from clipdeploy.serve.ray_deploy import Replica
+
+    replica = Replica()
+    state = SimpleNamespace(failed=None)
+    replica.app = SimpleNamespace(state=SimpleNamespace(clipdeploy=state))
+    replica.check_health()
+    state.failed = "model 'm' failed to load or warm up: out of memory"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        replica.check_health()

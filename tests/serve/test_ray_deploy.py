@@ -206,6 +206,7 @@ def test_a_replica_whose_model_failed_fails_its_health_check() -> None:
     from clipdeploy.serve.ray_deploy import Replica
 
     replica = Replica()
+    replica.check_health()  # still starting: no app yet
     state = SimpleNamespace(failed=None)
     replica.app = SimpleNamespace(state=SimpleNamespace(clipdeploy=state))
     replica.check_health()

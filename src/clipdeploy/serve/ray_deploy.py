@@ -45,7 +45,10 @@ class Replica:
 
     def check_health(self) -> None:
         """Ray Serve's periodic check: a replica whose model failed is restarted."""
-        failed = self.app.state.clipdeploy.failed
+        try:
+            failed = self.app.state.clipdeploy.failed
+        except AttributeError:  # the app is not built yet: the replica is still starting
+            return
         if failed is not None:
             raise RuntimeError(failed)
 

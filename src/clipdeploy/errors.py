@@ -54,6 +54,12 @@ class AccuracyError(ClipDeployError):
         self.report = report or {}
 
 
+class ServeError(ClipDeployError):
+    """A server that could not be started or deployed (Ray Serve replicas that never came up)."""
+
+    exit_code = 1
+
+
 class EngineError(ClipDeployError):
     """A TensorRT engine could not be built, loaded or run."""
 

@@ -79,12 +79,15 @@ def create_app(
     sessions: Mapping[str, Any] | None = None,
     *,
     loader: Callable[[ServeConfig, str, Any], Any] | None = None,
+    wait_ready: bool = False,
 ) -> Any:
     """The FastAPI app serving ``cfg.models``.
 
     ``sessions`` (name -> ClipSession), when given, are served as they are; otherwise each artifact is
     loaded in the background when the app starts (``/health`` answers meanwhile, ``/ready`` says 503).
     ``loader(cfg, name, path)`` replaces ``load_session`` for that (tests, Ray replicas).
+    ``wait_ready``: the app's startup returns only once every model is warm, and fails if one cannot load
+    (Ray Serve routes to a replica only after its startup, and restarts one whose startup failed).
     """
     fastapi = require("fastapi", "serve")
     responses = require("fastapi.responses", "serve")
@@ -96,6 +99,10 @@ def create_app(
         state.pool = decode_pool(cfg)
         warming = asyncio.get_running_loop().create_task(_load_and_warm(state, sessions, loader))
         try:
+            if wait_ready:
+                await warming
+                if state.failed is not None:
+                    raise RuntimeError(state.failed)
             yield
         finally:
             state.draining = True

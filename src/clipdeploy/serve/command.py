@@ -38,6 +38,9 @@ def run_serve(cfg: ServeConfig) -> int:
     require("uvicorn", "serve")
     require("prometheus_client", "serve")
     cfg.api_key = cfg.resolve_api_key()
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        print(f"clipdeploy serve: warning: serving on {cfg.host} without an API key (--api-key-file or "
+              f"${API_KEY_ENV})", file=sys.stderr)  # fmt: skip
     if cfg.ray is not None:
         # here, not at the top: ray loads only with --ray
         from clipdeploy.serve.ray_deploy import deploy_ray
@@ -52,9 +55,6 @@ def run_serve(cfg: ServeConfig) -> int:
     for name, path in cfg.models:
         sessions[name] = load_session(cfg, name, path)
         print(f"clipdeploy serve: {name}: {sessions[name].describe()}", file=sys.stderr)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
-        print(f"clipdeploy serve: warning: serving on {cfg.host} without an API key (--api-key-file or "
-              f"${API_KEY_ENV})", file=sys.stderr)  # fmt: skip
     return run_server(cfg, sessions)
 
 

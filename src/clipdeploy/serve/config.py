@@ -114,6 +114,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {value!r} must be a whole number of 1 or more")
+        if self.ray is None and self.replicas != 1:
+            raise UsageError(f"--replicas {self.replicas} needs --ray: replicas run on Ray Serve (--ray alone starts a "
+                             "local Ray, --ray ADDRESS joins a cluster); without it one process serves")  # fmt: skip
         if self.max_queue < self.max_items:
             raise UsageError(f"--max-queue {self.max_queue} is smaller than --max-items {self.max_items}: "
                              "a full-size request could never be admitted; raise --max-queue")

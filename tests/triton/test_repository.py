@@ -228,7 +228,8 @@ def test_cpu_instances_serve_fp32_not_int8_unless_the_server_has_vnni(micro_arti
     # The server's CPU has VNNI: int8 is served and is the default, as the runtime picks it on CPU.
     summary = build_repository(TritonConfig(artifacts=[root], output=tmp_path / "v", server_has_vnni=True))
     assert "art_image_int8_onnx" in summary["artifacts"][0]["models"]
-    assert all_configs(tmp_path / "v")["art_embed_image"].ensemble_scheduling.step[1].model_name == "art_image_int8_onnx"
+    step = all_configs(tmp_path / "v")["art_embed_image"].ensemble_scheduling.step[1]
+    assert step.model_name == "art_image_int8_onnx"
     assert main(["triton", str(root), "-o", str(out), "--precision", "int8", "--server-has-vnni"]) == 0
     # CUDA instances do not run the CPU kernels: int8 is served there as before (when asked for).
     gpu = build_repository(TritonConfig(artifacts=[root], output=tmp_path / "g", onnx_device="gpu",

@@ -237,7 +237,8 @@ def estimate_seconds(
     total = 0.0
     for spec, cases in plans:
         total += OPEN_ALLOWANCE_S.get(spec.role, OPEN_ALLOWANCE_S["clipdeploy"])
-        calls = default.call_s if spec.precision in set(default.precision.values()) - {REFERENCE} else default.fp32_call_s
+        quantized = spec.precision in set(default.precision.values()) - {REFERENCE}
+        calls = default.call_s if quantized else default.fp32_call_s
         for case in cases:
             per_call = calls.get(case.tower, max(calls.values(), default=0.0)) * case.batch / batch
             timed = timing.iters * per_call
@@ -248,7 +249,9 @@ def estimate_seconds(
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 # ---- running contenders ---------------------------------------------------------------------------

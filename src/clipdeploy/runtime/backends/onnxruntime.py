@@ -93,8 +93,9 @@ class OrtRunner(Runner):
         # x86 CPUs without VNNI run int8 MatMul/Conv as U8S8 with VPMADDUBSW, whose 16-bit pair sums
         # saturate: measured (2-core AVX2 EPYC) it took micro ResNet's int8 text mean cosine from 0.999 to
         # 0.987. ONNX Runtime's exact U8U8 path fixes that, and is set only there: with VNNI the default
-        # kernels do not saturate, and the U8U8 path is far slower (ViT-B-32 int8 image tower: 2.4x on an
-        # AMX Xeon, README "Measured"). Gates and serving both run through this class: what was gated runs.
+        # kernels do not saturate (bit-identical int8 outputs measured), and the U8U8 path is much slower
+        # (ViT-B-32 int8 image tower, 1.5x on an AVX512-VNNI EPYC: README "Measured"). Gates and serving both
+        # run through this class: what was gated is what runs.
         self.exact_int8 = exact_int8_needed()
         if self.exact_int8:
             so.add_session_config_entry(X64_QUANT_PRECISION, "1")

@@ -45,7 +45,8 @@ def test_page_names_the_machine_and_has_every_model(tmp_path, monkeypatch):
     assert "| ViT-B-32 | image | onnxruntime fp32 | - | 32.0 |" in page
     assert "## ViT-B-32 on Test CPU" in page and "## RN50 on Test CPU" in page
     assert "- not measured: export failed: unknown model 'broken'" in page
-    assert "**Targets**" in page and page.count("**Targets**") == 1  # ViT-B-32 only
+    assert "Targets" not in page  # issue #6's table is gone; issue #14's goal replaces it
+    assert "**Goal**" in page and page.count("**Goal**") == 1  # ViT-B-32 only
     assert "- note for RN50" in page
     assert [c.precisions for c in seen] == [("fp32", "int8")] * 2
     assert all(c.device == "cpu" for c in seen)

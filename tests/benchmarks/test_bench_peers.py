@@ -10,6 +10,7 @@ from clipdeploy.benchmarks.contenders import discover
 from clipdeploy.benchmarks.report import goal_section, markdown, terminal_table
 from clipdeploy.runtime.backends import registry as backends_mod
 from tests.support.bench_fakes import make_report
+from tests.support.cpus import auto_cpu_backend, use_cpu
 
 
 def _rec(tower: str, backend: str, precision: str, batch: int, p50: float, role: str = "clipdeploy") -> dict:
@@ -18,14 +19,21 @@ def _rec(tower: str, backend: str, precision: str, batch: int, p50: float, role:
             "role": role, "seq_len": None}
 
 
-def _vit_report(int8_ms: float, compile_ms: float = 60.0, cos: float = 0.9995) -> dict:
+def _vit_report(int8_ms: float, compile_ms: float = 60.0, cos: float = 0.9995, openvino_ms: float | None = None,
+                default: str = "onnxruntime") -> dict:
+    """ViT-B-32 image records; ``default``: the backend ``load(dir)`` picked (report["default_path"])."""
     report = make_report(model="ViT-B-32")
     report["records"] = [r for r in report["records"] if r["tower"] == "image"]
     for b in (1, 8):
         report["records"].append(_rec("image", "torch.compile", "fp32", b, compile_ms / 8 * b, role="peer"))
+        if openvino_ms is not None:
+            eager = next(r["p50_ms"] for r in report["records"] if r["backend"] == "torch" and r["batch"] == b)
+            report["records"].append({**_rec("image", "openvino", "int8", b, openvino_ms / 8 * b), "cos_min": cos,
+                                      "speedup_vs_torch_fp32": eager / (openvino_ms / 8 * b)})
     for r in report["records"]:
-        if r["precision"] == "int8" and r["batch"] == 8:
+        if r["backend"] == "onnxruntime" and r["precision"] == "int8" and r["batch"] == 8:
             r["p50_ms"], r["cos_min"] = int8_ms, cos
+    report["default_path"] = {"backend": default, "precision": {"image": "int8", "text": "int8"}, "describe": ""}
     add_best_peer(report["records"])
     return report
 
@@ -55,6 +63,33 @@ def test_goal_holds_or_not_from_the_figures():
     assert "does not hold" in low_cos and "cosine vs PyTorch 0.99800 (missed)" in low_cos
     assert "**Goal**" in markdown(_vit_report(int8_ms=12.0))
     assert goal_section(make_report(model="ViT-T")) is None  # the goal is set for ViT-B-32 only
+
+
+@pytest.mark.parametrize("kind", ["avx2", "avx512-vnni", "amx"])
+def test_goal_judges_what_load_picks_on_this_cpu(monkeypatch, tmp_path, kind):
+    """ONNX Runtime int8 at 40 ms (1.5x the best peer) and OpenVINO int8 at 12 ms (5x): the verdict follows the
+    backend clipdeploy.load(dir) picks on the CPU, named in the line, never a fixed one."""
+    use_cpu(monkeypatch, tmp_path, kind)
+    picked = auto_cpu_backend()  # the documented auto rule, on this (fake) CPU
+    goal = goal_section(_vit_report(int8_ms=40.0, openvino_ms=12.0, default=picked))
+    assert f"the default CPU path, here {picked} int8, what `clipdeploy.load(dir)` picks" in goal, goal
+    if picked == "openvino":
+        assert "holds" in goal and "does not hold" not in goal and "vs best peer 5.00x (met)" in goal, goal
+        assert "vs PyTorch eager 6.67x (met)" in goal, goal
+    else:
+        assert "does not hold" in goal and "vs best peer 1.50x" in goal, goal
+
+
+def test_goal_says_what_is_missing_instead_of_judging_another_path():
+    no_openvino = _vit_report(int8_ms=12.0, default="openvino")  # picked, but not measured
+    goal = goal_section(no_openvino)
+    assert "not measured: no openvino int8 image record at batch 8; measure it with --backends openvino" in goal
+    assert "holds" not in goal
+    unknown = _vit_report(int8_ms=12.0)
+    unknown["default_path"] = {"error": "clipdeploy.load() cannot open the artifact here: no backend"}
+    assert goal_section(unknown).endswith("not measured: clipdeploy.load() cannot open the artifact here: no backend")
+    del unknown["default_path"]  # a report from before the field
+    assert "not measured: the run did not record what load() picks here" in goal_section(unknown)
 
 
 def test_a_newly_registered_backend_is_a_contender_with_no_bench_edit(monkeypatch):

@@ -11,7 +11,6 @@ from clipdeploy.benchmarks.report import (
     markdown,
     markdown_table,
     plot_latency,
-    targets_section,
     terminal_table,
     write_reports,
 )
@@ -105,19 +104,9 @@ def test_write_reports_round_trips(fake_report, tmp_path):
         assert set(REQUIRED) <= set(rec)
 
 
-def test_targets_apply_to_vit_b_32_on_cpu_only():
-    assert targets_section(make_report("ViT-T")) is None
-    text = targets_section(make_report("ViT-B-32", short_speedup=4.0))
-    assert "| image fp32 >= 2x | 2.50x | met |" in text
-    assert "| image int8 >= 4x | 5.00x | met |" in text
-    assert "| text fp32 at prompt length >= 5x | 4.00x (12 tokens) | missed by 20% |" in text
-    assert "| text int8 >= 4x | - | not measured |" in text
-    fixed = make_report("ViT-B-32")
-    fixed["config"]["text_lengths"] = [77]
-    fixed["records"] = [r for r in fixed["records"] if r["seq_len"] != 12]
-    assert "| text fp32 at prompt length >= 5x | - | not measured: the artifact's text input has a fixed length |" in (
-        targets_section(fixed)
-    )
-    gpu = make_report("ViT-B-32")
-    gpu["config"]["device"] = "cuda"
-    assert targets_section(gpu) is None
+def test_the_old_targets_table_is_gone():
+    """Issue #6's targets (ONNX Runtime fp32 >= 2x, int8 >= 4x ...) were replaced by issue #14's goal."""
+    report = make_report("ViT-B-32")
+    for text in (markdown(report), terminal_table(report)):
+        assert "Targets" not in text and "issue #6" not in text
+    assert not hasattr(report_mod, "targets_section") and not hasattr(report_mod, "TARGETS")

@@ -248,3 +248,39 @@ def test_bench_help(capsys):
     out = capsys.readouterr().out
     for option in ("--backends", "--precisions", "--batch", "--towers", "--iters", "--warmup", "--threads", "-o"):
         assert option in out
+
+
+@pytest.mark.parametrize("kind", ["avx2", "amx"])
+def test_the_default_path_is_what_load_picks_and_an_estimate_comes_first(tmp_path, monkeypatch, capsys, kind):
+    """The report names the backend and precision clipdeploy.load(dir) picks on this CPU (the auto rule, both
+    branches through a fake cpuinfo), and the estimate line is on stderr before the first contender runs."""
+    from clipdeploy.benchmarks import bench as bench_mod
+    from tests.support.cpus import auto_cpu_backend, use_cpu
+    from tests.support.models import MODELS
+
+    pytest.importorskip("onnx")
+    try:
+        art = MODELS["tiny-onnx"].make(tmp_path / "art", precisions=("fp32", "int8"))
+    except FileNotFoundError as e:
+        pytest.skip(f"the tiny artifact needs {e}")
+    use_cpu(monkeypatch, tmp_path, kind)
+    before_first: list[str] = []
+    real_run_job = bench_mod.run_job
+
+    def spy(job, emit=None):
+        if not before_first:
+            before_first.append(capsys.readouterr().err)
+        return real_run_job(job, emit)
+
+    monkeypatch.setattr(bench_mod, "run_job", spy)
+    cfg = BenchConfig(art, backends=("onnxruntime", "openvino"), batches=(1, 2), towers=("image",), timing=QUICK,
+                      threads=1, device="cpu", isolate=False, progress=False)
+    report = run_bench(cfg)
+    picked = auto_cpu_backend()
+    assert report["default_path"]["backend"] == picked, report["default_path"]
+    assert report["default_path"]["precision"] == {"image": "int8", "text": "int8"}
+    assert f"int8 onnx on {picked}" in report["default_path"]["describe"]
+    (estimate,) = [line for line in before_first[0].splitlines() if line.startswith("measuring ")]
+    n = len(report["contenders"])
+    assert estimate.startswith(f"measuring {n} contenders, {2 * n} cases of 1 warm-up + up to 2 timed calls: about ")
+    assert f"one call of the default path, {picked} int8, at batch 2" in estimate, estimate

@@ -25,6 +25,7 @@ from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 from clipdeploy.validation import cosine_rows  # noqa: E402
 
 from tests.support import synthetic  # noqa: E402
+from tests.support.cpus import auto_cpu_backend, use_cpu  # noqa: E402
 from tests.support.models import MODELS  # noqa: E402
 
 
@@ -133,11 +134,19 @@ def test_int8_defaults_meet_the_worst_case_floor_on_the_trained_model(trained, s
     assert variant["validation"]["worst"][0]["sample"] == report[variant["tower"]]["worst"][0]["sample"]
 
 
-def test_runtime_picks_int8_on_cpu_and_says_so(trained, shapes):
+def test_runtime_picks_int8_on_cpu_and_says_so(trained, shapes, monkeypatch, tmp_path):
     quantize(_cfg(trained, shapes, "int8", force=True))
     session = clipdeploy.load(trained)
-    assert session.precision == {"image": "int8", "text": "int8"}
-    assert "int8 onnx on onnxruntime (CPUExecutionProvider)" in session.describe()
+    picked = auto_cpu_backend()  # ONNX Runtime, or OpenVINO where it is installed on a CPU with VNNI
+    assert session.backend == picked and session.precision == {"image": "int8", "text": "int8"}
+    assert f"int8 onnx on {picked} (" in session.describe(), session.describe()
+    for kind in ("avx2", "amx"):  # both branches of the rule, on any machine
+        use_cpu(monkeypatch, tmp_path, kind)
+        session = clipdeploy.load(trained)
+        assert session.backend == auto_cpu_backend() and session.precision == {"image": "int8", "text": "int8"}
+        if session.backend == "onnxruntime":
+            how = "VNNI int8 kernels" if kind == "amx" else "exact U8U8 int8"
+            assert f"int8 onnx on onnxruntime (CPUExecutionProvider, {how}" in session.describe(), session.describe()
 
 
 def _graph(path: Path):

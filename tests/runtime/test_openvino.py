@@ -22,6 +22,7 @@ from clipdeploy.errors import UsageError  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
 
+from tests.support.cpus import use_cpu  # noqa: E402
 from tests.support.models import MODELS  # noqa: E402
 from tests.support.photos import write_crops  # noqa: E402
 
@@ -126,8 +127,8 @@ def test_settings_reach_openvino_and_the_cache_is_reused(artifact, tmp_path):
     assert off.runners["image"].cache_dir is None
 
 
-def test_auto_picks_openvino_and_says_why(artifact, cache, monkeypatch):
-    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2", "avx512_vnni"}))  # a VNNI CPU
+def test_auto_picks_openvino_and_says_why(artifact, cache, monkeypatch, tmp_path):
+    use_cpu(monkeypatch, tmp_path, "avx512-vnni")
     session = clipdeploy.load(artifact, backend_options=cache)
     assert session.backend == "openvino"
     assert session.precision == {"image": "int8", "text": "int8"}
@@ -138,8 +139,8 @@ def test_auto_picks_openvino_and_says_why(artifact, cache, monkeypatch):
     assert named.why is None and named.precision == session.precision
 
 
-def test_without_vnni_auto_keeps_onnxruntime(artifact, cache, monkeypatch):
-    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2"}))  # this CI machine's kind
+def test_without_vnni_auto_keeps_onnxruntime(artifact, cache, monkeypatch, tmp_path):
+    use_cpu(monkeypatch, tmp_path, "avx2")
     session = clipdeploy.load(artifact, backend_options=cache)
     assert session.backend == "onnxruntime" and session.precision == {"image": "int8", "text": "int8"}
     assert "openvino: ranked first only on CPUs with VNNI" in session.describe(), session.describe()
@@ -154,10 +155,10 @@ def test_without_openvino_auto_is_what_it_was(artifact, monkeypatch):
     np.testing.assert_array_equal(session.encode_text(PROMPTS), plain.encode_text(PROMPTS))
 
 
-def test_int8_without_vnni_is_refused_unless_opted_into(artifact, cache, monkeypatch):
+def test_int8_without_vnni_is_refused_unless_opted_into(artifact, cache, monkeypatch, tmp_path):
     """What is served must be what was gated: the int8 gate ran on ONNX Runtime, and OpenVINO's int8 without
     VNNI measured less accurate (cosine 0.969 vs 0.9997 on ViT-B-32)."""
-    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2"}))
+    use_cpu(monkeypatch, tmp_path, "avx2")
     with pytest.raises(UsageError) as e:
         clipdeploy.load(artifact, backend="openvino", precision="int8", backend_options=cache)
     msg = str(e.value)
@@ -169,5 +170,5 @@ def test_int8_without_vnni_is_refused_unless_opted_into(artifact, cache, monkeyp
     opted = clipdeploy.load(artifact, backend="openvino", precision="int8",
                             backend_options={**cache, "openvino_int8_without_vnni": True})
     assert opted.precision == {"image": "int8", "text": "int8"}
-    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    use_cpu(monkeypatch, tmp_path, "avx512-vnni")
     assert clipdeploy.load(artifact, backend="openvino", backend_options=cache).precision["image"] == "int8"

@@ -14,6 +14,9 @@ import clipdeploy
 from clipdeploy.errors import ArtifactError, InputError, UsageError
 from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION
 
+from tests.support.cpus import auto_cpu_backend, use_cpu
+from tests.support.models import MODELS
+
 pytest.importorskip("onnxruntime")
 
 SAMPLES = sorted((Path(clipdeploy.__file__).parent / "data" / "images").glob("*.jpg"))
@@ -160,6 +163,38 @@ def test_unknown_backend_precision_and_options(micro_artifact):
         clipdeploy.load(micro_artifact.path, precision="fp4")
     with pytest.raises(UsageError, match="graph_optimization_level"):
         clipdeploy.load(micro_artifact.path, graph_optimization_level="max")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A torch-free two-tower artifact with fp32 and int8 variants (tests/support/tiny_artifact.py)."""
+    pytest.importorskip("onnx")
+    try:
+        return MODELS["tiny-onnx"].make(tmp_path_factory.mktemp("tiny") / "artifact", precisions=("fp32", "int8"))
+    except FileNotFoundError as e:
+        pytest.skip(f"the tiny artifact needs {e}")
+
+
+@pytest.mark.parametrize("kind", ["avx2", "amx"])  # auto keeps ONNX Runtime on one, may pick OpenVINO on the other
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime", "openvino", "tensorrt"])
+def test_an_option_no_backend_takes_is_refused_whichever_backend_runs(tiny, monkeypatch, tmp_path, kind, backend):
+    use_cpu(monkeypatch, tmp_path, kind)
+    bad = [
+        ({"graph_optimization_level": "max"}, "graph_optimization_level 'max' is not one of"),
+        ({"intra_op_num_threads": -1}, "intra_op_num_threads=-1 must be a non-negative integer"),
+        ({"device": -1}, "device=-1 must be a CUDA device number"),
+        ({"backend_options": {"openvino_performance_hint": "FAST"}}, "must be LATENCY or THROUGHPUT"),
+        ({"backend_options": {"openvino_cach_dir": ""}},
+         r"backend_options key 'openvino_cach_dir' is not read by any backend \(did you mean 'openvino_cache_dir'\?\)"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(UsageError, match=message):
+            clipdeploy.load(tiny, backend=backend, **kwargs)
+    # The same options with good values open (where the backend can run here).
+    if backend in ("auto", "onnxruntime"):
+        ok = clipdeploy.load(tiny, backend=backend, graph_optimization_level="basic", intra_op_num_threads=1,
+                             backend_options={"openvino_cache_dir": ""})
+        assert ok.backend == ("onnxruntime" if backend == "onnxruntime" else auto_cpu_backend()), ok.describe()
 
 
 def test_missing_and_corrupt_manifest(micro_artifact, tmp_path):

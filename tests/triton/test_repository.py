@@ -205,6 +205,38 @@ def test_what_is_left_out_and_why(micro_artifact, tmp_path):
     assert gpu_default == "art_image_fp16_onnx"  # ONNX Runtime on CUDA prefers fp16, as the runtime does
 
 
+def test_cpu_instances_serve_fp32_not_int8_unless_the_server_has_vnni(micro_artifact, tmp_path, capsys):
+    """Triton's ONNX Runtime backend cannot set session.x64quantprecision, which int8 needs on CPUs without VNNI:
+    CPU instance groups serve fp32 unless --server-has-vnni says the server's CPU does not need it."""
+    root = copy_artifact(micro_artifact.path, tmp_path / "art")
+    add_onnx_copy(root, "image", "int8")
+    add_onnx_copy(root, "text", "int8")
+    summary = build_repository(TritonConfig(artifacts=[root], output=tmp_path / "r"))
+    (art,) = summary["artifacts"]
+    assert "art_image_int8_onnx" not in art["models"] and "art_image_fp32_onnx" in art["models"]
+    (note,) = [n for n in summary["notes"] if "int8 ONNX variants are left out on CPU" in n]
+    assert "session.x64quantprecision" in note and "--server-has-vnni" in note
+    for tower in ("image", "text"):
+        default = all_configs(tmp_path / "r")[f"art_embed_{tower}"].ensemble_scheduling.step[1].model_name
+        assert default == f"art_{tower}_fp32_onnx"
+    # Asked for by name: refused in one line, nothing written.
+    out = tmp_path / "asked"
+    assert main(["triton", str(root), "-o", str(out), "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clipdeploy: error: --precision int8 on --onnx-device cpu: ") and "\n" not in err, err
+    assert "--server-has-vnni" in err and not out.exists()
+    # The server's CPU has VNNI: int8 is served and is the default, as the runtime picks it on CPU.
+    summary = build_repository(TritonConfig(artifacts=[root], output=tmp_path / "v", server_has_vnni=True))
+    assert "art_image_int8_onnx" in summary["artifacts"][0]["models"]
+    step = all_configs(tmp_path / "v")["art_embed_image"].ensemble_scheduling.step[1]
+    assert step.model_name == "art_image_int8_onnx"
+    assert main(["triton", str(root), "-o", str(out), "--precision", "int8", "--server-has-vnni"]) == 0
+    # CUDA instances do not run the CPU kernels: int8 is served there as before (when asked for).
+    gpu = build_repository(TritonConfig(artifacts=[root], output=tmp_path / "g", onnx_device="gpu",
+                                        precisions=("int8",)))
+    assert "art_image_int8_onnx" in gpu["artifacts"][0]["models"]
+
+
 def test_an_artifact_without_tokenizer_files_gets_no_text_ensemble(micro_artifact, tmp_path):
     from clipdeploy.manifest import read_manifest, write_manifest
 

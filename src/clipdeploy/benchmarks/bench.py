@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -38,7 +39,7 @@ from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynam
 from clipdeploy.benchmarks.report import write_reports
 from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
-from clipdeploy.errors import UsageError
+from clipdeploy.errors import ClipDeployError, UsageError
 from clipdeploy.manifest import TOWERS, read_manifest
 from clipdeploy.options import DEVICE_HELP, THREADS, csv, device_kind, integer, opt, show_csv
 from clipdeploy.precisions import REFERENCE
@@ -165,6 +166,94 @@ def plan_cases(spec: ContenderSpec, batches: tuple[int, ...], lengths: tuple[int
     return tuple(cases)
 
 
+# ---- the default path and the estimate -------------------------------------------------------------
+
+# Rough allowances for opening a contender, in seconds (not measured per run): a compiled variant loads in
+# seconds; PyTorch imports torch and builds the open_clip model; peers also compile (torch.compile's first
+# calls) or export (the plain-export peers) before their first timed call.
+OPEN_ALLOWANCE_S = {"clipdeploy": 5.0, "reference": 15.0, "peer": 45.0}
+
+
+@dataclass
+class DefaultPath:
+    """What ``clipdeploy.load(dir)`` with no arguments picks on this machine, and how long its calls take."""
+
+    backend: str | None = None
+    precision: dict[str, str] = field(default_factory=dict)  # tower -> precision
+    describe: str = ""
+    error: str | None = None  # why it could not be opened here
+    # tower -> seconds of one call at the largest batch: of the default path, and of fp32 on its backend
+    call_s: dict[str, float] = field(default_factory=dict)
+    fp32_call_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        return {"backend": self.backend, "precision": self.precision, "describe": self.describe}
+
+
+def _time_calls(session: Any, towers: tuple[str, ...], inputs: BenchInputs, batch: int) -> dict[str, float]:
+    out = {}
+    for tower in towers:
+        if tower not in session.runners:
+            continue
+        encode = session.encode_pixels if tower == "image" else session.encode_tokens
+        encode(inputs.batch(tower, 1, None))  # first-call allocation, untimed
+        start = time.perf_counter()
+        encode(inputs.batch(tower, batch, None))
+        out[tower] = time.perf_counter() - start
+    return out
+
+
+def probe_default_path(root: Path, towers: tuple[str, ...], inputs: BenchInputs, batch: int) -> DefaultPath:
+    """Open ``clipdeploy.load(root)`` as a user would (no arguments), note what it picked, and time one call per
+    tower at ``batch`` (and of fp32 on the same backend, for the estimate); closed before anything is measured."""
+    try:
+        session = clipdeploy.load(root, verify=False)  # verify does not change the pick; the contenders verify
+    except ClipDeployError as e:
+        return DefaultPath(error=f"clipdeploy.load() cannot open the artifact here: {' '.join(str(e).split())}")
+    found = DefaultPath(session.backend, dict(session.precision), session.describe())
+    found.call_s = _time_calls(session, towers, inputs, batch)
+    del session
+    found.fp32_call_s = found.call_s
+    if set(found.precision.values()) != {REFERENCE}:
+        try:
+            fp32 = clipdeploy.load(root, backend=found.backend, precision=REFERENCE, verify=False)
+            found.fp32_call_s = _time_calls(fp32, towers, inputs, batch)
+            del fp32
+        except ClipDeployError:
+            pass  # the estimate then takes every contender to run as fast as the default path
+    gc.collect()
+    return found
+
+
+def estimate_seconds(
+    plans: list[tuple[ContenderSpec, tuple[Case, ...]]], timing: TimingConfig, default: DefaultPath, batch: int
+) -> float | None:
+    """Seconds the measurements should take: an allowance to open each contender, and its calls timed as the
+    default path's (quantized contenders) or its fp32 (the rest), scaled to each batch. None: nothing timed."""
+    if not default.call_s:
+        return None
+    total = 0.0
+    for spec, cases in plans:
+        total += OPEN_ALLOWANCE_S.get(spec.role, OPEN_ALLOWANCE_S["clipdeploy"])
+        quantized = spec.precision in set(default.precision.values()) - {REFERENCE}
+        calls = default.call_s if quantized else default.fp32_call_s
+        for case in cases:
+            per_call = calls.get(case.tower, max(calls.values(), default=0.0)) * case.batch / batch
+            timed = timing.iters * per_call
+            if timing.max_seconds is not None:
+                timed = min(timed, max(timing.max_seconds, timing.min_iters * per_call))
+            total += timing.warmup * per_call + timed
+    return total
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 # ---- running contenders ---------------------------------------------------------------------------
 
 
@@ -218,12 +307,14 @@ class _Progress:
         self.enabled = enabled
         self.label = ""
 
-    def contender(self, label: str) -> None:
+    def contender(self, label: str, left_s: float | None = None) -> None:
+        """A contender starts; ``left_s``: the estimate of what is left, this contender included."""
         self.label = label
+        left = f" (about {_duration(left_s)} left)" if left_s is not None else ""
         if self.bar is not None:
-            self.bar.set_description(label)
+            self.bar.set_description(label + left)
         elif self.enabled:
-            progress_write(f"measuring {label} ...")
+            progress_write(f"measuring {label}{left} ...")
 
     def event(self, event: dict[str, Any]) -> None:
         case = event["case"]
@@ -364,15 +455,30 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     lengths = text_lengths(manifest, inputs, cfg.prompt_length)
     options = OpenOptions(threads, cfg.graph_optimization_level, Path(cfg.checkpoint) if cfg.checkpoint else None)
     plans = [(spec, plan_cases(spec, cfg.batches, lengths)) for spec in specs]
-    progress = _Progress(sum(len(c) for _, c in plans), cfg.progress)
+    towers = tuple(t for t in cfg.towers if t in manifest["towers"])
+    default = probe_default_path(root, towers, inputs, max(cfg.batches))
+    estimates = [estimate_seconds([plan], cfg.timing, default, max(cfg.batches)) for plan in plans]
+    n_cases = sum(len(c) for _, c in plans)
+    calls = f"{n_cases} cases of {cfg.timing.warmup} warm-up + up to {cfg.timing.iters} timed calls"
+    if None in estimates:
+        progress_write(f"measuring {len(plans)} contenders, {calls}; no estimate of the time: "
+                       f"{default.error or 'the default path could not be timed'}")
+    else:
+        progress_write(
+            f"measuring {len(plans)} contenders, {calls}: about {_duration(sum(estimates))} (estimated from one "
+            f"call of the default path, {default.backend} {'/'.join(sorted(set(default.precision.values())))}, "
+            f"at batch {max(cfg.batches)}, and an allowance to open each contender)"
+        )
+    progress = _Progress(n_cases, cfg.progress)
     results: list[tuple[ContenderSpec, WorkerResult]] = []
+    started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="clipdeploy-bench-") as tmp:
             work = Path(tmp)
             inputs_path = work / "inputs.npz"
             inputs.save(inputs_path)
             for i, (spec, cases) in enumerate(plans):
-                progress.contender(spec.label)
+                progress.contender(spec.label, _time_left(estimates, i, time.perf_counter() - started))
                 job = WorkerJob(root, spec, inputs_path, cases, cfg.timing, options)
                 if cfg.isolate:
                     res = _run_isolated(job, work, f"c{i}", progress.event)
@@ -424,6 +530,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "context_length": inputs.context_length,
             "prompt_length": inputs.prompt_length,
         },
+        "default_path": default.to_dict(),
         "contenders": [{**spec.to_dict(), "label": spec.label, "describe": res.describe} for spec, res in results],
         "records": records,
         "skipped": [s.to_dict() for s in skipped],
@@ -437,6 +544,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.output is not None:
         report["files"] = write_reports(report, Path(cfg.output))
     return report
+
+
+def _time_left(estimates: list[float | None], done: int, elapsed: float) -> float | None:
+    """What is left of the estimate once ``done`` contenders took ``elapsed`` seconds: the rest, scaled by how
+    far off the estimate was for those done."""
+    if None in estimates:
+        return None
+    spent = sum(e for e in estimates[:done] if e is not None)
+    scale = elapsed / spent if done and spent > 0 else 1.0
+    return scale * sum(e for e in estimates[done:] if e is not None)
 
 
 def _general_notes(

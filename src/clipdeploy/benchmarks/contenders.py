@@ -27,7 +27,7 @@ from clipdeploy.export.specs import context_length
 from clipdeploy.manifest import variant_files, variants, verify_files
 from clipdeploy.precisions import REFERENCE, by_default, rank
 from clipdeploy.runtime.backends import registry
-from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ, OrtOptions, OrtRunner
 from clipdeploy.runtime.backends.registry import has_module
 from clipdeploy.runtime.session import ClipSession
 
@@ -353,7 +353,7 @@ def _partial_ort_session(root: Path, manifest: dict[str, Any], spec: ContenderSp
         if v.format == "onnx" and v.precision == spec.precision and v.tower in spec.towers and v.accepted:
             verify_files(root, variant_files(v))
             chosen[v.tower] = v
-            runners[v.tower] = OrtRunner(root / v.file, options)
+            runners[v.tower] = OrtRunner(root / v.file, options, int8=v.precision in INT8_QDQ)
     return ClipSession(root, manifest, runners, chosen, "onnxruntime")
 
 

@@ -12,6 +12,8 @@ JSON schema ``clipdeploy-bench/1`` (``bench.json``)::
                    gpus: [{name, driver, memory}], os, load_average_start, load_average_end,
                    versions: {python, numpy, onnxruntime, torch, open_clip_torch, tensorrt, ...}}
     inputs        {images, prompts, context_length, prompt_length}
+    default_path  what clipdeploy.load(ARTIFACT), no arguments, picked on this machine: {backend, precision:
+                   {tower: precision}, describe}, or {error}; the goal line judges that backend and precision
     contenders    [{backend, precision, device, towers, role, label, describe}]
     records       one per measured (tower, backend, precision, batch, seq_len):
         tower                  "image" | "text"
@@ -57,7 +59,6 @@ from typing import Any
 from clipdeploy.benchmarks.contenders import precision_rank
 from clipdeploy.benchmarks.end_to_end import describe as end_to_end_lines
 from clipdeploy.manifest import atomic_write_text
-from clipdeploy.precisions import FP32, INT8
 
 REPORT_DOC_HINT = "Each model's `bench.json` follows the schema `clipdeploy-bench/1`, given at the end of this page."
 
@@ -68,26 +69,10 @@ def schema_doc() -> str:
     return doc[doc.index("JSON schema") :].strip()
 
 
-@dataclass(frozen=True)
-class Target:
-    """A speed-up the project promises, checked wherever its conditions hold."""
-
-    tower: str
-    precision: str  # the ONNX Runtime variant
-    short: bool  # text at the short (prompt) length, against PyTorch at full length
-    min_speedup: float
-
-
-# Issue #6, for ViT-B-32 on a 2-core CPU at batch 8, against PyTorch eager fp32 in the same run.
-TARGETS_MODEL, TARGETS_BATCH = "ViT-B-32", 8
-TARGETS = (
-    Target("image", FP32, False, 2.0),
-    Target("text", FP32, False, 2.0),
-    Target("image", INT8, False, 4.0),
-    Target("text", INT8, False, 4.0),
-    Target("text", FP32, True, 5.0),
-    Target("text", INT8, True, 5.0),
-)
+# Issue #14's goal for the default CPU path (what ``clipdeploy.load(dir)`` picks on the machine), ViT-B-32 image
+# tower at batch 8, against the best peer and PyTorch eager fp32 in the same run.
+GOAL_MODEL, GOAL_BATCH = "ViT-B-32", 8
+GOAL_PEER, GOAL_EAGER, GOAL_COSINE = 1.8, 4.5, 0.999
 
 _TOWER_ORDER = {"image": 0, "text": 1}
 _BACKEND_ORDER = {"torch": 0, "onnxruntime": 1, "openvino": 2, "tensorrt": 3, "torch.compile": 4,
@@ -264,9 +249,6 @@ def markdown(report: dict[str, Any], *, heading_level: int = 2, plot: str | None
     ]
     if plot:
         lines += [f"![latency against batch size]({plot})", ""]
-    targets = targets_section(report)
-    if targets:
-        lines += [targets, ""]
     goal = goal_section(report)
     if goal:
         lines += [goal, ""]
@@ -275,73 +257,33 @@ def markdown(report: dict[str, Any], *, heading_level: int = 2, plot: str | None
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
 
 
-def targets_section(report: dict[str, Any]) -> str | None:
-    """The issue's targets against this run, met or missed by how much; None where they do not apply."""
-    if report["artifact"]["model"] != TARGETS_MODEL or report["config"]["device"] != "cpu":
-        return None
-    if TARGETS_BATCH not in report["config"]["batches"]:
-        return None
-    full = report["inputs"]["context_length"]
-    lines = [
-        f"**Targets** (issue #6: {TARGETS_MODEL}, batch {TARGETS_BATCH}, ONNX Runtime against PyTorch eager fp32 at "
-        f"{full} tokens, same run, {report['config']['threads']} threads; set for a 2-core CPU):",
-        "",
-        "| target | measured | |",
-        "|---|---:|---|",
-    ]
-    for t in TARGETS:
-        rec = next(
-            (
-                r
-                for r in report["records"]
-                if r["tower"] == t.tower
-                and r["backend"] == "onnxruntime"
-                and r["precision"] == t.precision
-                and r["batch"] == TARGETS_BATCH
-                and (r["tower"] == "image" or (r["seq_len"] == full) != t.short)
-            ),
-            None,
-        )
-        what = f"{t.tower} {t.precision}" + (" at prompt length" if t.short else "") + f" >= {t.min_speedup:g}x"
-        if rec is None or rec.get("speedup_vs_torch_fp32") is None:
-            if t.short and len(report["config"].get("text_lengths") or []) < 2:
-                why = "not measured: the artifact's text input has a fixed length"
-            elif not any(r["precision"] == t.precision and r["backend"] == "onnxruntime" for r in report["records"]):
-                why = f"not measured: no {t.precision} variant"
-            else:
-                why = "not measured"
-            lines.append(f"| {what} | - | {why} |")
-            continue
-        got = rec["speedup_vs_torch_fp32"]
-        verdict = "met" if got >= t.min_speedup else f"missed by {100 * (1 - got / t.min_speedup):.0f}%"
-        tokens = f" ({rec['seq_len']} tokens)" if t.short else ""
-        lines.append(f"| {what} | {got:.2f}x{tokens} | {verdict} |")
-    return "\n".join(lines)
-
-
-# Issue #14's goal for the default CPU path (ONNX Runtime int8 today), ViT-B-32 image tower at batch 8.
-GOAL_PEER, GOAL_EAGER, GOAL_COSINE = 1.8, 4.5, 0.999
-
-
 def goal_section(report: dict[str, Any]) -> str | None:
-    """Whether issue #14's goal holds in this run, from the measured figures; None where it does not apply."""
-    if report["artifact"]["model"] != TARGETS_MODEL or report["config"]["device"] != "cpu":
+    """Whether issue #14's goal holds in this run for the path ``clipdeploy.load(dir)`` picks on this machine
+    (``report["default_path"]``), from the measured figures; None where the goal does not apply."""
+    if report["artifact"]["model"] != GOAL_MODEL or report["config"]["device"] != "cpu":
         return None
+    default = report.get("default_path") or {}
+    backend, precision = default.get("backend"), (default.get("precision") or {}).get("image")
+    path = f"{backend} {precision}" if backend and precision else "unknown"
+    head = (
+        f"**Goal** (issue #14: the default CPU path, here {path}, what `clipdeploy.load(dir)` picks on this machine; "
+        f"{GOAL_MODEL} image tower, batch {GOAL_BATCH}, >= {GOAL_PEER:g}x the best peer, >= {GOAL_EAGER:g}x PyTorch "
+        f"eager, cosine >= {GOAL_COSINE:g}):"
+    )
+    if path == "unknown":
+        return f"{head} not measured: {default.get('error') or 'the run did not record what load() picks here'}"
     rec = next(
         (
             r
             for r in report["records"]
-            if r["tower"] == "image" and r["role"] == "clipdeploy" and r["precision"] == INT8
-            and r["backend"] == "onnxruntime" and r["batch"] == TARGETS_BATCH
+            if r["tower"] == "image" and r["role"] == "clipdeploy" and r["backend"] == backend
+            and r["precision"] == precision and r["batch"] == GOAL_BATCH
         ),
         None,
     )
-    head = (
-        f"**Goal** (issue #14: the default CPU path, {TARGETS_MODEL} image tower, batch {TARGETS_BATCH}, "
-        f">= {GOAL_PEER:g}x the best peer, >= {GOAL_EAGER:g}x PyTorch eager, cosine >= {GOAL_COSINE:g}):"
-    )
     if rec is None:
-        return f"{head} not measured: no ONNX Runtime int8 image record at batch {TARGETS_BATCH}"
+        return (f"{head} not measured: no {path} image record at batch {GOAL_BATCH}; "
+                f"measure it with --backends {backend} --batch {GOAL_BATCH}")
     checks = [
         ("vs best peer", rec.get("speedup_vs_best_peer"), GOAL_PEER, "x"),
         ("vs PyTorch eager", rec.get("speedup_vs_torch_fp32"), GOAL_EAGER, "x"),

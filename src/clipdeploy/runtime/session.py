@@ -386,6 +386,7 @@ def load(
         engine_host_code_allowed=engine_host_code_allowed,
         extra=dict(backend_options or {}),
     )
+    registry.check_settings(settings)  # a bad option is refused whichever backend would run
     root = Path(path)
     manifest = read_manifest(root)
     why = None

@@ -48,7 +48,8 @@ def add_triton(sub: Any) -> None:
         p,
         TritonConfig,
         [
-            "formats", "precisions", "names", "onnx_device", "onnx_max_batch_size", "instances", "python_instances",
+            "formats", "precisions", "names", "onnx_device", "server_has_vnni", "onnx_max_batch_size", "instances",
+            "python_instances",
             "max_queue_delay_us", "tensorrt_version", "triton_release", "triton_tensorrt", "force",
         ],
     )  # fmt: skip

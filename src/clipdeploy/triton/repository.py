@@ -41,6 +41,7 @@ from clipdeploy.manifest import (
 from clipdeploy.onnx_locations import check_variant_external_data
 from clipdeploy.options import opt
 from clipdeploy.runtime.backends import registry as backends
+from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ
 from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
@@ -93,6 +94,11 @@ class TritonConfig:
         default="cpu",
         metadata=opt("Triton instance kind of ONNX models: cpu (validated here) or gpu (CUDA EP)", choices=ONNX_DEVICES),
     )
+    server_has_vnni: bool = field(  # whether CPU instances may serve int8 ONNX (see _CPU_INT8)
+        default=False,
+        metadata=opt("the Triton server's CPU has VNNI (avx512_vnni, avx_vnni or amx_int8): serve int8 ONNX "
+                     "models on CPU instances too"),
+    )  # fmt: skip
     instances: int = field(default=1, metadata=opt("instances of each tower model, per GPU (or in all, on CPU)"))
     python_instances: int = field(default=2, metadata=opt("CPU instances of each preprocess/tokenize/normalize model"))
     max_queue_delay_us: int = field(
@@ -220,6 +226,13 @@ def collect(cfg: TritonConfig, warnings: list[str], notes: set[str]) -> list[Pla
                     notes.add(f"{v.precision} ONNX variants are left out: they run on "
                               f"{' or '.join(precisions.get(v.precision).backends)} only, not ONNX Runtime")
                     continue
+                if cfg.onnx_device == "cpu" and v.precision in INT8_QDQ and not cfg.server_has_vnni:
+                    if v.precision in cfg.precisions:
+                        raise UsageError(f"--precision {v.precision} on --onnx-device cpu: {_CPU_INT8}; pass "
+                                         "--server-has-vnni if it has, or serve fp32")
+                    notes.add(f"int8 ONNX variants are left out on CPU instances, and fp32 is served instead: "
+                              f"{_CPU_INT8}; pass --server-has-vnni if it has")
+                    continue
                 if not cfg.precisions and v.precision not in onnx_default:
                     notes.add(
                         f"{v.precision} ONNX variants are left out: ONNX Runtime on {cfg.onnx_device} does not pick "
@@ -240,6 +253,17 @@ def collect(cfg: TritonConfig, warnings: list[str], notes: set[str]) -> list[Pla
         seen[plan.prefix] = plan.root
     _pick_tensorrt_version(cfg, plans, warnings)
     return plans
+
+
+# Triton's ONNX Runtime backend takes a fixed list of `parameters` (execution_mode, intra/inter_op_thread_count,
+# enable_mem_arena, enable_mem_pattern, session.use_device_allocator_for_initializers, CUDA and TensorRT EP
+# keys; triton-inference-server/onnxruntime_backend, src/onnxruntime.cc) and ignores any other key, so a
+# config cannot set session.x64quantprecision. Without VNNI, ONNX Runtime's default int8 kernels saturate
+# (U8S8 with VPMADDUBSW): the int8 gate failed there until clipdeploy set that flag (runtime/backends/onnxruntime.py).
+_CPU_INT8 = (
+    "Triton's ONNX Runtime backend cannot set session.x64quantprecision, so on a server CPU without VNNI "
+    "(avx512_vnni, avx_vnni or amx_int8) its int8 runs the saturating kernels that fail clipdeploy's int8 gate"
+)
 
 
 def _served_towers(plan: Plan) -> set[tuple[str, str]]:

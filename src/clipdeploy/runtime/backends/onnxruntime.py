@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy import cpu_features, precisions
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError, unreadable
 from clipdeploy.onnx_locations import check_locations
 from clipdeploy.runtime.backends.base import IOSpec, Runner
@@ -19,6 +20,15 @@ _ORT_DTYPES = {
     "tensor(int32)": np.dtype(np.int32),
 }
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+# Variants whose files hold int8 Q/DQ: their runners' describe() says which int8 kernels run them.
+INT8_QDQ = (precisions.INT8, precisions.INT8_FP16)
+X64_QUANT_PRECISION = "session.x64quantprecision"  # ONNX Runtime's session config key for the exact U8U8 path
+
+
+def exact_int8_needed() -> bool:
+    """Whether sessions here set ``session.x64quantprecision=1``: on CPUs without VNNI (AVX512-VNNI, AVX-VNNI,
+    AMX-INT8) only, where ONNX Runtime's default int8 kernels saturate (see OrtRunner)."""
+    return not cpu_features.has_vnni()
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,8 @@ def graph_optimization_level(ort: Any, name: str) -> Any:
 class OrtRunner(Runner):
     """One ONNX file in one InferenceSession. ``InferenceSession.run`` is thread-safe."""
 
-    def __init__(self, path: Path, options: OrtOptions) -> None:
+    def __init__(self, path: Path, options: OrtOptions, *, int8: bool = False) -> None:
+        """``int8``: the file holds int8 Q/DQ, so ``describe()`` says which int8 kernels run it."""
         ort = import_onnxruntime()
         available = ort.get_available_providers()
         names = [p if isinstance(p, str) else p[0] for p in options.providers]
@@ -80,10 +91,14 @@ class OrtRunner(Runner):
             )
         so = ort.SessionOptions()
         # x86 CPUs without VNNI run int8 MatMul/Conv as U8S8 with VPMADDUBSW, whose 16-bit pair sums
-        # saturate: measured here (AVX2 EPYC) it took micro ResNet's int8 text mean cosine from 0.999 to
-        # 0.987. ONNX Runtime's exact U8U8 path fixes it and is a no-op on VNNI CPUs; gates and serving
-        # both run through this class, so what was gated is what runs.
-        so.add_session_config_entry("session.x64quantprecision", "1")
+        # saturate: measured (2-core AVX2 EPYC) it took micro ResNet's int8 text mean cosine from 0.999 to
+        # 0.987. ONNX Runtime's exact U8U8 path fixes that, and is set only there: with VNNI the default
+        # kernels do not saturate (bit-identical int8 outputs measured), and the U8U8 path is much slower
+        # (ViT-B-32 int8 image tower, 1.5x on an AVX512-VNNI EPYC: README "Measured"). Gates and serving both
+        # run through this class: what was gated is what runs.
+        self.exact_int8 = exact_int8_needed()
+        if self.exact_int8:
+            so.add_session_config_entry(X64_QUANT_PRECISION, "1")
         if options.intra_op_num_threads is not None:
             so.intra_op_num_threads = options.intra_op_num_threads
         if options.inter_op_num_threads is not None:
@@ -91,6 +106,7 @@ class OrtRunner(Runner):
         so.graph_optimization_level = graph_optimization_level(ort, options.graph_optimization_level)
         self.path = Path(path)
         self.options = options
+        self.int8 = int8
 
         check_locations(self.path)  # older ONNX Runtime releases follow external data out of the model's folder
         try:
@@ -128,7 +144,11 @@ class OrtRunner(Runner):
         return list(self.session.get_providers())
 
     def describe(self) -> str:
-        return f"onnxruntime ({self.providers[0]})"
+        first = self.providers[0]
+        if not self.int8 or first != "CPUExecutionProvider":
+            return f"onnxruntime ({first})"
+        how = f"exact U8U8 int8 ({X64_QUANT_PRECISION}=1: no VNNI)" if self.exact_int8 else "VNNI int8 kernels"
+        return f"onnxruntime ({first}, {how})"
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self._output_names, feed)

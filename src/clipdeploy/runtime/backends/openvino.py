@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+import stat
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ class OvOptions:
     """OpenVINO settings. ``load()`` fills them from LoadSettings (threads) and LoadSettings.extra."""
 
     num_threads: int | None = None  # INFERENCE_NUM_THREADS; None lets OpenVINO choose (all cores)
-    # Compiled-model cache; None: the per-user default (default_cache_dir()); "" disables caching.
+    # Compiled-model cache; None: the per-user default (default_cache_dir(), else fallback_cache_dir()); "" disables it.
     cache_dir: str | None = None
     # LATENCY: one stream using every thread for each call. Reasoned, not yet measured against THROUGHPUT:
     # with several streams a single synchronous call runs on one stream's threads, and the session calls
@@ -56,6 +58,70 @@ def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/clipdeploy/openvino (~/.cache/... when unset): per user, never inside an artifact."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "clipdeploy" / "openvino"
+
+
+def fallback_cache_dir() -> Path | None:
+    """A per-user cache under the temp folder, for when the default one cannot be written (a HOME that is
+    another user's: containers, service accounts); None where it is not safely this user's own."""
+    if not hasattr(os, "getuid"):
+        return None
+    own = Path(tempfile.gettempdir()) / f"clipdeploy-{os.getuid()}"
+    try:
+        own.mkdir(mode=0o700, exist_ok=True)
+        st = own.lstat()
+    except OSError:
+        return None
+    # Another user could have made it first, to plant compiled blobs: use it only if it is ours alone.
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return own / "openvino"
+
+
+_REPORTED: set[str] = set()  # cache folders already reported as unusable: said once per process, not per load
+_REPORTED_LOCK = threading.Lock()
+
+
+def _report_once(level: int, base: Path, message: str, *args: object) -> None:
+    with _REPORTED_LOCK:
+        if str(base) in _REPORTED:
+            return
+        _REPORTED.add(str(base))
+    log.log(level, message, *args)
+
+
+def _make(folder: Path) -> OSError | None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        return e
+    return None
+
+
+def cache_folder(explicit: str | None, key: str) -> Path | None:
+    """The compiled-model cache folder for ``key``: under ``explicit`` when given, else under the per-user
+    default, falling back to a per-user temp folder, else None (compile uncached: a cache only saves time).
+
+    An explicit folder that cannot be written is a warning (once per process); the default's fallback is
+    quiet, said once at INFO (``--verbose``), since it is routine for a user whose HOME is not their own."""
+    if explicit:
+        error = _make(Path(explicit) / key)
+        if error is None:
+            return Path(explicit) / key
+        _report_once(logging.WARNING, Path(explicit), "clipdeploy: OpenVINO cache %s is not writable (%s); "
+                     "compiling without it", explicit, error)
+        return None
+    base = default_cache_dir()
+    error = _make(base / key)
+    if error is None:
+        return base / key
+    fallback = fallback_cache_dir()
+    if fallback is not None and _make(fallback / key) is None:
+        _report_once(logging.INFO, base, "clipdeploy: OpenVINO cache %s is not writable (%s); using %s",
+                     base, error, fallback)
+        return fallback / key
+    _report_once(logging.INFO, base, "clipdeploy: OpenVINO cache %s is not writable (%s), nor a per-user one "
+                 "under %s; compiling without a cache", base, error, tempfile.gettempdir())
+    return None
 
 
 def cache_key(sha256: str, ov_version: str, cpu: str, capabilities: list[str], config: dict[str, str]) -> str:
@@ -87,16 +153,11 @@ class OvRunner(Runner):
             config["INFERENCE_NUM_THREADS"] = str(options.num_threads)
         self.cache_dir: Path | None = None
         if options.cache_dir != "":
-            base = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
             key = cache_key(
                 sha256, ov.get_version(), str(core.get_property("CPU", "FULL_DEVICE_NAME")),
                 [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")], config,
             )
-            try:
-                (base / key).mkdir(parents=True, exist_ok=True, mode=0o700)
-                self.cache_dir = base / key
-            except OSError as e:  # a cache only saves time: run uncached, and say so
-                log.warning("clipdeploy: OpenVINO cache %s is not writable (%s); compiling without it", base, e)
+            self.cache_dir = cache_folder(options.cache_dir, key)
         try:
             # Compiling from the path (not a read model) lets a cache hit skip reading the ONNX graph.
             cfg = {**config, **({"CACHE_DIR": str(self.cache_dir)} if self.cache_dir else {})}

@@ -10,6 +10,7 @@ when its runners are opened.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import platform
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from clipdeploy.runtime.backends.base import Runner
 
 __all__ = [
     "BackendSpec", "LoadSettings", "register", "unregister", "get", "names", "choices", "has_module",
-    "select_variant", "AUTO", "auto_order",
+    "select_variant", "AUTO", "auto_order", "check_settings",
 ]
 
 AUTO = "auto"
@@ -69,6 +70,10 @@ class BackendSpec:
     # rank on its ``targets`` (None: only when asked for). See precisions.allow.
     runs: Mapping[str, int | None] = field(default_factory=dict)
     targets: tuple[str, ...] = ()  # the preference targets ``target`` returns
+    # Refuses settings it would refuse when opened (a bad value), cheaply: load() asks every backend before
+    # choosing one, so a bad option is refused whichever backend runs, not only when its backend does.
+    check: Callable[[LoadSettings], object] | None = None
+    options: tuple[str, ...] = ()  # the LoadSettings.extra keys (load's backend_options) it reads
 
     def precisions(self) -> tuple[str, ...]:
         return precisions.for_backend(self.name)
@@ -118,6 +123,19 @@ def auto_order() -> tuple[str, ...]:
 def choices() -> tuple[str, ...]:
     """What ``load(backend=...)`` and ``--backend`` accept."""
     return (AUTO, *_REGISTRY)
+
+
+def check_settings(settings: LoadSettings) -> None:
+    """Refuse a setting no backend takes: a bad value for any backend, or a backend_options key none reads."""
+    for spec in _REGISTRY.values():
+        if spec.check is not None:
+            spec.check(settings)
+    known = sorted({key for spec in _REGISTRY.values() for key in spec.options})
+    for key in settings.extra:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
+            raise UsageError(f"backend_options key {key!r} is not read by any backend ({hint})")
 
 
 def has_module(name: str) -> bool:
@@ -226,11 +244,16 @@ def _ort_open(
     root: Path, manifest: dict[str, Any], precision: str | None, settings: LoadSettings, verify: bool
 ) -> Opened:
     # here, not at the top: a backend's module loads only when that backend is used
-    from clipdeploy.runtime.backends.onnxruntime import OrtRunner
+    from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ, OrtRunner
 
     options = _ort_options(settings)
     preference = get("onnxruntime").preference(settings)
-    return open_onnx_files(root, manifest, precision, preference, verify, lambda path: OrtRunner(path, options))
+
+    def make(path: Path, v: Variant) -> Runner:
+        return OrtRunner(path, options, int8=v.precision in INT8_QDQ)
+
+    return open_onnx_files(root, manifest, precision, preference, verify, None, variant_runner=make)
+
 
 
 def _ort_providers() -> list[str]:
@@ -290,6 +313,9 @@ def _trt_unavailable(device: str) -> str | None:
 # ---- OpenVINO -----------------------------------------------------------------------------------------
 
 _X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+_OV_OPTIONS = ("openvino_cache_dir", "openvino_performance_hint", "openvino_int8_without_vnni")
 
 
 def _ov_options(settings: LoadSettings) -> Any:
@@ -370,11 +396,12 @@ def _ov_auto(manifest: dict[str, Any], precision: str | None, settings: LoadSett
 register(BackendSpec(
     "onnxruntime", "onnx", ("cpu", "cuda"), _ort_open, _ort_unavailable,
     target=_ort_target, auto=lambda manifest, precision, settings: None, auto_rank=100,
-    bench_target=_ort_bench_target,
+    bench_target=_ort_bench_target, check=_ort_options,
 ))
 register(BackendSpec(
     "tensorrt", "tensorrt", ("cuda",), _trt_open, _trt_unavailable,
     target=lambda settings: "tensorrt", auto=_trt_auto, auto_rank=0, bench_target=lambda device: "tensorrt",
+    check=_trt_options,
 ))
 # OpenVINO ranks before ONNX Runtime on x86 CPUs with VNNI (see _ov_auto for why not without). Measured: ViT-B-32 fp32 image file, batch 8, 2 threads, a
 # loaded 2-core AMD EPYC (AVX2): OpenVINO 1.05x ONNX Runtime (cosine 0.99999994); issue 14's AVX-512 machine:
@@ -385,4 +412,5 @@ register(BackendSpec(
     target=lambda settings: "openvino-cpu", auto=_ov_auto, auto_rank=50,
     bench_target=lambda device: "openvino-cpu",
     runs={"int8": 0, "bf16": 1, "fp32": 2}, targets=("openvino-cpu",),
+    check=_ov_options, options=_OV_OPTIONS,
 ))

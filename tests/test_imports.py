@@ -34,7 +34,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_import_clipdeploy_is_light():
     result = _python(
-        "import sys, clipdeploy, clipdeploy.cli, clipdeploy.manifest\n"
+        "import sys, clipdeploy, clipdeploy.cli, clipdeploy.artifact.manifest\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         f"{(*HEAVY, 'onnxruntime')!r})\n"
         "print(','.join(heavy))"

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import clipdeploy
-from clipdeploy import manifest_schema, precisions
+from clipdeploy import precisions
+from clipdeploy.artifact import schema as manifest_schema
 from clipdeploy.errors import ArtifactError, UsageError
-from clipdeploy.manifest import read_manifest
-from clipdeploy.manifest_schema import SchemaError
+from clipdeploy.artifact.manifest import read_manifest
+from clipdeploy.artifact.schema import SchemaError
 from clipdeploy.runtime.backends import registry as backends
 
 TOY_PRECISION = "fp32-copy"
@@ -79,8 +80,8 @@ def test_builtin_tables_come_from_the_registry():
     assert backends.choices() == ("auto", "onnxruntime", "tensorrt", "openvino")
     assert backends.auto_order() == ("tensorrt", "openvino", "onnxruntime")
     from clipdeploy.benchmarks.contenders import default_precisions
-    from clipdeploy.engines.engine_validate import TOLERANCES
-    from clipdeploy.precision.gate import DEFAULT_THRESHOLDS
+    from clipdeploy.engines.validate import TOLERANCES
+    from clipdeploy.quantize.gate import DEFAULT_THRESHOLDS
 
     assert default_precisions("cpu") == ("fp32", "int8")
     assert default_precisions("cuda") == tuple(n for n in precisions.names() if n != "bf16")  # bf16: OpenVINO only
@@ -101,7 +102,7 @@ def test_an_unknown_precision_is_one_line_with_a_suggestion():
 
 def test_the_manifest_schema_reads_the_registry_when_it_checks(toys):
     variant = {"tower": "image", "precision": TOY_PRECISION, "format": "onnx", "file": "a.onnx", "sha256": "0"}
-    from clipdeploy.manifest_schema import PRECISIONS
+    from clipdeploy.artifact.schema import PRECISIONS
 
     assert TOY_PRECISION in PRECISIONS
     check = manifest_schema.VARIANT
@@ -115,7 +116,7 @@ def test_toy_precision_and_backend_flow_through_quantize_load_and_bench(toys, mi
     pytest.importorskip("onnx")
     from clipdeploy.benchmarks.bench import BenchConfig, run_bench
     from clipdeploy.benchmarks.harness import TimingConfig
-    from clipdeploy.precision.stage import QuantizeConfig, quantize
+    from clipdeploy.quantize.stage import QuantizeConfig, quantize
 
     art = tmp_path / "art"
     shutil.copytree(micro_artifact.path, art)

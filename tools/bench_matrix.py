@@ -44,11 +44,11 @@ from clipdeploy.cli import build_parser
 from clipdeploy.engines.command import config_from_args as build_config_from_args
 from clipdeploy.errors import ClipDeployError, UsageError
 from clipdeploy.export.exporter import ExportConfig
-from clipdeploy.manifest import atomic_write_text
+from clipdeploy.artifact.manifest import atomic_write_text
 from clipdeploy.options import config_from_args
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan, PipelineConfig
 from clipdeploy.pipeline.runner import RunOptions, run_pipeline
-from clipdeploy.precision.stage import QuantizeConfig
+from clipdeploy.quantize.stage import QuantizeConfig
 from clipdeploy.precisions import REFERENCE
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16", "RN50", "convnext_base", "ViT-L-14")
@@ -98,7 +98,7 @@ def model_plan(cfg: MatrixConfig, model: str, device: str, precisions: tuple[str
     artifact = cfg.work_dir / model / ARTIFACT_DIR
     reduced = tuple(p for p in precisions if p != REFERENCE) if cfg.quantize else ()
     notes: list[str] = []
-    if reduced and not has_module("clipdeploy.precision"):
+    if reduced and not has_module("clipdeploy.quantize"):
         notes.append(
             f"no {', '.join(reduced)} variants: the precision stage (`clipdeploy quantize`) is not installed here, "
             "so only fp32 was measured"

@@ -176,7 +176,7 @@ def load_cache(path: Path) -> dict[str, Any]:
 
 
 def save_cache(path: Path, cache: dict[str, Any]) -> None:
-    from clipdeploy.manifest import atomic_write_text
+    from clipdeploy.artifact.manifest import atomic_write_text
 
     atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
@@ -440,7 +440,7 @@ def render(cache: dict[str, Any], architectures: list[str]) -> str:
 
 
 def write_report(cache: dict[str, Any], path: Path) -> None:
-    from clipdeploy.manifest import atomic_write_text
+    from clipdeploy.artifact.manifest import atomic_write_text
 
     try:
         architectures = list_architectures()
@@ -467,7 +467,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     if getattr(args, "worker", None):
         with tempfile.TemporaryDirectory(prefix="clipdeploy-coverage-") as tmp:
             row = run_one(args.worker, reduced_depth=args.reduced_depth, workdir=Path(tmp))
-        from clipdeploy.manifest import atomic_write_text
+        from clipdeploy.artifact.manifest import atomic_write_text
 
         atomic_write_text(Path(args.row), json.dumps(row))
         return 0

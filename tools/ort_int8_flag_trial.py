@@ -44,7 +44,7 @@ def main() -> None:
 
     import clipdeploy
     from clipdeploy import cpu_features
-    from clipdeploy.bundled import sample_images, sample_prompts
+    from clipdeploy.calibration.bundled import sample_images, sample_prompts
 
     session = clipdeploy.load(args.artifact, backend="onnxruntime", precision="fp32")
     if args.tower == "image":
@@ -94,7 +94,7 @@ def main() -> None:
 
 
 def _variants(root: Path, tower: str) -> list:
-    from clipdeploy.manifest import read_manifest, variants
+    from clipdeploy.artifact.manifest import read_manifest, variants
 
     return [v for v in variants(read_manifest(root)) if v.tower == tower and v.format == "onnx" and v.accepted]
 

@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipdeploy import __version__, deps, progress, staging
+from clipdeploy import __version__, deps, progress
+from clipdeploy.artifact import staging
 from clipdeploy.benchmarks.command import add_bench
 from clipdeploy.bulk.command import add_embed_dataset
 from clipdeploy.engines.command import add_build, add_validate
 from clipdeploy.errors import AccuracyError, ClipDeployError
 from clipdeploy.export.command import add_export, add_models
-from clipdeploy.manifest_command import add_inspect
+from clipdeploy.artifact.command import add_inspect
 from clipdeploy.pipeline.command import add_run
-from clipdeploy.precision.command import add_quantize
+from clipdeploy.quantize.command import add_quantize
 from clipdeploy.runtime.command import add_embed
 from clipdeploy.serve.command import add_serve
 from clipdeploy.triton.command import add_triton

@@ -34,7 +34,7 @@ class PrecisionSpec:
     """One precision and what each stage needs to know about it."""
 
     name: str
-    make: str  # EXPORT, or "module:function" that builds one tower's variant (see precision/stage.py)
+    make: str  # EXPORT, or "module:function" that builds one tower's variant (see quantize/stage.py)
     gate: Mapping[str, float | None] = field(default_factory=dict)  # GateThresholds defaults; {} for the reference
     engine_tolerance: Mapping[str, float | None] = field(default_factory=dict)  # EngineTolerance vs the ONNX variant
     backends: tuple[str, ...] = ("onnxruntime", "tensorrt")  # backends that run its variants
@@ -192,9 +192,9 @@ def view(value: Callable[[PrecisionSpec], V], which: Callable[[], tuple[str, ...
 
 # ---- the built-in precisions ------------------------------------------------------------------------------
 
-_STAGE = "clipdeploy.precision.stage"
+_STAGE = "clipdeploy.quantize.stage"
 _INT8_GATE = {"min_cosine": 0.95, "min_mean_cosine": 0.99, "min_top1": 0.95}
-# What the graph-editing make steps import (precision/graph.py, fp16.py, int8.py).
+# What the graph-editing make steps import (quantize/graph.py, fp16.py, int8.py).
 _GRAPH = (("onnx", "export"), ("onnx_ir", "export"))
 _FP16_PASS = (("onnxruntime.transformers.float16", "cpu"),)
 _CALIBRATE = (("onnxruntime.quantization", "cpu"),)
@@ -233,7 +233,7 @@ INT8_FP16 = register(PrecisionSpec(
 # FLOAT8E4M3FN Q/DQ, fp16 elsewhere: TensorRT on compute capability 8.9+ (Ada, Hopper, Blackwell) only;
 # ONNX Runtime's CPU provider runs it emulated, which is what the gate measures.
 FP8 = register(PrecisionSpec(
-    "fp8", "clipdeploy.precision.fp8:make_fp8",
+    "fp8", "clipdeploy.quantize.fp8:make_fp8",
     gate={"min_cosine": 0.97, "min_mean_cosine": 0.995, "min_top1": 0.97},
     engine_tolerance={"min_cosine": 0.99, "max_abs_rel": None},
     slow_on=("onnxruntime-cpu",),

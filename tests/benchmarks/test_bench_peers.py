@@ -179,7 +179,7 @@ def test_plain_export_of_the_text_tower(micro_artifact):
     from clipdeploy.benchmarks.contenders import ContenderSpec, OpenOptions
     from clipdeploy.benchmarks.plain_export import PlainExportContender
     from clipdeploy.benchmarks.torch_reference import build_reference_model
-    from clipdeploy.manifest import read_manifest
+    from clipdeploy.artifact.manifest import read_manifest
 
     manifest = read_manifest(micro_artifact.path)
     spec = ContenderSpec("onnxruntime.plain", "fp32", "cpu", ("text",), "peer")

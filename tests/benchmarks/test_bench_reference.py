@@ -15,7 +15,7 @@ from clipdeploy.benchmarks.torch_reference import (
     prefix_text_encoder,
 )
 from clipdeploy.errors import CheckpointError, UsageError
-from clipdeploy.manifest import read_manifest
+from clipdeploy.artifact.manifest import read_manifest
 
 from tests.support.testdata import MICRO_CONFIG
 

@@ -17,7 +17,7 @@ from clipdeploy.benchmarks.bench import BenchConfig, run_bench
 from clipdeploy.benchmarks.harness import TimingConfig, perf_counter_timer
 from clipdeploy.benchmarks.inputs import array_sha256
 from clipdeploy.cli import main
-from clipdeploy.manifest import read_manifest, write_manifest
+from clipdeploy.artifact.manifest import read_manifest, write_manifest
 
 QUICK = TimingConfig(iters=2, warmup=1)
 

@@ -82,7 +82,7 @@ def saved_results(art: Path, results: Path) -> dict:
     """What validate --save-results wrote: its runners, how far the saved outputs are from what the emulated
     engine computes on the saved inputs, and the comparison of the file with ONNX Runtime (--load-results)."""
     from clipdeploy.engines import polygraphy_results
-    from clipdeploy.engines.engine_validate import compare_saved
+    from clipdeploy.engines.validate import compare_saved
 
     runs = polygraphy_results.load(results)
     return {

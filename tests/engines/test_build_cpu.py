@@ -14,10 +14,10 @@ import pytest
 import clipdeploy
 from clipdeploy.engines.builder import axis_ranges, plan_name
 from clipdeploy.engines.config import BuildConfig, parse_range, parse_size
-from clipdeploy.engines.engine_validate import check_compute_capability
+from clipdeploy.engines.validate import check_compute_capability
 from clipdeploy.cli import main
 from clipdeploy.errors import ArtifactError, DependencyError, EngineError, UsageError
-from clipdeploy.manifest import read_manifest
+from clipdeploy.artifact.manifest import read_manifest
 from clipdeploy.runtime.backends.tensorrt import select_engine
 from clipdeploy.runtime.tensorrt_compat import engine_mismatch
 from clipdeploy.runtime import cuda
@@ -261,7 +261,7 @@ def test_no_gpu_is_a_dependency_error():
 def test_build_and_runtime_modules_import_nothing_heavy():
     code = (
         "import sys, clipdeploy.engines, clipdeploy.engines.builder, clipdeploy.engines.command, "
-        "clipdeploy.engines.engine_validate, clipdeploy.runtime.backends.tensorrt, clipdeploy.runtime.cuda, "
+        "clipdeploy.engines.validate, clipdeploy.runtime.backends.tensorrt, clipdeploy.runtime.cuda, "
         "clipdeploy.cli\nheavy = ('tensorrt', 'cuda', 'torch', 'onnxruntime', 'onnx')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
     )

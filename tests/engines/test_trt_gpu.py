@@ -19,7 +19,7 @@ import pytest
 
 import clipdeploy
 from clipdeploy.engines import BuildConfig, build_engines, validate_engines
-from clipdeploy.engines.engine_validate import TOLERANCES
+from clipdeploy.engines.validate import TOLERANCES
 from clipdeploy.errors import EngineError, InputError
 from clipdeploy.validation import compare
 from tests.support.cpus import auto_cpu_backend
@@ -81,7 +81,7 @@ def _calibration_images(folder: Path, count: int = 64) -> Path:
 @pytest.fixture(scope="module")
 def artifact(trt_version, micro_artifact, tmp_path_factory) -> Path:
     """The micro ViT, quantized to every precision (gates relaxed: this tests engines, not quantization)."""
-    from clipdeploy.precision.stage import QuantizeConfig, quantize
+    from clipdeploy.quantize.stage import QuantizeConfig, quantize
 
     root = tmp_path_factory.mktemp("trt")
     art = Path(shutil.copytree(micro_artifact.path, root / "artifact"))
@@ -260,7 +260,7 @@ def test_parser_errors_name_the_node(trt_version, tiny_artifact):
     import onnx
     from onnx import TensorProto, helper
 
-    from clipdeploy.manifest import file_sha256
+    from clipdeploy.artifact.manifest import file_sha256
 
     graph = helper.make_graph(
         [helper.make_node("Frobnicate", ["pixel_values"], ["image_embeds"], name="mystery_node", domain="com.example")],
@@ -295,7 +295,7 @@ def test_saved_results_of_real_engines_compare_without_tensorrt(artifact, built,
     """--save-results on real engines, then --load-results (ONNX Runtime only) agrees with the live validation."""
     pytest.importorskip("polygraphy")
     from clipdeploy.cli import main
-    from clipdeploy.engines.engine_validate import compare_saved
+    from clipdeploy.engines.validate import compare_saved
 
     results = tmp_path / "results.json"
     live = validate_engines(artifact, precision="fp16", save_results=results)

@@ -15,8 +15,8 @@ import pytest
 
 from clipdeploy.cli import main
 from clipdeploy.engines import polygraphy_results as pg
-from clipdeploy.engines.engine_validate import run_engine, sample_inputs
-from clipdeploy.manifest import read_manifest, variants
+from clipdeploy.engines.validate import run_engine, sample_inputs
+from clipdeploy.artifact.manifest import read_manifest, variants
 from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
 
 pytest.importorskip("onnxruntime")

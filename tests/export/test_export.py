@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clipdeploy.errors import AccuracyError, CheckpointError, UsageError
-from clipdeploy.manifest import MANIFEST_NAME, file_sha256, read_manifest
+from clipdeploy.artifact.manifest import MANIFEST_NAME, file_sha256, read_manifest
 from clipdeploy.validation import cosine_rows
 
 from tests.support.testdata import HELD_OUT_TEXTS, MICRO_CONFIG, Exported

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clipdeploy.errors import ArtifactError
-from clipdeploy.manifest import file_sha256, read_manifest
+from clipdeploy.artifact.manifest import file_sha256, read_manifest
 from clipdeploy.validation import cosine_rows
 
 from tests.support.testdata import MICRO_CONFIG

@@ -14,7 +14,7 @@ pytest.importorskip("onnx", reason="the tiny artifact is written with onnx")
 from clipdeploy.cli import main  # noqa: E402
 from clipdeploy.errors import UsageError  # noqa: E402
 from clipdeploy.export import exporter  # noqa: E402
-from clipdeploy.staging import job_lock  # noqa: E402
+from clipdeploy.artifact.staging import job_lock  # noqa: E402
 
 from tests.support.tiny_artifact import bpe_vocab, make_tiny_artifact  # noqa: E402
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clipdeploy.errors import ArtifactError, UsageError
-from clipdeploy.manifest import read_manifest
+from clipdeploy.artifact.manifest import read_manifest
 from clipdeploy.validation import cosine_rows
 
 from tests.support.testdata import HELD_OUT_TEXTS, TESTS

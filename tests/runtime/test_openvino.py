@@ -20,7 +20,7 @@ import clipdeploy  # noqa: E402
 from clipdeploy import cpu_features, precisions  # noqa: E402
 from clipdeploy.errors import UsageError  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
-from clipdeploy.precision.stage import QuantizeConfig, quantize  # noqa: E402
+from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
 
 from tests.support.cpus import use_cpu  # noqa: E402
 from tests.support.models import MODELS  # noqa: E402

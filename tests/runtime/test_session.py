@@ -12,7 +12,7 @@ import pytest
 
 import clipdeploy
 from clipdeploy.errors import ArtifactError, InputError, UsageError
-from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION
+from clipdeploy.artifact.manifest import MANIFEST_NAME, SCHEMA_VERSION
 
 from tests.support.cpus import auto_cpu_backend, use_cpu
 from tests.support.models import MODELS

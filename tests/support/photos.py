@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipdeploy.bundled import sample_images
+from clipdeploy.calibration.bundled import sample_images
 
 
 def write_crops(folder: Path, n: int, seed: int) -> Path:

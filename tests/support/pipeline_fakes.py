@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from clipdeploy.errors import AccuracyError, CheckpointError
-from clipdeploy.manifest import SCHEMA_VERSION, file_sha256, read_manifest, write_manifest
+from clipdeploy.artifact.manifest import SCHEMA_VERSION, file_sha256, read_manifest, write_manifest
 from clipdeploy.pipeline import stages
 from clipdeploy.pipeline.stages import Result, describe_files
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipdeploy.manifest import SCHEMA_VERSION, file_sha256
+from clipdeploy.artifact.manifest import SCHEMA_VERSION, file_sha256
 
 EMBED_DIM = 16
 IMAGE_SIZE = 32

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipdeploy.manifest import file_sha256, read_manifest, write_manifest
+from clipdeploy.artifact.manifest import file_sha256, read_manifest, write_manifest
 
 SIM = Path(__file__).resolve().parents[1] / "triton" / "ensemble_sim.py"  # a script, run beside its stub/
 

@@ -238,7 +238,7 @@ def test_cpu_instances_serve_fp32_not_int8_unless_the_server_has_vnni(micro_arti
 
 
 def test_an_artifact_without_tokenizer_files_gets_no_text_ensemble(micro_artifact, tmp_path):
-    from clipdeploy.manifest import read_manifest, write_manifest
+    from clipdeploy.artifact.manifest import read_manifest, write_manifest
 
     root = copy_artifact(micro_artifact.path, tmp_path / "art")
     manifest = read_manifest(root)

@@ -40,7 +40,7 @@ from clipdeploy.benchmarks.report import write_reports
 from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
 from clipdeploy.errors import ClipDeployError, UsageError
-from clipdeploy.manifest import TOWERS, read_manifest
+from clipdeploy.artifact.manifest import TOWERS, read_manifest
 from clipdeploy.options import DEVICE_HELP, THREADS, csv, device_kind, integer, opt, show_csv
 from clipdeploy.precisions import REFERENCE
 from clipdeploy.precisions import names as precision_names

@@ -24,7 +24,7 @@ from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.export.specs import context_length
-from clipdeploy.manifest import variant_files, variants, verify_files
+from clipdeploy.artifact.manifest import variant_files, variants, verify_files
 from clipdeploy.precisions import REFERENCE, by_default, rank
 from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ, OrtOptions, OrtRunner

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 import clipdeploy
-from clipdeploy.bundled import sample_images
+from clipdeploy.calibration.bundled import sample_images
 from clipdeploy.validation import cosine_rows
 
 MODES = ("exact", "fast_decode")

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from clipdeploy.tool_versions import found_versions
+from clipdeploy.artifact.tool_versions import found_versions
 
 _DISTRIBUTIONS = (
     "clipdeploy",

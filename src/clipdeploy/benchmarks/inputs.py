@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdeploy.bundled import sample_images, sample_prompts
+from clipdeploy.calibration.bundled import sample_images, sample_prompts
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
 from clipdeploy.runtime.text import load_tokenizer

@@ -58,7 +58,7 @@ from typing import Any
 
 from clipdeploy.benchmarks.contenders import precision_rank
 from clipdeploy.benchmarks.end_to_end import describe as end_to_end_lines
-from clipdeploy.manifest import atomic_write_text
+from clipdeploy.artifact.manifest import atomic_write_text
 
 REPORT_DOC_HINT = "Each model's `bench.json` follows the schema `clipdeploy-bench/1`, given at the end of this page."
 

@@ -20,7 +20,7 @@ from typing import Any
 from clipdeploy.errors import CheckpointError, UsageError
 from clipdeploy.export.loading import load_model
 from clipdeploy.export.text_towers import causal_text_forward
-from clipdeploy.manifest import file_sha256
+from clipdeploy.artifact.manifest import file_sha256
 
 # Model names that carry their own weights (open_clip downloads or reads them).
 _SOURCE_SCHEMAS = ("hf-hub:", "local-dir:")

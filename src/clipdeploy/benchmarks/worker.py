@@ -28,7 +28,7 @@ from clipdeploy.benchmarks.harness import (
 )
 from clipdeploy.benchmarks.inputs import BenchInputs, array_sha256
 from clipdeploy.errors import ClipDeployError
-from clipdeploy.manifest import read_manifest
+from clipdeploy.artifact.manifest import read_manifest
 
 EVENT_PREFIX = "@@clipdeploy-bench "
 

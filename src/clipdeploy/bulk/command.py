@@ -17,7 +17,7 @@ from clipdeploy.bulk.worker import Job, open_session
 from clipdeploy.bulk.writer import ERRORS, claim_output, finish, is_done
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
-from clipdeploy.manifest import file_sha256
+from clipdeploy.artifact.manifest import file_sha256
 from clipdeploy.options import add_dataclass_options, config_from_args
 
 

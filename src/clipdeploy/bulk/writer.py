@@ -13,8 +13,8 @@ from typing import Any
 from clipdeploy.bulk.shards import shard_name
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
-from clipdeploy.manifest import atomic_write_bytes, atomic_write_text
-from clipdeploy.staging import clean_stale_writes
+from clipdeploy.artifact.manifest import atomic_write_bytes, atomic_write_text
+from clipdeploy.artifact.staging import clean_stale_writes
 
 IDENTITY = "_embed-dataset.json"  # "_": parquet readers of OUT (pyarrow, pandas) skip it
 ERRORS = "_errors.jsonl"

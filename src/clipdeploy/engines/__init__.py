@@ -20,8 +20,8 @@ def build_engines(cfg: BuildConfig) -> list[dict]:
 
 
 def validate_engines(artifact: str, **options: object) -> dict:
-    """Compare engines with their ONNX sources; see :func:`clipdeploy.engines.engine_validate.validate_engines`."""
+    """Compare engines with their ONNX sources; see :func:`clipdeploy.engines.validate.validate_engines`."""
     # here, not at the top: importing the package must not load its heavier modules
-    from clipdeploy.engines.engine_validate import validate_engines as _validate
+    from clipdeploy.engines.validate import validate_engines as _validate
 
     return _validate(artifact, **options)  # type: ignore[arg-type]

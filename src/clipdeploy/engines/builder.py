@@ -14,9 +14,9 @@ from typing import Any
 
 from clipdeploy import precisions, progress
 from clipdeploy.engines.config import BuildConfig, Range
-from clipdeploy.engines.engine_validate import check_compute_capability, validate_engines
+from clipdeploy.engines.validate import check_compute_capability, validate_engines
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
-from clipdeploy.manifest import (
+from clipdeploy.artifact.manifest import (
     PendingFile,
     Variant,
     atomic_write_bytes,
@@ -27,10 +27,10 @@ from clipdeploy.manifest import (
     variants,
     verify_files,
 )
-from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.artifact.external_data import check_variant_external_data
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT, base_version, get_logger, import_tensorrt
-from clipdeploy.staging import clean_stale_writes
+from clipdeploy.artifact.staging import clean_stale_writes
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 from clipdeploy import options, precisions
 from clipdeploy.engines.builder import build_engines
 from clipdeploy.engines.config import BuildConfig, parse_range
-from clipdeploy.engines.engine_validate import compare_saved, validate_engines
+from clipdeploy.engines.validate import compare_saved, validate_engines
 from clipdeploy.errors import UsageError
 from clipdeploy.options import add_dataclass_options, cuda_index
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipdeploy import precisions
 from clipdeploy.errors import UsageError
-from clipdeploy.manifest import TOWERS
+from clipdeploy.artifact.manifest import TOWERS
 from clipdeploy.options import DEVICE_HELP, cuda_index, opt
 from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT
 

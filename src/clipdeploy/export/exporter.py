@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy import __version__, precisions, progress
-from clipdeploy.bundled import sample_images, sample_prompts
+from clipdeploy.calibration.bundled import sample_images, sample_prompts
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
 from clipdeploy.export.geometry import context_length
@@ -28,13 +28,13 @@ from clipdeploy.export.preprocess_assets import describe_preprocess
 from clipdeploy.export.specs import DEFAULT_OPSET, MIN_SEQUENCE, FamilySpec, TowerSpec, detect_family
 from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
 from clipdeploy.export.tokenizer_assets import describe_tokenizer
-from clipdeploy.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
+from clipdeploy.artifact.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
 from clipdeploy.options import opt
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
 from clipdeploy.runtime.text import load_tokenizer
-from clipdeploy.staging import artifact_lock, clean_beside, ensure_parent, output_temporaries, reserved, running_jobs
-from clipdeploy.tool_versions import found_versions
+from clipdeploy.artifact.staging import artifact_lock, clean_beside, ensure_parent, output_temporaries, reserved, running_jobs
+from clipdeploy.artifact.tool_versions import found_versions
 from clipdeploy.validation import compare, gate_failures, merge, raise_if_failed
 
 log = logging.getLogger(__name__)

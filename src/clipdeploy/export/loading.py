@@ -21,7 +21,7 @@ from typing import Any
 from clipdeploy.deps import require
 from clipdeploy.errors import CheckpointError, UsageError
 from clipdeploy.export.hf_configs import bundled_config_dir
-from clipdeploy.manifest import file_sha256
+from clipdeploy.artifact.manifest import file_sha256
 
 log = logging.getLogger(__name__)
 

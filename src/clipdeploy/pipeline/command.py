@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from clipdeploy.manifest import atomic_write_text
+from clipdeploy.artifact.manifest import atomic_write_text
 from clipdeploy.options import add_dataclass_options, config_from_args
 from clipdeploy.pipeline.config import load_config
 from clipdeploy.pipeline.runner import RunOptions, run_pipeline

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.calibration.sources import list_images
-from clipdeploy.manifest import file_sha256
+from clipdeploy.artifact.manifest import file_sha256
 
 
 def key_of(inputs: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from clipdeploy import progress
 from clipdeploy.errors import AccuracyError, ClipDeployError, UsageError
-from clipdeploy.manifest import atomic_write_text
+from clipdeploy.artifact.manifest import atomic_write_text
 from clipdeploy.options import opt
 from clipdeploy.pipeline.config import STAGES, ModelPlan, PipelineConfig
 from clipdeploy.pipeline.fingerprint import changed, key_of

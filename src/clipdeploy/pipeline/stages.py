@@ -23,18 +23,18 @@ from clipdeploy import __version__
 from clipdeploy.benchmarks import environment
 from clipdeploy.benchmarks.bench import resolve_device, run_bench
 from clipdeploy.engines import build_engines, validate_engines
-from clipdeploy.engines.engine_validate import TOLERANCES
+from clipdeploy.engines.validate import TOLERANCES
 from clipdeploy.errors import DependencyError
 from clipdeploy.export.exporter import export_model
-from clipdeploy.manifest import file_sha256, read_manifest
+from clipdeploy.artifact.manifest import file_sha256, read_manifest
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan
 from clipdeploy.pipeline.fingerprint import config_values, image_sources_digest
 from clipdeploy.pipeline.state import StageState
-from clipdeploy.precision.stage import quantize
+from clipdeploy.quantize.stage import quantize
 from clipdeploy.precisions import REFERENCE
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.tensorrt_compat import import_tensorrt
-from clipdeploy.tool_versions import versions
+from clipdeploy.artifact.tool_versions import versions
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipdeploy.manifest import atomic_write_text
+from clipdeploy.artifact.manifest import atomic_write_text
 
 STATE_NAME = "pipeline-state.json"
 STATE_SCHEMA = "clipdeploy-pipeline-state/1"

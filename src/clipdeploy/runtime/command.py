@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy.errors import InputError, UsageError
-from clipdeploy.manifest import swap_directory
+from clipdeploy.artifact.manifest import swap_directory
 from clipdeploy.options import add_threads, threads_from_args
 from clipdeploy.runtime.backends import registry as backends
 from clipdeploy.runtime.session import load
-from clipdeploy.staging import check_writable, clean_beside, ensure_parent, output_temporaries, reserved
+from clipdeploy.artifact.staging import check_writable, clean_beside, ensure_parent, output_temporaries, reserved
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from clipdeploy import precisions
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, InputError, UsageError
-from clipdeploy.manifest import Variant, read_manifest, verify_files
+from clipdeploy.artifact.manifest import Variant, read_manifest, verify_files
 from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.base import Runner
 from clipdeploy.runtime.cuda import is_torch_tensor

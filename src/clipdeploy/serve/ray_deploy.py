@@ -26,7 +26,7 @@ from typing import Any
 
 from clipdeploy.deps import require
 from clipdeploy.errors import ServeError, UsageError
-from clipdeploy.manifest import read_manifest, variants
+from clipdeploy.artifact.manifest import read_manifest, variants
 from clipdeploy.serve.config import ServeConfig
 
 APP_NAME = "clipdeploy"  # the Serve application's name (serve.status, serve.delete)

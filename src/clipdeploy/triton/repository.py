@@ -29,7 +29,7 @@ from typing import Any
 import clipdeploy
 from clipdeploy import __version__, precisions
 from clipdeploy.errors import ArtifactError, UsageError
-from clipdeploy.manifest import (
+from clipdeploy.artifact.manifest import (
     FORMATS,
     Variant,
     read_manifest,
@@ -38,11 +38,11 @@ from clipdeploy.manifest import (
     variants,
     verify_files,
 )
-from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.artifact.external_data import check_variant_external_data
 from clipdeploy.options import opt
 from clipdeploy.runtime.backends import registry as backends
 from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ
-from clipdeploy.staging import clean_beside, ensure_parent, output_temporaries, reserved
+from clipdeploy.artifact.staging import clean_beside, ensure_parent, output_temporaries, reserved
 from clipdeploy.triton import releases
 from clipdeploy.triton.pbtxt import Enum, dumps
 from clipdeploy.triton.readme import readme

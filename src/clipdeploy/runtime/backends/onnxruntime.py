@@ -10,7 +10,7 @@ import numpy as np
 
 from clipdeploy import cpu_features, precisions
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError, unreadable
-from clipdeploy.onnx_locations import check_locations
+from clipdeploy.artifact.external_data import check_locations
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 
 _ORT_DTYPES = {

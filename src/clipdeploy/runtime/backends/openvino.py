@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError, unreadable
-from clipdeploy.onnx_locations import check_locations
+from clipdeploy.artifact.external_data import check_locations
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Any
 
 from clipdeploy import cpu_features, precisions
 from clipdeploy.errors import ArtifactError, UsageError
-from clipdeploy.manifest import Variant, variant_files, variants, verify_files
-from clipdeploy.onnx_locations import check_variant_external_data
+from clipdeploy.artifact.manifest import Variant, variant_files, variants, verify_files
+from clipdeploy.artifact.external_data import check_variant_external_data
 from clipdeploy.runtime.backends.base import Runner
 
 __all__ = [

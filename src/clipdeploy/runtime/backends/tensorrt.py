@@ -19,7 +19,7 @@ import numpy as np
 from clipdeploy import precisions
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, ClipDeployError, EngineError, InputError, UsageError
-from clipdeploy.manifest import Variant, variant_files, variants, verify_files
+from clipdeploy.artifact.manifest import Variant, variant_files, variants, verify_files
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.base import IOSpec, Runner
 from clipdeploy.runtime.tensorrt_compat import base_version, engine_mismatch, get_logger, import_tensorrt

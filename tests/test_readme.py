@@ -1,7 +1,7 @@
-"""The README's tables and signatures that restate the code are checked against it, so they cannot drift:
-the extras table against pyproject.toml, the backends `load` names against the backend registry, the
-Python versions against requires-python and the classifiers, and the Triton commands against the
-packages the generated Python models import."""
+"""The README and the docs/ pages: what restates the code is checked against it, so it cannot drift (the
+extras table against pyproject.toml, the backends `load` names against the backend registry, the Python
+versions against requires-python and the classifiers, the Triton commands against the packages the
+generated Python models import)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from clipdeploy.triton.readme import PYTHON_PACKAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = ROOT / "docs"
+# The pages a reader reaches from the README: itself and everything under docs/ (generated reports included).
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
 
@@ -55,8 +58,9 @@ def test_extras_table_matches_pyproject():
 
 
 def test_load_signature_names_every_backend():
-    m = re.search(r'`load\(path, backend=((?:"[^"]+"(?: \| )?)+),', README)
-    assert m, "README: no load(path, backend=...) signature"
+    runtime = (DOCS / "runtime.md").read_text(encoding="utf-8")
+    m = re.search(r'`load\(path, backend=((?:"[^"]+"(?: \| )?)+),', runtime)
+    assert m, "docs/runtime.md: no load(path, backend=...) signature"
     assert re.findall(r'"([^"]+)"', m[1]) == list(backends.choices()), m[0]
 
 
@@ -68,12 +72,15 @@ def test_python_versions_are_the_declared_ones():
     quick = _section("## Quick start")
     assert f"Python {', '.join(listed[:-1])} or {listed[-1]}" in quick
     assert f"CI installs on {floor} and {listed[-1]}" in quick
-    assert "3.10+" not in README
+    for page in PAGES:
+        assert "3.10+" not in page.read_text(encoding="utf-8"), page.relative_to(ROOT)
 
 
 def test_triton_commands_build_the_image_the_python_models_need():
-    section = README[README.index("### Serving with Triton") :]
+    triton = (DOCS / "triton.md").read_text(encoding="utf-8")
+    section = triton[triton.index("\n## Start it\n") :]
     block = section[section.index("```bash") : section.index("```\n", section.index("```bash") + 7)]
+    block = block.replace("\\\n", " ")  # a command continued with a backslash is one line
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\S+-py3$", block, re.M), block
     (pip,) = [line for line in block.splitlines() if line.startswith("RUN pip install")]
     assert set(PYTHON_PACKAGES) <= set(pip.split()), pip
@@ -85,3 +92,4 @@ def test_triton_commands_build_the_image_the_python_models_need():
 def test_wheel_install_line_names_this_version():
     names = set(re.findall(r"dist/clipdeploy-([0-9][^-]*)-py3-none-any\.whl", README))
     assert names == {PROJECT["version"]}, names
+

@@ -1,7 +1,7 @@
 """The README and the docs/ pages: what restates the code is checked against it, so it cannot drift (the
 extras table against pyproject.toml, the backends `load` names against the backend registry, the Python
 versions against requires-python and the classifiers, the Triton commands against the packages the
-generated Python models import)."""
+generated Python models import), and every relative link resolves, to a file and, with `#`, to a heading."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 DOCS = ROOT / "docs"
 # The pages a reader reaches from the README: itself and everything under docs/ (generated reports included).
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+README_MAX_LINES = 260  # the front door: what it is, install, quick start, the three uses, support, headline figures
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
 
@@ -93,3 +94,72 @@ def test_wheel_install_line_names_this_version():
     names = set(re.findall(r"dist/clipdeploy-([0-9][^-]*)-py3-none-any\.whl", README))
     assert names == {PROJECT["version"]}, names
 
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped (not `-` or `_`), spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (a `# comment` in a bash block is no heading, a `](` in code no link)."""
+    return re.sub(r"^```.*?^```[^\n]*$", "", text, flags=re.M | re.S)
+
+
+def _anchors(text: str) -> set[str]:
+    """Every heading's anchor; a repeated heading gets `-1`, `-2`, ... as on GitHub."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", _prose(text), re.M):
+        slug = _slug(heading)
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def _links(text: str) -> list[str]:
+    """Relative link targets (`path`, `path#anchor`, `#anchor`); URLs with a scheme are not checked here."""
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", _prose(text)) if not re.match(r"[a-z]+:", target)]
+
+
+def _broken_links(pages: list[Path], root: Path) -> list[str]:
+    broken = []
+    for page in pages:
+        for target in _links(page.read_text(encoding="utf-8")):
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(root)}: {target}"
+            if not dest.is_file():
+                broken.append(f"{where}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text(encoding="utf-8")):
+                broken.append(f"{where}: no heading #{anchor} in {dest.relative_to(root)}")
+    return broken
+
+
+def test_relative_links_resolve():
+    broken = _broken_links(PAGES, ROOT)
+    assert not broken, "\n".join(broken)
+
+
+def test_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## In CI: `clipdeploy run`\n\n## A page\n")
+    (tmp_path / "README.md").write_text(
+        "# Top\n[ok](docs/a.md#in-ci-clipdeploy-run) [ok](docs/a.md#a-page-1) [ok](#top) [web](https://x.org/nope)\n"
+        "[gone](docs/b.md) [no anchor](docs/a.md#in-ci) [here](#nowhere)\n```bash\n# [code](not/a/link.md)\n```\n"
+    )
+    pages = [tmp_path / "README.md", tmp_path / "docs" / "a.md"]
+    assert _broken_links(pages, tmp_path) == [
+        "README.md: docs/b.md: no such file",
+        "README.md: docs/a.md#in-ci: no heading #in-ci in docs/a.md",
+        "README.md: #nowhere: no heading #nowhere in README.md",
+    ]
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in _links(README)}
+    unlinked = [str(page.relative_to(ROOT)) for page in sorted(DOCS.glob("*.md")) if page.resolve() not in linked]
+    assert not unlinked, f"docs pages the README does not link (add them to its Documentation table): {unlinked}"
+
+
+def test_readme_is_a_front_door():
+    lines = README.count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines, at most {README_MAX_LINES}: move detail to docs/"

@@ -64,3 +64,10 @@ def test_provenance_and_weights_source(tmp_path):
     view = ArtifactView.of(tmp_path, m)
     assert view.created.startswith("2025") and view.tools["clipdeploy"] == "0.1"
     assert (view.model.checkpoint, view.model.random_init_seed) == ("w.pt", 3)
+
+
+def test_tokenizer_missing_says_why_or_is_none(tmp_path):
+    m = copy.deepcopy(BASE)
+    assert ArtifactView.of(tmp_path, m).tokenizer_missing is None
+    m["tokenizer"]["missing"] = {"reason": "offline"}
+    assert ArtifactView.of(tmp_path, m).tokenizer_missing == {"reason": "offline"}

@@ -38,6 +38,8 @@ def _weights(model: ModelFacts) -> str:
 
 
 def format_manifest(view: ArtifactView, missing: tuple[str, ...] | list[str] = ()) -> str:
+    # The preprocess and tokenizer entries are the runtime's own configs (PreprocessConfig, load_tokenizer): their
+    # fields are read as those name them. Validation records are each stage's free-form report.
     model, pp, tok = view.model, view.preprocess, view.tokenizer
     height, width = view.image_size
     bias = "none" if model.logit_bias is None else f"{model.logit_bias:.4g}"

@@ -175,6 +175,12 @@ class ArtifactView:
         return MappingProxyType(dict(self.raw.get("tokenizer") or {}))
 
     @property
+    def tokenizer_missing(self) -> Mapping[str, Any] | None:
+        """Why the tokenizer's files are absent (the export could not fetch them), or None when they are there."""
+        missing = self.tokenizer.get("missing")
+        return MappingProxyType(dict(missing)) if missing else None
+
+    @property
     def files(self) -> Mapping[str, str]:
         """Artifact files outside the variants (tokenizer, preprocessing) -> sha256."""
         return MappingProxyType(dict(self.raw.get("files") or {}))

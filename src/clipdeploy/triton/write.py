@@ -329,7 +329,7 @@ def write_plan(cfg: TritonConfig, plan: Plan, repo: Path, warnings: list[str]) -
         served = [t for t in towers if t.tower == tower]
         if not served:
             continue
-        if tower == "text" and plan.view.tokenizer.get("missing"):
+        if tower == "text" and plan.view.tokenizer_missing:
             warnings.append(
                 f"{plan.root}: the artifact has no tokenizer files, so there is no {plan.prefix}_tokenize model and "
                 "no text ensemble (the text tower models take token ids); re-export with --tokenizer-dir"

@@ -138,7 +138,8 @@ def test_load_accepts_it_once_listed(unlisted):
 
 
 def test_triton_refuses_a_model_whose_data_it_would_leave_behind(unlisted, tmp_path):
-    from clipdeploy.triton.repository import TritonConfig, build_repository
+    from clipdeploy.triton.config import TritonConfig
+    from clipdeploy.triton.repository import build_repository
 
     out = tmp_path / "repo"
     with pytest.raises(ArtifactError, match="does not list"):

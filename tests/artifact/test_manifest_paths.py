@@ -147,7 +147,8 @@ def test_inspect_and_embed_exit_2(escape, micro_artifact, tmp_path, capsys):
 
 @pytest.mark.parametrize("escape", ["dotdot-model", "absolute-model", "symlinked-model", "listed-file", "tokenizer-file"])
 def test_triton_refuses_and_copies_nothing(escape, micro_artifact, tmp_path, hashed):
-    from clipdeploy.triton.repository import TritonConfig, build_repository
+    from clipdeploy.triton.config import TritonConfig
+    from clipdeploy.triton.repository import build_repository
 
     make, key = ESCAPES[escape]
     root = _copy(micro_artifact.path, tmp_path)

@@ -305,4 +305,4 @@ def test_every_manifest_writer_goes_through_the_lock():
             for node in ast.walk(fn):
                 if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_manifest":
                     callers.add(f"{path.relative_to(src).as_posix()}:{fn.name}")
-    assert callers == {"manifest.py:updating_manifest", "export/exporter.py:_build", "export/exporter.py:export_model"}
+    assert callers == {"artifact/manifest.py:updating_manifest", "export/exporter.py:_build", "export/exporter.py:export_model"}

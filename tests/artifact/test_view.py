@@ -52,3 +52,22 @@ def test_facts_variants_and_read_only(tmp_path):
         view.raw["model"] = {}  # type: ignore[index]
     with pytest.raises(ArtifactError, match="no audio tower"):
         view.tower("audio")
+
+
+def test_provenance_and_weights_source(tmp_path):
+    m = copy.deepcopy(BASE)
+    view = ArtifactView.of(tmp_path, m)
+    assert view.schema_version == "1.0" and view.created is None and dict(view.tools) == {}
+    assert view.model.checkpoint is None and view.model.random_init_seed is None
+    m["created"], m["tools"] = "2025-01-01T00:00:00+00:00", {"clipdeploy": "0.1"}
+    m["model"].update(checkpoint="w.pt", random_init_seed=3)
+    view = ArtifactView.of(tmp_path, m)
+    assert view.created.startswith("2025") and view.tools["clipdeploy"] == "0.1"
+    assert (view.model.checkpoint, view.model.random_init_seed) == ("w.pt", 3)
+
+
+def test_tokenizer_missing_says_why_or_is_none(tmp_path):
+    m = copy.deepcopy(BASE)
+    assert ArtifactView.of(tmp_path, m).tokenizer_missing is None
+    m["tokenizer"]["missing"] = {"reason": "offline"}
+    assert ArtifactView.of(tmp_path, m).tokenizer_missing == {"reason": "offline"}

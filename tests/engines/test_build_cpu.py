@@ -18,6 +18,7 @@ from clipdeploy.engines.validate import check_compute_capability
 from clipdeploy.cli import main
 from clipdeploy.errors import ArtifactError, DependencyError, EngineError, UsageError
 from clipdeploy.artifact.manifest import read_manifest
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.runtime.backends.tensorrt import select_engine
 from clipdeploy.runtime.tensorrt_compat import engine_mismatch
 from clipdeploy.runtime import cuda
@@ -91,7 +92,7 @@ def test_plans_are_named_by_tower_precision_gpu_and_version():
 
 
 def test_profiles_cover_every_named_dynamic_axis(tiny_artifact):
-    manifest = read_manifest(tiny_artifact)
+    manifest = ArtifactView.read(tiny_artifact)
     cfg = BuildConfig(tiny_artifact, batch=(1, 4, 16))
     image = axis_ranges("image", [("pixel_values", (-1, 3, 32, 32))], manifest, cfg)
     (lo, opt, hi), axes = image["pixel_values"]
@@ -102,13 +103,26 @@ def test_profiles_cover_every_named_dynamic_axis(tiny_artifact):
     assert axis_ranges("text", [("input_ids", (-1, -1))], manifest, cfg)["input_ids"][0] == ((1, 2), (8, 8), (64, 16))
     assert axis_ranges("text", [("input_ids", (-1, 77))], manifest, cfg)["input_ids"][0] == ((1, 77), (8, 77), (64, 77))
     assert axis_ranges("text", [("input_ids", (1, 77))], manifest, cfg) == {}  # nothing dynamic, no profile
-    manifest["towers"]["text"]["inputs"][0]["shape"] = ["batch", "sequence", "tiles"]
-    with pytest.raises(UsageError, match="dynamic axis 'tiles'.*--shape tiles=MIN:OPT:MAX"):
-        axis_ranges("text", [("input_ids", (-1, -1, -1))], manifest, cfg)
     with pytest.raises(UsageError, match="context length 77"):
         axis_ranges(
             "text", [("input_ids", (-1, -1))], manifest, BuildConfig(tiny_artifact, shapes={"sequence": (1, 8, 78)})
         )
+    raw = read_manifest(tiny_artifact)
+    raw["towers"]["text"]["inputs"][0]["shape"] = ["batch", "sequence", "tiles"]
+    with pytest.raises(UsageError, match="dynamic axis 'tiles'.*--shape tiles=MIN:OPT:MAX"):
+        axis_ranges("text", [("input_ids", (-1, -1, -1))], ArtifactView.of(tiny_artifact, raw), cfg)
+
+
+def test_a_sequence_axis_without_a_context_length_asks_for_its_range(tiny_artifact):
+    """With no context length recorded anywhere, the sequence range is not guessed (it once was: 77)."""
+    raw = read_manifest(tiny_artifact)
+    del raw["tokenizer"]["context_length"]
+    view = ArtifactView.of(tiny_artifact, raw)
+    assert view.context_length is None
+    with pytest.raises(UsageError, match="dynamic axis 'sequence'.*--shape sequence=MIN:OPT:MAX"):
+        axis_ranges("text", [("input_ids", (-1, -1))], view, BuildConfig(tiny_artifact))
+    cfg = BuildConfig(tiny_artifact, shapes={"sequence": (1, 8, 100)})
+    assert axis_ranges("text", [("input_ids", (-1, -1))], view, cfg)["input_ids"][0] == ((1, 1), (8, 8), (64, 100))
 
 
 # ---- engine matching ----------------------------------------------------------------------------

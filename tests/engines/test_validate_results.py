@@ -16,7 +16,7 @@ import pytest
 from clipdeploy.cli import main
 from clipdeploy.engines import polygraphy_results as pg
 from clipdeploy.engines.validate import run_engine, sample_inputs
-from clipdeploy.artifact.manifest import read_manifest, variants
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
 
 pytest.importorskip("onnxruntime")
@@ -29,10 +29,10 @@ PROFILES = {
 
 
 def saved_runs(art, precision="fp16"):
-    manifest = read_manifest(art)
-    inputs = sample_inputs(art, manifest)
+    view = ArtifactView.read(art)
+    inputs = sample_inputs(view)
     runs = []
-    for v in variants(manifest):
+    for v in view.variants:
         if v.format != "onnx" or v.precision != precision:
             continue
         runner = OrtRunner(art / v.file, OrtOptions(providers=("CPUExecutionProvider",)))

@@ -126,13 +126,14 @@ def test_bf16_passes_its_gate_on_photos(micro_artifact, tmp_path):
 
 
 def test_a_bf16_variant_is_not_built_by_tensorrt_nor_served_by_triton(micro_artifact, tmp_path):
+    from clipdeploy.artifact.view import ArtifactView
     from clipdeploy.engines.builder import sources
     from clipdeploy.engines.config import BuildConfig
     from clipdeploy.triton.repository import TritonConfig, collect
 
     art = _with_bf16_variant(micro_artifact.path, tmp_path / "art")
     with pytest.raises(UsageError, match="bf16 runs on openvino only, not TensorRT"):
-        sources(read_manifest(art), BuildConfig(artifact=art, precision="bf16"))
+        sources(ArtifactView.read(art), BuildConfig(artifact=art, precision="bf16"))
     warnings: list[str] = []
     notes: set[str] = set()
     (plan,) = collect(TritonConfig(artifacts=[art], output=tmp_path / "repo", precisions=("bf16", "fp32")),

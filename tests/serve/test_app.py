@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from clipdeploy.serve.app import create_app
+from clipdeploy.artifact.view import ArtifactView
 from tests.serve.conftest import (
     SlowSession,
     assert_rows_equal,
@@ -269,6 +270,8 @@ def test_ready_is_503_until_every_model_warmed_up(sessions: dict[str, Any]) -> N
             assert [m["id"] for m in models] == ["a", "b"]
             assert all(m["ready"] and m["dimensions"] == sessions[m["id"]].embed_dim for m in models)
             assert models[0]["variants"] == {t: f"{v.precision} {v.format}" for t, v in sessions["a"].variants.items()}
+            lengths = {m["id"]: ArtifactView.read(sessions[m["id"]].root).context_length for m in models}
+            assert all(m["context_length"] == lengths[m["id"]] > 0 for m in models), (models, lengths)
 
     asyncio.run(main())
 

@@ -17,6 +17,7 @@ import pytest
 
 from clipdeploy.errors import AccuracyError, CheckpointError
 from clipdeploy.artifact.manifest import SCHEMA_VERSION, file_sha256, read_manifest, write_manifest
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.pipeline import stages
 from clipdeploy.pipeline.stages import Result, describe_files
 
@@ -98,7 +99,7 @@ class FakeStages:
         }
         write_manifest(root, manifest)
         rels = [f"artifact/{e['file']}" for e in entries]
-        return Result(describe_files(ctx.plan.root, rels, manifest), {"vs_pytorch": manifest["validation"]["export"]})
+        return Result(describe_files(ctx.plan.root, rels, ArtifactView.of(root, manifest)), {"vs_pytorch": manifest["validation"]["export"]})
 
     def _add_variant(self, ctx, unit, fmt: str, rel: str, content: str, accepted: bool = True) -> Result:
         root = ctx.plan.artifact
@@ -118,7 +119,7 @@ class FakeStages:
             }
         ]
         write_manifest(root, manifest)
-        return Result(describe_files(ctx.plan.root, [f"artifact/{rel}"], manifest), {})
+        return Result(describe_files(ctx.plan.root, [f"artifact/{rel}"], ArtifactView.of(root, manifest)), {})
 
     def quantize(self, unit, ctx):
         cfg = ctx.plan.quantize[unit.precision]
@@ -158,7 +159,7 @@ class FakeStages:
                 v["validation"] = {"passed": True, "min_cosine": 0.9999}
         write_manifest(ctx.plan.artifact, manifest)
         return Result(
-            describe_files(ctx.plan.root, [f"artifact/{f}" for f in files], manifest),
+            describe_files(ctx.plan.root, [f"artifact/{f}" for f in files], ArtifactView.of(ctx.plan.artifact, manifest)),
             {"engines": {f: {"min_cosine": 0.9999, "passed": True} for f in files}},
         )
 

@@ -16,7 +16,8 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs tritoncl
 import clipdeploy  # noqa: E402
 from clipdeploy.cli import main  # noqa: E402
 from clipdeploy.errors import UsageError  # noqa: E402
-from clipdeploy.triton.repository import MARKER, TritonConfig, build_repository  # noqa: E402
+from clipdeploy.triton.config import TritonConfig  # noqa: E402
+from clipdeploy.triton.repository import MARKER, build_repository  # noqa: E402
 
 IMAGES = sorted((Path(clipdeploy.__file__).parent / "data" / "images").glob("*.jpg"))
 

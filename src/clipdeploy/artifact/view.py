@@ -102,6 +102,8 @@ class ModelFacts:
     logit_scale: float
     logit_bias: float | None
     checkpoint_sha256: str | None = None
+    checkpoint: str | None = None  # the checkpoint file's name, when the weights came from one
+    random_init_seed: int | None = None  # set when the weights are random (no pretrained tag, no checkpoint)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelFacts:
@@ -114,6 +116,8 @@ class ModelFacts:
             logit_scale=float(d.get("logit_scale") or 1.0),
             logit_bias=None if bias is None else float(bias),
             checkpoint_sha256=d.get("checkpoint_sha256"),
+            checkpoint=d.get("checkpoint"),
+            random_init_seed=d.get("random_init_seed"),
         )
 
 
@@ -144,6 +148,22 @@ class ArtifactView:
             variants=tuple(variants(dict(manifest))),
         )
 
+    # ---- provenance ----------------------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> str:
+        return str(self.raw.get("schema_version"))
+
+    @property
+    def created(self) -> str | None:
+        """When the artifact was exported (ISO 8601), if recorded."""
+        return self.raw.get("created")
+
+    @property
+    def tools(self) -> Mapping[str, str | None]:
+        """The distributions (and clipdeploy) that made the artifact -> their versions."""
+        return MappingProxyType(dict(self.raw.get("tools") or {}))
+
     # ---- model and inputs ----------------------------------------------------------------------
 
     @property
@@ -153,6 +173,12 @@ class ArtifactView:
     @property
     def tokenizer(self) -> Mapping[str, Any]:
         return MappingProxyType(dict(self.raw.get("tokenizer") or {}))
+
+    @property
+    def tokenizer_missing(self) -> Mapping[str, Any] | None:
+        """Why the tokenizer's files are absent (the export could not fetch them), or None when they are there."""
+        missing = self.tokenizer.get("missing")
+        return MappingProxyType(dict(missing)) if missing else None
 
     @property
     def files(self) -> Mapping[str, str]:

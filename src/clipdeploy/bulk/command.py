@@ -27,12 +27,12 @@ def embed_dataset(args: argparse.Namespace, runner: Any = None) -> int:
         EmbedDatasetConfig, args, artifact=Path(args.artifact), sources=list(args.sources),
         output=Path(args.output), ray=args.ray,
     )  # fmt: skip
-    manifest = run_embed_dataset(cfg, runner)
-    return 1 if manifest["errors"] > cfg.max_errors else 0
+    record = run_embed_dataset(cfg, runner)
+    return 1 if record["errors"] > cfg.max_errors else 0
 
 
 def run_embed_dataset(cfg: EmbedDatasetConfig, runner: Any = None) -> dict[str, Any]:
-    """Embed ``cfg.sources`` into ``cfg.output`` (resuming a run there); returns the run's manifest."""
+    """Embed ``cfg.sources`` into ``cfg.output`` (resuming a run there); returns the run's _manifest.json."""
     require("pyarrow", "bulk")  # before any work: the output is parquet
     cfg.check()
     artifact = cfg.artifact
@@ -74,20 +74,20 @@ def run_embed_dataset(cfg: EmbedDatasetConfig, runner: Any = None) -> dict[str, 
             for done in runner(job, pending, cfg.workers):
                 bar.update(len(sizes[done["index"]]))
     seconds = time.perf_counter() - start
-    manifest = finish(
+    record = finish(  # the output's own _manifest.json, not the artifact's manifest
         out, len(shards),
         # items = rows + errors over all shards; *_this_run: the shards this run did (the rest were done before).
         {**identity, "items": len(items), "items_this_run": todo, "shards_this_run": len(pending),
          "seconds": round(seconds, 3), "items_per_second": round(todo / seconds, 2) if seconds > 0 and todo else None,
          "runner": "ray" if cfg.ray is not None else f"local x{cfg.workers}"},
     )  # fmt: skip
-    failed = manifest["errors"]
+    failed = record["errors"]
     print(
-        f"{manifest['rows']} embeddings in {len(shards)} shards at {out}; {failed} unreadable item(s)"
+        f"{record['rows']} embeddings in {len(shards)} shards at {out}; {failed} unreadable item(s)"
         + (f" listed in {out / ERRORS}" if failed else ""),
         file=sys.stderr,
     )
-    return manifest
+    return record
 
 
 DESCRIPTION = """\

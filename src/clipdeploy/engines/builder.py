@@ -21,13 +21,12 @@ from clipdeploy.artifact.manifest import (
     Variant,
     atomic_write_bytes,
     file_sha256,
-    read_manifest,
     updating_manifest,
     variant_files,
-    variants,
     verify_files,
 )
 from clipdeploy.artifact.external_data import check_variant_external_data
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.tensorrt_compat import HARDWARE_COMPAT, base_version, get_logger, import_tensorrt
 from clipdeploy.artifact.staging import clean_stale_writes
@@ -50,20 +49,18 @@ def plan_name(
 # ---- inputs -------------------------------------------------------------------------------------
 
 
-def sources(manifest: dict[str, Any], cfg: BuildConfig) -> dict[str, Variant]:
+def sources(view: ArtifactView, cfg: BuildConfig) -> dict[str, Variant]:
     """The ONNX variant of ``cfg.precision`` for each tower to build."""
-    towers = cfg.towers or tuple(manifest["towers"])
-    missing_towers = [t for t in towers if t not in manifest["towers"]]
+    towers = cfg.towers or tuple(view.towers)
+    missing_towers = [t for t in towers if t not in view.towers]
     if missing_towers:
-        raise UsageError(
-            f"this artifact has no {', '.join(missing_towers)} tower; it has {', '.join(manifest['towers'])}"
-        )
+        raise UsageError(f"this artifact has no {', '.join(missing_towers)} tower; it has {', '.join(view.towers)}")
     if precisions.get(cfg.precision).reuses_reference:  # its variant is the fp32 file under a runtime setting
         runs = " or ".join(precisions.get(cfg.precision).backends) or "no backend"
         raise UsageError(f"{cfg.precision} runs on {runs} only, not TensorRT; build --precision fp16 or int8-fp16")
     found: dict[str, Variant] = {}
     for tower in towers:
-        onnx = [v for v in variants(manifest) if v.tower == tower and v.format == "onnx"]
+        onnx = view.variants_of(tower, "onnx")
         match = [v for v in onnx if v.precision == cfg.precision]
         if not match:
             have = ", ".join(sorted({v.precision for v in onnx})) or "none"
@@ -81,15 +78,16 @@ def sources(manifest: dict[str, Any], cfg: BuildConfig) -> dict[str, Variant]:
 
 
 def axis_ranges(
-    tower: str, inputs: list[tuple[str, tuple[int, ...]]], manifest: dict[str, Any], cfg: BuildConfig
+    tower: str, inputs: list[tuple[str, tuple[int, ...]]], view: ArtifactView, cfg: BuildConfig
 ) -> dict[str, tuple[Range, tuple[str, ...]]]:
     """min/opt/max shapes for every network input with a dynamic axis, and the axis names.
 
     Axes are named by the manifest's tower inputs ("batch", "sequence", ...); the network's own
     shapes (-1 = dynamic) say which axes are dynamic, so a renamed input cannot lose its profile.
+    A dynamic sequence axis defaults to 1:32:``view.context_length`` and may not exceed it.
     """
-    declared = {t["name"]: t["shape"] for t in manifest["towers"][tower].get("inputs", [])}
-    context_length = int(manifest.get("tokenizer", {}).get("context_length") or 77)
+    declared = {t.name: t.shape for t in view.tower_inputs(tower)}
+    context_length = view.context_length
     profile: dict[str, Any] = {}
     for name, dims in inputs:
         if all(d >= 0 for d in dims):
@@ -108,16 +106,16 @@ def axis_ranges(
                 r = cfg.batch
             elif axis in cfg.shapes:
                 r = cfg.shapes[axis]
-            elif axis == SEQUENCE_AXIS:
+            elif axis == SEQUENCE_AXIS and context_length is not None:
                 r = (1, min(32, context_length), context_length)
             else:
                 raise UsageError(
                     f"input {name!r} of the {tower} tower has a dynamic axis {axis!r} (dimension {k}) with no range; "
                     f"pass --shape {axis}=MIN:OPT:MAX"
                 )
-            if axis == SEQUENCE_AXIS and r[2] > context_length:
+            if axis == SEQUENCE_AXIS and context_length is not None and r[2] > context_length:
                 raise UsageError(
-                    f"sequence range max {r[2]} exceeds the tokenizer's context length {context_length}; "
+                    f"sequence range max {r[2]} exceeds the text tower's context length {context_length}; "
                     f"use at most {context_length}"
                 )
             lo.append(r[0])
@@ -191,7 +189,7 @@ def _network_inputs(network: Any) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def build_plan(
-    trt: Any, builder: Any, source: Path, tower: str, manifest: dict[str, Any], cfg: BuildConfig, cache: TimingCache
+    trt: Any, builder: Any, source: Path, tower: str, view: ArtifactView, cfg: BuildConfig, cache: TimingCache
 ) -> tuple[Any, dict[str, Any]]:
     """Parse ``source`` into a strongly typed network and build its plan; returns (plan, profile)."""
     logger = get_logger(trt)
@@ -213,7 +211,7 @@ def build_plan(
         )
     if cfg.version_compat:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    ranges = axis_ranges(tower, _network_inputs(network), manifest, cfg)
+    ranges = axis_ranges(tower, _network_inputs(network), view, cfg)
     profile_record = {}
     if ranges:
         profile = builder.create_optimization_profile()
@@ -243,6 +241,7 @@ def _record(root: Path, plans: list[PendingFile], entries: list[dict[str, Any]])
         for plan in plans:
             plan.commit()
         new_files = {e["file"] for e in entries}
+        # a writer under the artifact's lock: it edits the dict it writes back
         manifest["variants"] = [v for v in manifest["variants"] if v["file"] not in new_files] + entries
 
 
@@ -253,8 +252,8 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
     AccuracyError after the figures are recorded.
     """
     root = cfg.artifact
-    manifest = read_manifest(root)
-    chosen = sources(manifest, cfg)
+    view = ArtifactView.read(root)
+    chosen = sources(view, cfg)
     for variant in chosen.values():
         verify_files(root, variant_files(variant))
         check_variant_external_data(root, variant.file, variant.external_data)  # TensorRT's parser reads them
@@ -282,7 +281,7 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
             log.info("clipdeploy: building the %s %s engine from %s on %s", cfg.precision, tower, variant.file, gpu.name)
             start = time.perf_counter()
             with progress.stage(f"building the {cfg.precision} {tower} engine with TensorRT {version}"):
-                plan, profile = build_plan(trt, builder, source, tower, manifest, cfg, cache)
+                plan, profile = build_plan(trt, builder, source, tower, view, cfg, cache)
             seconds = time.perf_counter() - start
             rel = f"{ENGINE_DIR}/{plan_name(tower, cfg.precision, gpu, version, cfg.hardware_compat, cfg.version_compat)}"
             plans.append(PendingFile(root / rel, plan))
@@ -317,10 +316,11 @@ def build_engines(cfg: BuildConfig) -> list[dict[str, Any]]:
         for plan in plans:
             plan.discard()  # those not committed (a failed build): no plan without its entry is left
     if cfg.validate:
-        validate_engines(
+        report = validate_engines(
             root, device=cfg.device, files=[e["file"] for e in entries], engine_host_code_allowed=cfg.version_compat
         )
-        manifest = read_manifest(root)
-        by_file = {v["file"]: v for v in manifest["variants"]}
-        entries = [by_file[e["file"]] for e in entries]
+        for e in entries:  # the record validate_engines wrote into each entry's validation (none when skipped)
+            record = report.get(e["file"]) or {}
+            if "skipped" not in record:
+                e["validation"] = record
     return entries

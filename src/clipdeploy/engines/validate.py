@@ -19,7 +19,8 @@ from clipdeploy import precisions, progress
 from clipdeploy.calibration.bundled import sample_images, sample_prompts
 from clipdeploy.engines import polygraphy_results as pg
 from clipdeploy.errors import ArtifactError, EngineError, UsageError
-from clipdeploy.artifact.manifest import read_manifest, updating_manifest, variant_files, variants, verify_files
+from clipdeploy.artifact.manifest import Variant, updating_manifest, variant_files, verify_files
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.runtime import cuda
 from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
 from clipdeploy.runtime.backends.tensorrt import TrtOptions, TrtRunner
@@ -48,13 +49,13 @@ class EngineTolerance:
 TOLERANCES = precisions.view(lambda spec: EngineTolerance(**spec.engine_tolerance))
 
 
-def sample_inputs(root: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+def sample_inputs(view: ArtifactView) -> dict[str, np.ndarray]:
     """Real inputs per tower: the bundled photographs, preprocessed, and the bundled prompts, tokenized."""
     out = {}
-    if "image" in manifest["towers"]:
-        out["image"] = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(sample_images())
-    if "text" in manifest["towers"]:
-        out["text"] = load_tokenizer(manifest["tokenizer"], root)(sample_prompts())
+    if "image" in view.towers:
+        out["image"] = Preprocessor(PreprocessConfig.from_dict(view.preprocess))(sample_images())
+    if "text" in view.towers:
+        out["text"] = load_tokenizer(dict(view.tokenizer), view.root)(sample_prompts())
     return out
 
 
@@ -152,7 +153,7 @@ def judge(
 
 
 def validate_engine(
-    root: Path,
+    view: ArtifactView,
     entry: dict[str, Any],
     inputs: dict[str, np.ndarray],
     device: int,
@@ -160,10 +161,10 @@ def validate_engine(
     overrides: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, Any], list[str], pg.EngineRun]:
     """Compare one engine with its ONNX source; returns the validation record, any failures, and the run."""
-    tower, precision = entry["tower"], entry["precision"]
+    root, tower, precision = view.root, entry["tower"], entry["precision"]
     source = entry["source"]
     options = TrtOptions(device=device, engine_host_code_allowed=host_code_allowed)
-    axis_names = {t["name"]: t["shape"] for t in read_manifest(root)["towers"][tower].get("inputs", [])}
+    axis_names = {t.name: list(t.shape) for t in view.tower_inputs(tower)}
     engine = TrtRunner(
         root / entry["file"], options, axis_names=axis_names, host_code=bool(entry.get("version_compatible"))
     )
@@ -203,13 +204,11 @@ def validate_engines(
     AccuracyError when any engine fails, after writing every figure to the manifest (and the results).
     """
     root = Path(artifact)
-    manifest = read_manifest(root)
+    view = ArtifactView.read(root)
     engines = [
         v
-        for v in variants(manifest)
-        if v.format == "tensorrt"
-        and (files is None or v.file in files)
-        and (precision is None or v.precision == precision)
+        for v in view.variants_of(format="tensorrt")
+        if (files is None or v.file in files) and (precision is None or v.precision == precision)
     ]
     if not engines:
         which = f"{precision} " if precision else ""
@@ -219,7 +218,7 @@ def validate_engines(
         )
     trt = import_tensorrt()
     gpu = cuda.gpu_info(device)
-    inputs = sample_inputs(root, manifest)
+    inputs = sample_inputs(view)
     report: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
@@ -234,7 +233,7 @@ def validate_engines(
         entry = {"tower": v.tower, "precision": v.precision, "file": v.file, **v.extra}
         with progress.stage(f"checking {v.file} against its ONNX source") as step:
             record, engine_failures, run = validate_engine(
-                root, entry, inputs, device, engine_host_code_allowed, tolerances
+                view, entry, inputs, device, engine_host_code_allowed, tolerances
             )
             step.note("pass" if not engine_failures else f"{len(engine_failures)} failed")
         records[v.file] = record
@@ -245,16 +244,17 @@ def validate_engines(
         pg.save(Path(save_results), runs)
     if records:
         with updating_manifest(root) as manifest:  # read again: another stage may have written it meanwhile
-            for entry in manifest["variants"]:
+            for entry in manifest["variants"]:  # a writer under the artifact's lock: it edits the dict it writes
                 if entry["file"] in records:
                     entry["validation"] = records[entry["file"]]
     raise_if_failed("engine validation", failures, report)
     return report
 
 
-def _saved_source(root: Path, manifest: dict[str, Any], run: pg.EngineRun) -> Any:
+def _saved_source(view: ArtifactView, run: pg.EngineRun) -> Variant:
     """The ONNX variant a saved engine run is compared with: the one its engine was built from."""
-    onnx = [v for v in variants(manifest) if v.format == "onnx" and v.tower == run.tower]
+    root = view.root
+    onnx = view.variants_of(run.tower, "onnx")
     # Variants of several precisions may be the same file: prefer the engine's own precision.
     match = sorted((v for v in onnx if v.sha256 == run.source_sha256), key=lambda v: v.precision != run.precision)
     if not match:
@@ -277,11 +277,11 @@ def compare_saved(
     its sha256) on ONNX Runtime CPU. Reads the manifest, writes nothing. Raises AccuracyError on a failure.
     """
     root = Path(artifact)
-    manifest = read_manifest(root)
+    view = ArtifactView.read(root)
     report: dict[str, Any] = {}
     failures: list[str] = []
     for run in pg.load(Path(results)):
-        source = _saved_source(root, manifest, run)
+        source = _saved_source(view, run)
         with progress.stage(f"checking saved {run.file} against {source.file}") as step:
             reference = OrtRunner(root / source.file, OrtOptions(providers=("CPUExecutionProvider",)))
             figures, engine_failures = judge(run, reference, tolerances)

@@ -26,7 +26,8 @@ from clipdeploy.engines import build_engines, validate_engines
 from clipdeploy.engines.validate import TOLERANCES
 from clipdeploy.errors import DependencyError
 from clipdeploy.export.exporter import export_model
-from clipdeploy.artifact.manifest import file_sha256, read_manifest
+from clipdeploy.artifact.manifest import file_sha256
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan
 from clipdeploy.pipeline.fingerprint import config_values, image_sources_digest
 from clipdeploy.pipeline.state import StageState
@@ -110,18 +111,17 @@ def _artifact_rel(rel: str) -> str:
     return f"{ARTIFACT_DIR}/{rel}"
 
 
-def _manifest_sums(manifest: dict[str, Any]) -> dict[str, str]:
-    sums = dict(manifest.get("files") or {})
-    for v in manifest["variants"]:
-        sums[v["file"]] = v["sha256"]
-        for e in v.get("external_data") or []:
-            sums[e["file"]] = e["sha256"]
+def _manifest_sums(view: ArtifactView) -> dict[str, str]:
+    sums = dict(view.files)
+    for v in view.variants:
+        sums[v.file] = v.sha256
+        sums.update(zip(v.external_data, v.external_sha256, strict=True))
     return sums
 
 
-def describe_files(root: Path, rels: list[str], manifest: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def describe_files(root: Path, rels: list[str], view: ArtifactView | None = None) -> dict[str, dict[str, Any]]:
     """{rel: {sha256, bytes}} for files under ``root``; artifact files take their sum from the manifest."""
-    sums = _manifest_sums(manifest) if manifest is not None else {}
+    sums = _manifest_sums(view) if view is not None else {}
     out = {}
     for rel in rels:
         path = root / rel
@@ -138,10 +138,10 @@ def outputs_intact(plan: ModelPlan, outputs: dict[str, dict[str, Any]]) -> bool:
     and every consumer of the artifact verifies the sums anyway.
     """
     try:
-        manifest = read_manifest(plan.artifact)
+        view = ArtifactView.read(plan.artifact)
     except Exception:  # noqa: BLE001 - any unreadable manifest means: not current
         return False
-    sums = _manifest_sums(manifest)
+    sums = _manifest_sums(view)
     for rel, meta in outputs.items():
         path = plan.root / rel
         if not path.is_file() or path.stat().st_size != meta.get("bytes"):
@@ -176,16 +176,15 @@ class ExportStage:
         }
 
     def run(self, unit: Unit, ctx: Context) -> Result:
-        manifest = export_model(ctx.plan.export)
-        rels = [_artifact_rel(v["file"]) for v in manifest["variants"]]
-        rels += [_artifact_rel(e["file"]) for v in manifest["variants"] for e in v.get("external_data") or []]
-        rels += [_artifact_rel(f) for f in manifest.get("files") or {}]
-        report = manifest["validation"]["export"]
+        view = ArtifactView.of(ctx.plan.artifact, export_model(ctx.plan.export))
+        rels = [_artifact_rel(v.file) for v in view.variants]
+        rels += [_artifact_rel(f) for v in view.variants for f in v.external_data]
+        rels += [_artifact_rel(f) for f in view.files]
+        report = view.validation("export")
         figures = {
-            t: {"min_cosine": report[t]["min_cosine"], "max_abs_err": report[t]["max_abs_err"]}
-            for t in manifest["towers"]
+            t: {"min_cosine": report[t]["min_cosine"], "max_abs_err": report[t]["max_abs_err"]} for t in view.towers
         }
-        return Result(describe_files(ctx.plan.root, rels, manifest), {"vs_pytorch": figures})
+        return Result(describe_files(ctx.plan.root, rels, view), {"vs_pytorch": figures})
 
     def current(self, unit: Unit, ctx: Context, record: dict[str, Any]) -> bool:
         return outputs_intact(ctx.plan, record.get("outputs") or {})
@@ -199,13 +198,9 @@ class ExportStage:
 # ---- quantize --------------------------------------------------------------------------------------
 
 
-def _variant_rels(manifest: dict[str, Any], precision: str, fmt: str, files: list[str] | None = None) -> list[str]:
-    rels = []
-    for v in manifest["variants"]:
-        if v["precision"] == precision and v["format"] == fmt and (files is None or v["file"] in files):
-            rels.append(_artifact_rel(v["file"]))
-            rels += [_artifact_rel(e["file"]) for e in v.get("external_data") or []]
-    return rels
+def _variant_rels(view: ArtifactView, precision: str, fmt: str) -> list[str]:
+    chosen = [v for v in view.variants_of(format=fmt) if v.precision == precision]
+    return [_artifact_rel(f) for v in chosen for f in (v.file, *v.external_data)]
 
 
 def gate_figures(report: dict[str, Any]) -> dict[str, Any]:
@@ -239,9 +234,9 @@ class QuantizeStage:
 
     def run(self, unit: Unit, ctx: Context) -> Result:
         report = quantize(ctx.plan.quantize[unit.precision])
-        manifest = read_manifest(ctx.plan.artifact)
-        rels = _variant_rels(manifest, unit.precision or "", "onnx")
-        return Result(describe_files(ctx.plan.root, rels, manifest), gate_figures(report))
+        view = ArtifactView.read(ctx.plan.artifact)
+        rels = _variant_rels(view, unit.precision or "", "onnx")
+        return Result(describe_files(ctx.plan.root, rels, view), gate_figures(report))
 
     def current(self, unit: Unit, ctx: Context, record: dict[str, Any]) -> bool:
         return bool(record.get("outputs")) and outputs_intact(ctx.plan, record["outputs"])
@@ -297,7 +292,7 @@ class BuildStage:
 
     def run(self, unit: Unit, ctx: Context) -> Result:
         entries = build_engines(ctx.plan.build[unit.precision])
-        manifest = read_manifest(ctx.plan.artifact)
+        view = ArtifactView.read(ctx.plan.artifact)
         rels = [_artifact_rel(e["file"]) for e in entries]
         target = tensorrt_target(ctx.plan.build[unit.precision].device)
         figures = {
@@ -307,7 +302,7 @@ class BuildStage:
             "gpu": target["gpu"],
             "tensorrt": target["tensorrt"],
         }
-        return Result(describe_files(ctx.plan.root, rels, manifest), figures)
+        return Result(describe_files(ctx.plan.root, rels, view), figures)
 
     def current(self, unit: Unit, ctx: Context, record: dict[str, Any]) -> bool:
         return bool(record.get("outputs")) and outputs_intact(ctx.plan, record["outputs"])
@@ -344,19 +339,17 @@ class ValidateStage:
         report = validate_engines(
             str(ctx.plan.artifact), device=cfg.device, files=files, engine_host_code_allowed=cfg.version_compat
         )
-        manifest = read_manifest(ctx.plan.artifact)
+        view = ArtifactView.read(ctx.plan.artifact)
         figures = {
             f: {k: r[k] for k in ("min_cosine", "max_abs_err", "passed") if k in r} if "skipped" not in r else r
             for f, r in report.items()
         }
-        return Result(describe_files(ctx.plan.root, [_artifact_rel(f) for f in files], manifest), {"engines": figures})
+        return Result(describe_files(ctx.plan.root, [_artifact_rel(f) for f in files], view), {"engines": figures})
 
     def current(self, unit: Unit, ctx: Context, record: dict[str, Any]) -> bool:
         if not record.get("outputs") or not outputs_intact(ctx.plan, record["outputs"]):
             return False
-        accepted = {
-            v["file"] for v in read_manifest(ctx.plan.artifact)["variants"] if (v.get("validation") or {}).get("passed")
-        }
+        accepted = {v.file for v in ArtifactView.read(ctx.plan.artifact).variants if v.accepted}
         return all(rel[len(ARTIFACT_DIR) + 1 :] in accepted for rel in record["outputs"])
 
     @staticmethod
@@ -417,10 +410,7 @@ class BenchStage:
 
     def inputs(self, unit: Unit, ctx: Context) -> dict[str, Any]:
         cfg = ctx.plan.bench
-        manifest = read_manifest(ctx.plan.artifact)
-        measured = sorted(
-            (v["file"], v["sha256"], bool((v.get("validation") or {}).get("passed"))) for v in manifest["variants"]
-        )
+        measured = sorted((v.file, v.sha256, v.accepted) for v in ArtifactView.read(ctx.plan.artifact).variants)
         return {
             "variants": measured,
             **config_values(cfg, exclude=("artifact", "output", "progress")),

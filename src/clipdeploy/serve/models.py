@@ -7,11 +7,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.serve.batcher import Batcher
 from clipdeploy.serve.config import ServeConfig
 from clipdeploy.serve.metrics import Metrics
@@ -67,11 +69,14 @@ class ServedModel:
         """The session's own preprocessor: the same pixels ``session.encode_image`` makes."""
         return self.session._preprocessor
 
+    @cached_property
+    def view(self) -> ArtifactView:
+        """The served artifact's manifest, typed."""
+        return ArtifactView.of(self.session.root, self.session.manifest)
+
     @property
     def context_length(self) -> int | None:
-        tok = self.session.manifest.get("tokenizer") or {}
-        value = tok.get("context_length")
-        return int(value) if value else None
+        return self.view.context_length
 
     # ---- inference (in each batcher's own thread) --------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from clipdeploy.deps import require
 from clipdeploy.errors import ServeError, UsageError
-from clipdeploy.artifact.manifest import read_manifest, variants
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.serve.config import ServeConfig
 
 APP_NAME = "clipdeploy"  # the Serve application's name (serve.status, serve.delete)
@@ -69,7 +69,7 @@ def replica_config(cfg: ServeConfig) -> ServeConfig:
 def has_engines(cfg: ServeConfig) -> bool:
     """Whether any served artifact carries TensorRT engines."""
 
-    return any(v.format == "tensorrt" for _, path in cfg.models for v in variants(read_manifest(path)))
+    return any(ArtifactView.read(path).variants_of(format="tensorrt") for _, path in cfg.models)
 
 
 def replica_resources(cfg: ServeConfig, cluster_gpus: float, engines: bool) -> dict[str, float]:

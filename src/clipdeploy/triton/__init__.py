@@ -1,7 +1,8 @@
 """`clipdeploy triton`: a Triton Inference Server model repository from artifact directories.
 
 ``build_repository(TritonConfig(artifacts=[...], output=...))`` writes it; see
-:mod:`clipdeploy.triton.repository`. Nothing heavy is imported here.
+:mod:`clipdeploy.triton.repository`. ``config.py`` holds the options, ``plan.py`` decides what to write
+from each artifact's view, ``write.py`` writes it. Nothing heavy is imported here.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clipdeploy.triton.repository import TritonConfig
+    from clipdeploy.triton.config import TritonConfig
 
 __all__ = ["build_repository"]
 

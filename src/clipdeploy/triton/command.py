@@ -8,7 +8,8 @@ from typing import Any
 
 from clipdeploy.options import add_dataclass_options, config_from_args
 from clipdeploy.triton.readme import release_line
-from clipdeploy.triton.repository import TritonConfig, build_repository
+from clipdeploy.triton.config import TritonConfig
+from clipdeploy.triton.repository import build_repository
 
 
 def cmd_triton(args: argparse.Namespace) -> int:

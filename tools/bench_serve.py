@@ -190,10 +190,13 @@ def check_row(got: Any, ref: np.ndarray) -> str | None:
     return None if cos >= COSINE_MIN else f"cosine {cos:.6f} < {COSINE_MIN} against session.encode_*"
 
 
-async def _drive(url: str, bodies: list[bytes], refs: np.ndarray, clients: int, seconds: float) -> Window:
+async def _drive(url: str, bodies: list[bytes], refs: np.ndarray, clients: int, seconds: float,
+                 requests: int | None = None) -> Window:  # fmt: skip
     import httpx
 
     win = Window()
+    issued = [0]
+    last = [0.0]
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(limits=limits, timeout=120.0) as client:
@@ -203,6 +206,10 @@ async def _drive(url: str, bodies: list[bytes], refs: np.ndarray, clients: int, 
         async def one_client(k: int) -> None:
             i = k
             while time.perf_counter() < end:
+                if requests is not None:
+                    if issued[0] >= requests:
+                        return
+                    issued[0] += 1
                 j = i % len(bodies)
                 i += clients
                 t0 = time.perf_counter()
@@ -225,15 +232,18 @@ async def _drive(url: str, bodies: list[bytes], refs: np.ndarray, clients: int, 
                 elif t1 <= end:
                     win.items += 1
                     win.latencies.append(t1 - t0)
+                    last[0] = max(last[0], t1)
 
         await asyncio.gather(*(one_client(k) for k in range(clients)))
-        win.seconds = seconds
+        win.seconds = seconds if requests is None else max(last[0] - start, 0.0)
     return win
 
 
-def drive(url: str, bodies: list[bytes], refs: np.ndarray, clients: int, seconds: float) -> Window:
-    """``clients`` concurrent clients, one item per request, for ``seconds``; responses checked against refs."""
-    return asyncio.run(_drive(url, bodies, refs, clients, seconds))
+def drive(url: str, bodies: list[bytes], refs: np.ndarray, clients: int, seconds: float,
+          requests: int | None = None) -> Window:  # fmt: skip
+    """``clients`` concurrent clients, one item per request, for ``seconds`` (or until ``requests`` were
+    sent, within ``seconds``); every response checked against ``refs``."""
+    return asyncio.run(_drive(url, bodies, refs, clients, seconds, requests))
 
 
 def measure_ceiling(session: Any, modality: str, items: list[Any], refs: np.ndarray, batch: int,

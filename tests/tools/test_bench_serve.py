@@ -72,12 +72,15 @@ def _rows(items_per_s, p50=10.0, p99=20.0, errors=0):
     return [{"items_per_s": v, "p50_ms": p50, "p99_ms": p99, "errors": errors} for v in items_per_s]
 
 
-def test_summary_takes_medians_and_ratios():
+def test_summary_takes_medians_and_per_round_ratios():
     s = bench_serve.summarize({"serve": _rows([90, 100, 300]), "torch-peer": _rows([20, 25, 30]),
-                               "ceiling": [{**r, "batch": 8} for r in _rows([110, 125, 120])]})  # fmt: skip
-    assert s["serve"]["items_per_s"] == 100 and s["serve"]["x_ceiling"] == pytest.approx(100 / 120)
-    assert s["serve"]["x_peer"] == pytest.approx(4.0) and s["serve"]["p99_over_p50"] == pytest.approx(2.0)
-    assert s["ceiling"]["batch"] == 8
+                               "ceiling": [{**r, "batch": b} for r, b in zip(_rows([110, 125, 120]), [8, 8, 9])]})
+    assert s["serve"]["items_per_s"] == 100 and s["serve"]["p99_over_p50"] == pytest.approx(2.0)
+    # Ratios pair the windows of one round (90/110, 100/125, 300/120), not the medians (100/120).
+    assert s["serve"]["x_ceiling"] == pytest.approx(90 / 110)
+    assert s["serve"]["x_peer"] == pytest.approx(4.5)  # 4.5, 4.0, 10.0
+    assert s["ceiling"]["x_ceiling"] == pytest.approx(1.0)
+    assert s["ceiling"]["batch"] == 9 and s["ceiling"]["batches"] == [8, 8, 9]
 
 
 @pytest.fixture

@@ -481,6 +481,13 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
     return report
 
 
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _log(msg: str) -> None:
     print(f"bench_serve: {msg}", file=sys.stderr, flush=True)
 
@@ -512,6 +519,7 @@ def _rounds(cfg: BenchConfig, servers: dict[str, Server], session: Any, payload:
                     row = _measure_server(cfg, servers[c], m, bodies[m], peer_refs[m] if c == "torch-peer" else refs[m],
                                           batches[m] if c == "serve" else None)  # fmt: skip
                 row["round"] = r + 1
+                row["load_average"] = _load()  # the 1-minute load as the window ends: how busy the machine was
                 results[m][c].append(row)
                 _log(f"round {r + 1}/{cfg.rounds} {m} {c}: {row['items_per_s']:.1f} items/s, p50 {row['p50_ms']} ms, "
                      f"p99 {row['p99_ms']} ms, {row['errors']} errors")  # fmt: skip
@@ -617,6 +625,12 @@ def _fmt(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _load_range(report: dict[str, Any]) -> str:
+    loads = [r["load_average"] for per in report["results"].values() for rows in per.values() for r in rows
+             if r.get("load_average") is not None]  # fmt: skip
+    return f"{min(loads)}-{max(loads)}" if loads else "unknown"
+
+
 def markdown(report: dict[str, Any]) -> str:
     env, cfg = report["environment"], report["config"]
     flags = ", ".join(env["cpu_flags"]) or "none of " + ", ".join(REPORTED_FLAGS)
@@ -624,8 +638,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Serving benchmark: {report['model']}",
         "",
         f"- machine: {env['cpu']}, {env['available_cores']} cores, {env['memory_gb']} GB; flags: {flags}",
-        f"- load average (1 min): {env['load_average_start']} at the start, {env['load_average_end']} at the end; "
-        f"the {cfg['clients']} clients run in one asyncio process on the same machine and take CPU from the servers",
+        f"- load average (1 min): {env['load_average_start']} at the start, {_load_range(report)} as the windows "
+        f"ended, {env['load_average_end']} at the end; the {cfg['clients']} clients run in one asyncio process "
+        "on the same machine and take CPU from the servers",
         f"- served: {report['served']}",
         f"- {cfg['clients']} concurrent clients, one item per request, {cfg['seconds']:g} s measured after "
         f"{cfg['warmup']:g} s warm-up, {cfg['rounds']} round(s) round-robin; medians over rounds, "

@@ -43,6 +43,7 @@ def test_short_run_serve_and_ceiling(micro_artifact, tmp_path, capsys):
     assert md == printed
     assert "| contender | items/s | p50 ms | p99 ms | p99/p50 | errors | x ceiling | x peer |" in md
     assert env["cpu"] in md and report["command"] in md and "take CPU from the servers" in md
+    assert all(r["load_average"] is not None for r in report["results"]["image"]["serve"])
     assert (out / "serve.log").is_file()
 
 
@@ -134,3 +135,24 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{}")
     assert bench_serve.main([str(tmp_path), "--contenders", "serve,vllm"]) == 2
     assert "unknown vllm" in capsys.readouterr().err
+
+
+def test_peer_answers_the_artifacts_embeddings(micro_artifact):
+    """tools/serve_peer.py's app (in-process) gives open_clip's embeddings: the fp32 variant's, to 0.9999."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    import clipdeploy
+    from tools import serve_peer
+
+    session = clipdeploy.load(micro_artifact.path, precision="fp32")
+    client = TestClient(serve_peer.build_app(micro_artifact.model, micro_artifact.preprocess, micro_artifact.tokenizer))
+    jpegs, texts = bench_serve.make_jpegs(2, 224), bench_serve.make_texts(2)
+    refs = {"image": session.encode_image(jpegs), "text": session.encode_text(texts)}
+    for modality, items in (("image", jpegs), ("text", texts)):
+        for body, ref in zip(bench_serve.request_bodies(modality, items), refs[modality], strict=True):
+            r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text
+            assert bench_serve.check_row(r.json()["data"][0]["embedding"], ref.astype(float)) is None
+    bad = client.post("/v1/embeddings", json={"input": {"image": "bm90IGFuIGltYWdl"}})
+    assert bad.status_code == 400

@@ -427,10 +427,16 @@ def server_commands(cfg: BenchConfig, manifest: dict[str, Any], tmp: Path) -> di
 
 def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
     """Measure every contender (round-robin) and return the report (also written to cfg.out)."""
+    manifest = json.loads((cfg.artifact / "manifest.json").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        cmds = server_commands(cfg, manifest, Path(tmp))  # refuses a peer without the artifact's weights first
+        return _run(cfg, argv, manifest, cmds)
+
+
+def _run(cfg: BenchConfig, argv: list[str], manifest: dict[str, Any], cmds: dict[str, list[str]]) -> dict[str, Any]:
     import clipdeploy
     from clipdeploy.benchmarks import environment
 
-    manifest = json.loads((cfg.artifact / "manifest.json").read_text(encoding="utf-8"))
     cfg.out.mkdir(parents=True, exist_ok=True)
     env = environment.collect(threads=environment.available_cores(), device="cpu")
     env["cpu_flags"] = sorted(set(REPORTED_FLAGS) & cpu_features.flags())
@@ -442,29 +448,27 @@ def run(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
     refs = {m: encode[m](payload[m]).astype(np.float64) for m in cfg.modalities}
     peer_refs: dict[str, np.ndarray] = {}
     servers: dict[str, Server] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        cmds = server_commands(cfg, manifest, Path(tmp))
-        if "torch-peer" in cmds:  # the peer runs fp32 PyTorch: compared with the artifact's fp32 variant
-            fp32 = clipdeploy.load(cfg.artifact, backend=cfg.backend, precision="fp32")
-            peer_encode = {"image": fp32.encode_image, "text": fp32.encode_text}
-            peer_refs = {m: peer_encode[m](payload[m]).astype(np.float64) for m in cfg.modalities}
-            del fp32
-        try:
-            for name, cmd in cmds.items():
-                port = free_port()
-                probe = bodies[cfg.modalities[0]][0] if name == "torch-peer" else None
-                servers[name] = Server(name, [*cmd, "--port", str(port)], port, cfg.out / f"{name}.log", probe)
-                servers[name].start()
-            for s in servers.values():
-                _log(f"waiting for {s.name} on port {s.port}")
-                s.wait_ready(cfg.start_timeout)
-            for name in ("serve", "serve-b1"):
-                if name in servers:
-                    _same_variants(servers[name], session)
-            results = _rounds(cfg, servers, session, payload, bodies, refs, peer_refs)
-        finally:
-            for s in servers.values():
-                s.stop()
+    if "torch-peer" in cmds:  # the peer runs fp32 PyTorch: compared with the artifact's fp32 variant
+        fp32 = clipdeploy.load(cfg.artifact, backend=cfg.backend, precision="fp32")
+        peer_encode = {"image": fp32.encode_image, "text": fp32.encode_text}
+        peer_refs = {m: peer_encode[m](payload[m]).astype(np.float64) for m in cfg.modalities}
+        del fp32
+    try:
+        for name, cmd in cmds.items():
+            port = free_port()
+            probe = bodies[cfg.modalities[0]][0] if name == "torch-peer" else None
+            servers[name] = Server(name, [*cmd, "--port", str(port)], port, cfg.out / f"{name}.log", probe)
+            servers[name].start()
+        for s in servers.values():
+            _log(f"waiting for {s.name} on port {s.port}")
+            s.wait_ready(cfg.start_timeout)
+        for name in ("serve", "serve-b1"):
+            if name in servers:
+                _same_variants(servers[name], session)
+        results = _rounds(cfg, servers, session, payload, bodies, refs, peer_refs)
+    finally:
+        for s in servers.values():
+            s.stop()
     env["load_average_end"] = environment.load_average()
     report = {
         "command": "python tools/bench_serve.py " + shlex.join(argv),
@@ -689,7 +693,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str]) -> BenchConfig:
     d = BenchConfig(artifact=Path("."))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 2)[2])  # fmt: skip
     ap.add_argument("artifact", type=Path, help="artifact directory (`clipdeploy export`)")
     ap.add_argument("--clients", type=int, default=d.clients, help=f"concurrent clients (default {d.clients})")

@@ -156,3 +156,16 @@ def test_peer_answers_the_artifacts_embeddings(micro_artifact):
             assert bench_serve.check_row(r.json()["data"][0]["embedding"], ref.astype(float)) is None
     bad = client.post("/v1/embeddings", json={"input": {"image": "bm90IGFuIGltYWdl"}})
     assert bad.status_code == 400
+
+
+def test_a_server_that_dies_is_one_line_naming_its_log(tmp_path):
+    pytest.importorskip("httpx")
+    import sys
+
+    log = tmp_path / "dead.log"
+    server = bench_serve.Server("dead", [sys.executable, "-c", "import sys; print('boom: no model'); sys.exit(3)"],
+                                bench_serve.free_port(), log, None)  # fmt: skip
+    server.start()
+    with pytest.raises(bench_serve.BenchError, match="dead exited with code 3") as e:
+        server.wait_ready(30)
+    assert "boom: no model" in str(e.value) and str(log) in str(e.value) and "\n" not in str(e.value)

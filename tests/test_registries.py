@@ -31,19 +31,29 @@ def make_copy(stage, tower: str, src: Path, out: Path, work: Path, exclude: list
 def _opener(name: str):
     """A toy backend's runners: ONNX Runtime on CPU, under another backend's name and preference."""
 
-    def open_runners(root, manifest, precision, settings, verify):
+    def open_runners(view, precision, settings, verify):
         from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
 
-        options = OrtOptions(providers=("CPUExecutionProvider",), intra_op_num_threads=1)
+        options = OrtOptions(providers=("CPUExecutionProvider",), intra_op_num_threads=settings.intra_op_num_threads)
         preference = backends.get(name).preference(settings)
-        return backends.open_onnx_files(root, manifest, precision, preference, verify, lambda p: OrtRunner(p, options))
+        return backends.open_onnx_files(view, precision, preference, verify, lambda p, v: OrtRunner(p, options))
 
     return open_runners
+
+
+TOY_BENCH_SETTINGS: list = []  # what the bench asked the toy backend for, per contender opened
+
+
+def _toy_bench_settings(bench):
+    """The toy's bench hook: the bench's threads, as ONNX Runtime's intra-op threads."""
+    TOY_BENCH_SETTINGS.append(bench)
+    return {"intra_op_num_threads": bench.threads}
 
 
 @pytest.fixture
 def toys():
     """Register the toy precision and backend for one test, and take them away after it."""
+    TOY_BENCH_SETTINGS.clear()
     precisions.register(precisions.PrecisionSpec(
         TOY_PRECISION, f"{__name__}:make_copy", gate=TOY_GATE,
         engine_tolerance={"min_cosine": 0.9999, "max_abs_rel": 1e-3},
@@ -53,6 +63,7 @@ def toys():
         TOY_BACKEND, "onnx", ("cpu",), _opener(TOY_BACKEND),
         unavailable=lambda device: None if device == "cpu" else "the toy backend runs on CPU only",
         target=lambda settings: TOY_BACKEND, bench_target=lambda device: TOY_BACKEND,
+        bench_settings=_toy_bench_settings,
     ))
     yield
     precisions.unregister(TOY_PRECISION)
@@ -150,6 +161,15 @@ def test_toy_precision_and_backend_flow_through_quantize_load_and_bench(toys, mi
     toy = [r for r in bench["records"] if r["backend"] == TOY_BACKEND]
     assert [r["precision"] for r in toy] == [TOY_PRECISION]
     assert toy[0]["cos_min"] == pytest.approx(1.0, abs=1e-4)  # same weights as the PyTorch reference
+    # The bench opened it with its own settings hook (threads), as it opens ONNX Runtime with its own.
+    assert [(b.device, b.threads) for b in TOY_BENCH_SETTINGS] == [("cpu", 1)]
+    # The report lists it after the registered backends before it, and before the peers.
+    from clipdeploy.benchmarks.report import sort_key
+
+    order = [r["backend"] for r in sorted(
+        [{**toy[0], "backend": b} for b in ("openvino.plain", TOY_BACKEND, "torch.compile", "onnxruntime", "torch")],
+        key=sort_key)]  # fmt: skip
+    assert order == ["torch", "onnxruntime", TOY_BACKEND, "torch.compile", "openvino.plain"]
 
 
 def test_a_backend_can_declare_the_precisions_it_runs(micro_artifact):

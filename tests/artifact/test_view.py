@@ -71,3 +71,20 @@ def test_tokenizer_missing_says_why_or_is_none(tmp_path):
     assert ArtifactView.of(tmp_path, m).tokenizer_missing is None
     m["tokenizer"]["missing"] = {"reason": "offline"}
     assert ArtifactView.of(tmp_path, m).tokenizer_missing == {"reason": "offline"}
+
+
+def test_model_config_is_read_only_or_none(tmp_path):
+    m = copy.deepcopy(BASE)
+    assert ArtifactView.of(tmp_path, m).model.model_config is None
+    m["model"]["model_config"] = {"embed_dim": 4}
+    config = ArtifactView.of(tmp_path, m).model.model_config
+    assert dict(config) == {"embed_dim": 4}
+    with pytest.raises(TypeError):
+        config["embed_dim"] = 8  # type: ignore[index]
+
+
+def test_with_towers_keeps_only_those_towers(tmp_path):
+    view = ArtifactView.of(tmp_path, BASE)
+    image_only = view.with_towers(["image"])
+    assert list(image_only.towers) == ["image"] and list(view.towers) == ["image", "text"]
+    assert image_only.variants == view.variants and image_only.root == view.root

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from pathlib import Path
+
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.benchmarks import contenders as contenders_mod
 from clipdeploy.benchmarks.contenders import ContenderSpec, discover
 from clipdeploy.errors import UsageError
+from clipdeploy.runtime.backends import onnxruntime as ort_backend
 from clipdeploy.runtime.backends import registry as backends_mod
 
 
@@ -22,7 +26,7 @@ def _variant(tower, precision, fmt="onnx", passed=True):
 
 
 def _manifest(*variants):
-    return {"towers": {"image": {}, "text": {}}, "variants": list(variants)}
+    return ArtifactView.of(Path("art"), {"towers": {"image": {}, "text": {}}, "variants": list(variants)})
 
 
 def _labels(specs):
@@ -34,7 +38,7 @@ def _everything_installed(monkeypatch):
     # The torch check lives in contenders, the backends' own checks in the backend registry.
     for mod in (contenders_mod, backends_mod):
         monkeypatch.setattr(mod, "has_module", lambda name: True)
-    monkeypatch.setattr(backends_mod, "_ort_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(ort_backend, "available_providers", lambda: ["CPUExecutionProvider"])
 
 
 def test_cpu_defaults_fp32_and_int8_and_explain_the_rest():

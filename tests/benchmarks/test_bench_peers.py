@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.benchmarks import contenders as contenders_mod
 from clipdeploy.benchmarks.bench import add_best_peer
 from clipdeploy.benchmarks.contenders import discover
@@ -108,7 +111,7 @@ def test_a_newly_registered_backend_is_a_contender_with_no_bench_edit(monkeypatc
             }],
         }
         specs, _ = discover(
-            manifest, backends=contenders_mod.backends(), towers=("image",), device="cpu"
+            ArtifactView.of(Path("art"), manifest), backends=contenders_mod.backends(), towers=("image",), device="cpu"
         )
         assert ("toy-peer-test", "fp32", "clipdeploy") in [(s.backend, s.precision, s.role) for s in specs]
     finally:
@@ -134,7 +137,7 @@ def test_end_to_end_case_on_real_jpegs(micro_artifact):
 def test_plain_export_peers_are_discovered_on_cpu_only(monkeypatch):
     for mod in (contenders_mod, backends_mod):
         monkeypatch.setattr(mod, "has_module", lambda name: True)
-    manifest = {"towers": {"image": {}, "text": {}}, "variants": []}
+    manifest = ArtifactView.of(Path("art"), {"towers": {"image": {}, "text": {}}, "variants": []})
     names = ("onnxruntime.plain", "openvino.plain")
     assert set(names) <= set(contenders_mod.backends())
     specs, _ = discover(manifest, backends=("torch", *names), towers=("image", "text"), device="cpu")
@@ -179,12 +182,11 @@ def test_plain_export_of_the_text_tower(micro_artifact):
     from clipdeploy.benchmarks.contenders import ContenderSpec, OpenOptions
     from clipdeploy.benchmarks.plain_export import PlainExportContender
     from clipdeploy.benchmarks.torch_reference import build_reference_model
-    from clipdeploy.artifact.manifest import read_manifest
 
-    manifest = read_manifest(micro_artifact.path)
+    view = ArtifactView.read(micro_artifact.path)
     spec = ContenderSpec("onnxruntime.plain", "fp32", "cpu", ("text",), "peer")
-    peer = PlainExportContender(spec, micro_artifact.path, manifest, OpenOptions(1, checkpoint=micro_artifact.checkpoint))
-    model = build_reference_model(manifest, micro_artifact.checkpoint)
+    peer = PlainExportContender(spec, view, OpenOptions(1, checkpoint=micro_artifact.checkpoint))
+    model = build_reference_model(view.model, micro_artifact.checkpoint)
     ids = torch.randint(1, 400, (3, 77), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = model.encode_text(ids).numpy()

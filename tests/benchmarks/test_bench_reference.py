@@ -15,13 +15,13 @@ from clipdeploy.benchmarks.torch_reference import (
     prefix_text_encoder,
 )
 from clipdeploy.errors import CheckpointError, UsageError
-from clipdeploy.artifact.manifest import read_manifest
+from clipdeploy.artifact.view import ArtifactView, ModelFacts
 
 from tests.support.testdata import MICRO_CONFIG
 
 
 def test_checkpoint_checks(micro_artifact, tmp_path):
-    manifest = read_manifest(micro_artifact.path)
+    manifest = ArtifactView.read(micro_artifact.path).model
     with pytest.raises(CheckpointError, match="--checkpoint FILE"):
         check_reference_weights(manifest, None)
     other = tmp_path / "other.pt"
@@ -31,15 +31,14 @@ def test_checkpoint_checks(micro_artifact, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         check_reference_weights(manifest, tmp_path / "missing.pt")
     check_reference_weights(manifest, micro_artifact.checkpoint)
-    random_manifest = {"model": {"name": "x", "random_init_seed": 0}}
+    random_manifest = ModelFacts.from_dict({"name": "x", "random_init_seed": 0})
     with pytest.raises(UsageError, match="drop --checkpoint"):
         check_reference_weights(random_manifest, micro_artifact.checkpoint)
 
 
 def test_checkpoint_reference_has_the_artifacts_weights(micro_artifact):
     torch = pytest.importorskip("torch")
-    manifest = read_manifest(micro_artifact.path)
-    model = build_reference_model(manifest, micro_artifact.checkpoint)
+    model = build_reference_model(ArtifactView.read(micro_artifact.path).model, micro_artifact.checkpoint)
     for (name, a), b in zip(model.state_dict().items(), micro_artifact.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -48,8 +47,8 @@ def test_random_init_reference_reproduces_the_export_recipe():
     torch = pytest.importorskip("torch")
     open_clip = pytest.importorskip("open_clip")
     cfg = json.loads(MICRO_CONFIG.read_text())
-    manifest = {"model": {"name": "micro-vit", "model_config": cfg, "random_init_seed": 11, "pretrained": None}}
-    model = build_reference_model(manifest)
+    facts = ModelFacts.from_dict({"name": "micro-vit", "model_config": cfg, "random_init_seed": 11, "pretrained": None})
+    model = build_reference_model(facts)
     torch.manual_seed(11)
     expected = open_clip.create_model("micro-vit", pretrained=None, device="cpu", precision="fp32")
     for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values(), strict=True):
@@ -59,8 +58,7 @@ def test_random_init_reference_reproduces_the_export_recipe():
 def test_short_text_is_exact_on_a_causal_tower(micro_artifact):
     torch = pytest.importorskip("torch")
     model = micro_artifact.model
-    manifest = read_manifest(micro_artifact.path)
-    inputs = make_inputs(micro_artifact.path, manifest, 8)
+    inputs = make_inputs(ArtifactView.read(micro_artifact.path), 8)
     encode, reason = prefix_text_encoder(model)
     assert encode is not None, reason
     ids = torch.from_numpy(inputs.tokens)

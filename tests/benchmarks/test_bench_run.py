@@ -119,7 +119,7 @@ class _Recorder:
 
 def test_every_contender_gets_identical_inputs(micro_artifact, monkeypatch):
     _Recorder.fed = {}
-    monkeypatch.setattr(worker_mod, "open_contender", lambda spec, root, manifest, options: _Recorder(spec))
+    monkeypatch.setattr(worker_mod, "open_contender", lambda spec, view, options: _Recorder(spec))
     report = run_bench(
         BenchConfig(
             artifact=micro_artifact.path,

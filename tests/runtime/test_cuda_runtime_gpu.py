@@ -71,6 +71,7 @@ def test_host_path_every_batch_size(runner_factory):
 
 def test_session_splits_batches_over_the_profile_max(runner_factory, tmp_path):
     from clipdeploy.artifact.manifest import Variant
+    from clipdeploy.artifact.view import ArtifactView
     from clipdeploy.runtime.session import ClipSession
 
     runner = runner_factory()
@@ -86,9 +87,10 @@ def test_session_splits_batches_over_the_profile_max(runner_factory, tmp_path):
             "fill_color": 0,
         },
         "tokenizer": {},
+        "variants": [],
     }
     variant = Variant("image", "fp32", "tensorrt", "engines/image.fp32.plan", "0")
-    session = ClipSession(tmp_path, manifest, {"image": runner}, {"image": variant}, "tensorrt")
+    session = ClipSession(ArtifactView.of(tmp_path, manifest), {"image": runner}, {"image": variant}, "tensorrt")
     x = _pixels(37)
     np.testing.assert_array_equal(session.encode_pixels(x, normalize=False), fake.expected(x))
     np.testing.assert_array_equal(session.encode_pixels(x, normalize=False, batch_size=5), fake.expected(x))

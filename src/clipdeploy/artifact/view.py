@@ -10,8 +10,8 @@ one answer (``context_length``) rather than one per stage. The raw dict stays re
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -104,10 +104,12 @@ class ModelFacts:
     checkpoint_sha256: str | None = None
     checkpoint: str | None = None  # the checkpoint file's name, when the weights came from one
     random_init_seed: int | None = None  # set when the weights are random (no pretrained tag, no checkpoint)
+    model_config: Mapping[str, Any] | None = None  # the open_clip model config, when not a built-in one
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelFacts:
         bias = d.get("logit_bias")
+        config = d.get("model_config")
         return cls(
             name=str(d.get("name")),
             pretrained=d.get("pretrained"),
@@ -118,6 +120,7 @@ class ModelFacts:
             checkpoint_sha256=d.get("checkpoint_sha256"),
             checkpoint=d.get("checkpoint"),
             random_init_seed=d.get("random_init_seed"),
+            model_config=MappingProxyType(dict(config)) if isinstance(config, Mapping) else None,
         )
 
 
@@ -226,6 +229,11 @@ class ArtifactView:
 
     def tower_inputs(self, name: str) -> tuple[TensorSpec, ...]:
         return self.tower(name).inputs
+
+    def with_towers(self, names: Iterable[str]) -> ArtifactView:
+        """The same artifact with only ``names`` among its ``towers`` (to open some towers alone); ``raw`` is unchanged."""
+        keep = set(names)
+        return replace(self, towers=MappingProxyType({t: f for t, f in self.towers.items() if t in keep}))
 
     # ---- variants ------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ __all__ = ["BenchConfig", "run_bench"]
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clipdeploy.benchmarks.bench import BenchConfig
+    from clipdeploy.benchmarks.config import BenchConfig
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 def __getattr__(name: str) -> Any:
     if name == "BenchConfig":
         # here, not at the top: importing the package must not load its heavier modules
-        from clipdeploy.benchmarks.bench import BenchConfig
+        from clipdeploy.benchmarks.config import BenchConfig
 
         return BenchConfig
     raise AttributeError(name)

@@ -23,16 +23,9 @@ import numpy as np
 
 import clipdeploy
 from clipdeploy.benchmarks import environment
-from clipdeploy.benchmarks.contenders import (
-    BACKENDS,
-    DEVICES,
-    ContenderSpec,
-    OpenOptions,
-    Skipped,
-    backends,
-    default_precisions,
-    discover,
-)
+# BenchConfig and DEFAULT_BATCHES live in config.py; re-exported here for callers that import them from bench.
+from clipdeploy.benchmarks.config import DEFAULT_BATCHES, BenchConfig  # noqa: F401
+from clipdeploy.benchmarks.contenders import ContenderSpec, OpenOptions, Skipped, discover
 from clipdeploy.benchmarks.end_to_end import run_end_to_end
 from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.benchmarks.inputs import BenchInputs, make_inputs, text_is_dynamic
@@ -40,107 +33,17 @@ from clipdeploy.benchmarks.report import write_reports
 from clipdeploy.benchmarks.torch_reference import check_reference_weights, weights_source
 from clipdeploy.benchmarks.worker import EVENT_PREFIX, Case, WorkerJob, WorkerResult, load_result, run_job
 from clipdeploy.errors import ClipDeployError, UsageError
-from clipdeploy.artifact.manifest import TOWERS, read_manifest
-from clipdeploy.options import DEVICE_HELP, THREADS, csv, device_kind, integer, opt, show_csv
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.precisions import REFERENCE
-from clipdeploy.precisions import names as precision_names
 from clipdeploy.progress import active as progress_active
 from clipdeploy.progress import write as progress_write
 from clipdeploy.validation import cosine_rows
 
 REPORT_SCHEMA = "clipdeploy-bench/1"
-DEFAULT_BATCHES = (1, 8, 32)
 # Below this cosine against PyTorch fp32, the fp32 variant and the reference cannot share weights.
 _SAME_WEIGHTS_COSINE = 0.999
-_OPT_LEVELS = ("disable", "basic", "extended", "all")
 # A case whose p90 exceeds its p50 by this factor was disturbed while it was timed.
 _NOISY_SPREAD = 1.5
-
-
-@dataclass
-class BenchConfig:
-    """Everything `clipdeploy bench` takes. CLI and API both resolve through this."""
-
-    artifact: Path  # the artifact directory to measure
-    output: Path | None = None  # directory for bench.json, bench.md and bench.png; None writes nothing
-    backends: tuple[str, ...] = field(  # which of torch, onnxruntime, tensorrt to run
-        default=BACKENDS,
-        metadata=opt(f"comma-separated, from {','.join(BACKENDS)}; unavailable ones are skipped with a reason",
-                     metavar="LIST", parse=csv(backends), default_text="all"),
-    )  # fmt: skip
-    precisions: tuple[str, ...] | None = field(  # None: those the runtime would pick here
-        default=None,
-        metadata=opt(
-            f"variant precisions to measure, from {','.join(precision_names())}; PyTorch always runs the reference",
-            metavar="LIST", parse=csv(precision_names),
-            default_text="those the runtime would pick on this device: "
-            f"{' and '.join(default_precisions('cpu'))} on CPU",
-        ),
-    )  # fmt: skip
-    batches: tuple[int, ...] = field(  # each measured on its own
-        default=DEFAULT_BATCHES,
-        metadata=opt("batch sizes", flag="--batch", metavar="LIST", parse=csv(item=integer(1)), show=show_csv),
-    )
-    towers: tuple[str, ...] = field(
-        default=TOWERS, metadata=opt("towers to measure", metavar="LIST", parse=csv(TOWERS), show=show_csv)
-    )
-    timing: TimingConfig = field(default_factory=TimingConfig)  # iterations, warm-up, time budget
-    threads: int | None = field(default=None, metadata=THREADS)  # for every contender; None: the cores available
-    device: str = field(  # cpu, cuda, or auto (cuda when nvidia-smi sees a GPU)
-        default="auto",
-        metadata=opt(DEVICE_HELP + "; bench runs on CUDA device 0", metavar="DEVICE", parse=device_kind),
-    )
-    checkpoint: Path | None = field(  # for the PyTorch reference
-        default=None, metadata=opt("the checkpoint the artifact was exported from (for PyTorch)", metavar="FILE")
-    )
-    graph_optimization_level: str = field(
-        default="all",
-        metadata=opt(f"ONNX Runtime graph optimizations: {', '.join(_OPT_LEVELS)}", metavar="LEVEL"),
-    )
-    prompt_length: int | None = field(
-        default=None,
-        metadata=opt("short text length", metavar="N", parse=integer(2), default_text="the longest bundled prompt"),
-    )
-    isolate: bool = field(  # measure each contender in a fresh process
-        default=True,
-        metadata=opt("measure every contender in this process instead of one process each", negate="--in-process"),
-    )
-    progress: bool = field(default=True, metadata=opt("no progress bar", negate="--no-progress"))  # tqdm on stderr
-    end_to_end: int = field(  # 0: off; else JPEG files of ~12 MP timed from file to embedding
-        default=0,
-        metadata=opt("also time N real-size JPEG files (the bundled photos upscaled to ~12 MP) to embeddings "
-                     "with exact and fast_decode preprocessing, and the fast_decode cosine vs exact",
-                     metavar="N", parse=integer(0), default_text="0: off"),
-    )  # fmt: skip
-    machine: str | None = field(  # None: CPU model, cores, memory, GPU
-        default=None,
-        metadata=opt("name the machine in the reports", metavar="NAME",
-                     default_text="CPU model, cores, memory, GPU"),
-    )  # fmt: skip
-
-    def check(self) -> None:
-        if not self.batches:
-            raise UsageError("--batch is empty; pass batch sizes such as 1,8,32")
-        bad = [b for b in self.batches if b < 1]
-        if bad:
-            raise UsageError(f"--batch {bad[0]} must be 1 or more")
-        if not self.towers:
-            raise UsageError("--towers is empty; pass image, text or image,text")
-        for t in self.towers:
-            if t not in TOWERS:
-                raise UsageError(f"tower {t!r} is not one of {', '.join(TOWERS)}; e.g. --towers image,text")
-        if not self.backends:
-            raise UsageError("--backends is empty; pass e.g. torch,onnxruntime")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads {self.threads} must be 1 or more")
-        if self.device not in DEVICES:
-            raise UsageError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.graph_optimization_level not in _OPT_LEVELS:
-            raise UsageError(
-                f"--graph-optimization-level {self.graph_optimization_level!r} is not one of {', '.join(_OPT_LEVELS)}"
-            )
-        if self.prompt_length is not None and self.prompt_length < 2:
-            raise UsageError(f"--prompt-length {self.prompt_length} must be 2 or more (start and end tokens)")
 
 
 def resolve_device(device: str) -> str:
@@ -149,11 +52,11 @@ def resolve_device(device: str) -> str:
     return "cuda" if environment.gpus() else "cpu"
 
 
-def text_lengths(manifest: dict[str, Any], inputs: BenchInputs, prompt_length: int | None) -> tuple[int, ...]:
+def text_lengths(view: ArtifactView, inputs: BenchInputs, prompt_length: int | None) -> tuple[int, ...]:
     """Full context length, then the short length where the text input's sequence axis is dynamic."""
     full = inputs.context_length
     short = min(prompt_length or inputs.prompt_length, full)
-    return (full, short) if text_is_dynamic(manifest) and short < full else (full,)
+    return (full, short) if text_is_dynamic(view) and short < full else (full,)
 
 
 def plan_cases(spec: ContenderSpec, batches: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[Case, ...]:
@@ -427,18 +330,18 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every contender for ``cfg`` and return the report; write it when ``cfg.output`` is set."""
     cfg.check()
     root = Path(cfg.artifact)
-    manifest = read_manifest(root)
+    view = ArtifactView.read(root)
     threads = cfg.threads or environment.available_cores()
     device = resolve_device(cfg.device)
-    missing = [t for t in cfg.towers if t not in manifest["towers"]]
+    missing = [t for t in cfg.towers if t not in view.towers]
     if len(missing) == len(cfg.towers):
         raise UsageError(
-            f"the artifact has no {' or '.join(missing)} tower (it has {', '.join(manifest['towers']) or 'none'}); "
+            f"the artifact has no {' or '.join(missing)} tower (it has {', '.join(view.towers) or 'none'}); "
             "pass --towers with one of those"
         )
     env = environment.collect(threads, device)
     specs, skipped = discover(
-        manifest, backends=cfg.backends, towers=cfg.towers, device=device, precisions=cfg.precisions
+        view, backends=cfg.backends, towers=cfg.towers, device=device, precisions=cfg.precisions
     )
     for s in skipped:
         progress_write(f"skipping {s.describe()}")
@@ -449,13 +352,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             + "; see the reasons above, or add torch to --backends"
         )
     if any(s.role != "clipdeploy" for s in specs):  # every peer rebuilds the open_clip model
-        check_reference_weights(manifest, cfg.checkpoint)
+        check_reference_weights(view.model, cfg.checkpoint)
 
-    inputs = make_inputs(root, manifest, max(cfg.batches))
-    lengths = text_lengths(manifest, inputs, cfg.prompt_length)
+    inputs = make_inputs(view, max(cfg.batches))
+    lengths = text_lengths(view, inputs, cfg.prompt_length)
     options = OpenOptions(threads, cfg.graph_optimization_level, Path(cfg.checkpoint) if cfg.checkpoint else None)
     plans = [(spec, plan_cases(spec, cfg.batches, lengths)) for spec in specs]
-    towers = tuple(t for t in cfg.towers if t in manifest["towers"])
+    towers = tuple(t for t in cfg.towers if t in view.towers)
     default = probe_default_path(root, towers, inputs, max(cfg.batches))
     estimates = [estimate_seconds([plan], cfg.timing, default, max(cfg.batches)) for plan in plans]
     n_cases = sum(len(c) for _, c in plans)
@@ -500,16 +403,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             f"{len(noisy)} of {len(records)} cases have p90 more than {_NOISY_SPREAD:g}x their p50: the timings were "
             "disturbed (other processes, CPU frequency); rerun on a quiet machine before trusting them"
         )
-    notes = _general_notes(cfg, manifest, env, lengths, inputs, results) + notes
+    notes = _general_notes(cfg, view, env, lengths, inputs, results) + notes
     report = {
         "schema": REPORT_SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": cfg.machine or environment.describe_machine(env),
         "artifact": {
             "path": str(root),
-            "model": manifest["model"]["name"],
-            "weights": weights_source(manifest),
-            "text_input_shape": manifest["towers"].get("text", {}).get("inputs", [{}])[0].get("shape"),
+            "model": view.model.name,
+            "weights": weights_source(view.model),
+            "text_input_shape": _text_input_shape(view),
         },
         "config": {
             "backends": list(cfg.backends),
@@ -556,9 +459,15 @@ def _time_left(estimates: list[float | None], done: int, elapsed: float) -> floa
     return scale * sum(e for e in estimates[done:] if e is not None)
 
 
+def _text_input_shape(view: ArtifactView) -> list[int | str] | None:
+    """The text input's shape as the manifest records it (named axes as strings); None without a text tower."""
+    text = view.towers.get("text")
+    return list(text.inputs[0].shape) if text is not None and text.inputs else None
+
+
 def _general_notes(
     cfg: BenchConfig,
-    manifest: dict[str, Any],
+    view: ArtifactView,
     env: dict[str, Any],
     lengths: tuple[int, ...],
     inputs: BenchInputs,
@@ -572,7 +481,7 @@ def _general_notes(
             f"the machine was busy when the run started (1-minute load {load} on {cores} cores): "
             "figures may be slower and noisier than on a quiet machine; do not publish them"
         )
-    if "text" in cfg.towers and "text" in manifest["towers"]:
+    if "text" in cfg.towers and "text" in view.towers:
         if len(lengths) > 1:
             notes.append(
                 f"text is measured at the full context length ({lengths[0]} tokens: the prompts padded as open_clip "
@@ -584,7 +493,7 @@ def _general_notes(
         else:
             notes.append(
                 f"text is measured at the full context length ({lengths[0]} tokens) only: the artifact's text "
-                f"input has a fixed length ({manifest['towers']['text']['inputs'][0]['shape']})"
+                f"input has a fixed length ({_text_input_shape(view)})"
             )
     if cfg.timing.iters < 100:
         notes.append(f"p99 from {cfg.timing.iters} or fewer timed calls is close to the slowest call")

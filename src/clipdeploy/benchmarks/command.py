@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from clipdeploy import options
-from clipdeploy.benchmarks.bench import BenchConfig, run_bench
+from clipdeploy.benchmarks.bench import run_bench
+from clipdeploy.benchmarks.config import BenchConfig
 from clipdeploy.benchmarks.harness import TimingConfig
 from clipdeploy.benchmarks.report import terminal_table
 from clipdeploy.errors import UsageError

@@ -24,11 +24,10 @@ from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.export.specs import context_length
-from clipdeploy.artifact.manifest import variant_files, variants, verify_files
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.precisions import REFERENCE, by_default, rank
 from clipdeploy.runtime.backends import registry
-from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ, OrtOptions, OrtRunner
-from clipdeploy.runtime.backends.registry import has_module
+from clipdeploy.runtime.backends.registry import BenchSettings, LoadSettings, has_module
 from clipdeploy.runtime.session import ClipSession
 
 TORCH = "torch"
@@ -46,6 +45,12 @@ def backends() -> tuple[str, ...]:
 
 
 BACKENDS = backends()  # the built-in ones, for defaults; a backend registered later is still accepted
+
+
+def report_order() -> tuple[str, ...]:
+    """The order contenders are listed in the report: the reference, every registered backend (in registration
+    order), then the peers."""
+    return (TORCH, *registry.names(), COMPILE, *PLAIN_PEERS)
 
 
 def default_precisions(device: str, backend: str = "onnxruntime") -> tuple[str, ...]:
@@ -113,7 +118,7 @@ class Skipped:
 
 
 def discover(
-    manifest: dict[str, Any],
+    view: ArtifactView,
     *,
     backends: tuple[str, ...],
     towers: tuple[str, ...],
@@ -132,7 +137,7 @@ def discover(
             raise UsageError(f"backend {b!r} is not one of {', '.join(known)}; e.g. --backends torch,onnxruntime")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"device {device!r} is not cpu or cuda")
-    towers = tuple(t for t in towers if t in manifest["towers"])
+    towers = tuple(t for t in towers if t in view.towers)
     specs: list[ContenderSpec] = []
     skipped: list[Skipped] = []
 
@@ -158,7 +163,7 @@ def discover(
     for backend in registry.names():
         if backend not in backends:
             continue
-        found, why = _variant_contenders(manifest, backend, towers, device, precisions)
+        found, why = _variant_contenders(view, backend, towers, device, precisions)
         specs += found
         skipped += why
     return specs, skipped
@@ -187,7 +192,7 @@ def _plain_peers(
 
 
 def _variant_contenders(
-    manifest: dict[str, Any],
+    view: ArtifactView,
     backend: str,
     towers: tuple[str, ...],
     device: str,
@@ -196,8 +201,8 @@ def _variant_contenders(
     spec = registry.get(backend)
     fmt = spec.format
     by_precision: dict[str, dict[str, bool]] = defaultdict(dict)
-    for v in variants(manifest):
-        if v.format == fmt and v.tower in towers:
+    for v in view.variants_of(format=fmt):
+        if v.tower in towers:
             # Several engines of one precision (one per GPU) are one contender: the runtime picks.
             by_precision[v.precision][v.tower] = by_precision[v.precision].get(v.tower, False) or v.accepted
     wanted = sorted(by_precision) if precisions is None else [p for p in precisions if p in by_precision]
@@ -284,32 +289,26 @@ class RuntimeContender:
 
     timer: Timer = staticmethod(perf_counter_timer)  # the session returns host arrays: synchronous
 
-    def __init__(self, spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> None:
+    def __init__(self, spec: ContenderSpec, view: ArtifactView, options: OpenOptions) -> None:
 
         self.spec = spec
-        self.dynamic_text = text_is_dynamic(manifest)
+        self.dynamic_text = text_is_dynamic(view)
         # A dynamic-length session trims ids to the batch's longest text before it runs them.
-        self.trims_text = (manifest["towers"].get("text") or {}).get("padding") == "longest"
-        self.context_length = int(
-            (manifest["towers"].get("text") or {}).get("context_length")
-            or manifest.get("tokenizer", {}).get("context_length")
-            or 0
-        )
-        kwargs: dict[str, Any] = {}
-        if spec.backend == "onnxruntime":
-            kwargs = {
-                "intra_op_num_threads": options.threads,
-                "inter_op_num_threads": 1,
-                "graph_optimization_level": options.graph_optimization_level,
-                "providers": ["CUDAExecutionProvider"] if spec.device == "cuda" else ["CPUExecutionProvider"],
-            }
+        self.trims_text = view.text_is_dynamic
+        self.context_length = view.context_length or 0
+        # The backend's own settings for the bench's threads and device (ONNX Runtime: threads, providers,
+        # graph optimizations); LoadSettings fields, which load() takes by the same names.
+        backend = registry.get(spec.backend)
+        bench = BenchSettings(spec.device, options.threads, options.graph_optimization_level)
+        settings = dict(backend.bench_settings(bench)) if backend.bench_settings else {}
+        kwargs = {("backend_options" if k == "extra" else k): v for k, v in settings.items()}
         try:
-            self.session = clipdeploy.load(root, backend=spec.backend, precision=spec.precision, **kwargs)
+            self.session = clipdeploy.load(view.root, backend=spec.backend, precision=spec.precision, **kwargs)
         except ArtifactError:
             # load() opens every tower; when only some towers have this precision, open those alone.
-            if spec.backend != "onnxruntime" or set(spec.towers) == set(manifest["towers"]):
+            if set(spec.towers) == set(view.towers):
                 raise
-            self.session = _partial_ort_session(root, manifest, spec, kwargs)
+            self.session = _partial_session(view, spec, settings)
 
     def unsupported(self, tower: str, seq_len: int | None, context_length: int) -> str | None:
         if tower == "text" and seq_len is not None and seq_len != context_length and not self.dynamic_text:
@@ -339,35 +338,25 @@ class RuntimeContender:
         return self.session.describe()
 
 
-def _partial_ort_session(root: Path, manifest: dict[str, Any], spec: ContenderSpec, kwargs: dict[str, Any]) -> Any:
-
-    options = OrtOptions(
-        providers=tuple(kwargs["providers"]),
-        intra_op_num_threads=kwargs["intra_op_num_threads"],
-        inter_op_num_threads=kwargs["inter_op_num_threads"],
-        graph_optimization_level=kwargs["graph_optimization_level"],
-    )
-    chosen: dict[str, Any] = {}
-    runners: dict[str, Any] = {}
-    for v in variants(manifest):
-        if v.format == "onnx" and v.precision == spec.precision and v.tower in spec.towers and v.accepted:
-            verify_files(root, variant_files(v))
-            chosen[v.tower] = v
-            runners[v.tower] = OrtRunner(root / v.file, options, int8=v.precision in INT8_QDQ)
-    return ClipSession(root, manifest, runners, chosen, "onnxruntime")
+def _partial_session(view: ArtifactView, spec: ContenderSpec, settings: dict[str, Any]) -> ClipSession:
+    """A session of ``spec.towers`` alone, opened by the contender's backend as ``load()`` opens every tower."""
+    fields = {k: tuple(v) if k == "providers" else v for k, v in settings.items()}
+    chosen, runners = registry.get(spec.backend).load(view.with_towers(spec.towers), spec.precision,
+                                                      LoadSettings(**fields), True)
+    return ClipSession(view, runners, chosen, spec.backend)
 
 
 class TorchContender:
     """The open_clip model under ``torch.inference_mode``: eager fp32, fp16 autocast or ``torch.compile``."""
 
-    def __init__(self, spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> None:
+    def __init__(self, spec: ContenderSpec, view: ArtifactView, options: OpenOptions) -> None:
         torch = require("torch", "export")
 
         self.spec = spec
         self._torch = torch
         torch.set_num_threads(options.threads)
         self.device = torch.device(spec.device)
-        self.model = build_reference_model(manifest, options.checkpoint).to(self.device)
+        self.model = build_reference_model(view.model, options.checkpoint).to(self.device)
         self._context_length = context_length(self.model)
         prefix, self.prefix_reason = prefix_text_encoder(self.model)
         fns = {"image": self.model.encode_image, "text": self.model.encode_text, "text-prefix": prefix}
@@ -396,9 +385,9 @@ class TorchContender:
         return f"open_clip {type(self.model).__name__} on {self.device} ({self.spec.backend} {self.spec.precision})"
 
 
-def open_contender(spec: ContenderSpec, root: Path, manifest: dict[str, Any], options: OpenOptions) -> Contender:
+def open_contender(spec: ContenderSpec, view: ArtifactView, options: OpenOptions) -> Contender:
     if spec.backend in PLAIN_PEERS:
-        return PlainExportContender(spec, root, manifest, options)
+        return PlainExportContender(spec, view, options)
     if spec.is_torch:
-        return TorchContender(spec, root, manifest, options)
-    return RuntimeContender(spec, root, manifest, options)
+        return TorchContender(spec, view, options)
+    return RuntimeContender(spec, view, options)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy.artifact.view import ArtifactView, TowerFacts
 from clipdeploy.calibration.bundled import sample_images, sample_prompts
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
@@ -83,11 +84,10 @@ def used_length(tokens: np.ndarray, pad_id: int = 0) -> int:
     return int(used[-1]) + 1 if used.size else 1
 
 
-def prompt_columns(ids: np.ndarray, text_entry: dict[str, Any]) -> int:
+def prompt_columns(ids: np.ndarray, text: TowerFacts) -> int:
     """Columns the runtime keeps of these ids when it pads to the longest text: up to the last pooled position."""
-    pooling = text_entry.get("pooling")
-    if pooling in ("argmax", "eos"):
-        return int(trim_to_pooled(ids, pooling, text_entry.get("eos_token_id")).shape[1])
+    if text.pooling in ("argmax", "eos"):
+        return int(trim_to_pooled(ids, text.pooling, text.eos_token_id).shape[1])
     return used_length(ids)
 
 
@@ -95,18 +95,18 @@ def _repeat(items: list[Any], n: int) -> list[Any]:
     return [items[i % len(items)] for i in range(n)]
 
 
-def make_inputs(root: Path, manifest: dict[str, Any], max_batch: int) -> BenchInputs:
+def make_inputs(view: ArtifactView, max_batch: int) -> BenchInputs:
     """Pixels and token ids for batches up to ``max_batch``, from the artifact's own preprocessing."""
     images = sample_images()
     prompts = sample_prompts()
-    towers = manifest.get("towers", {})
+    towers = view.towers
     if "image" in towers:
-        pixels = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)
+        pixels = Preprocessor(PreprocessConfig.from_dict(view.preprocess))(images)
         pixels = pixels[np.arange(max_batch) % len(pixels)]
     else:
         pixels = np.zeros((0, 3, 1, 1), np.float32)
     if "text" in towers:
-        ids = np.asarray(load_tokenizer(manifest["tokenizer"], root)(prompts), dtype=np.int64)
+        ids = np.asarray(load_tokenizer(dict(view.tokenizer), view.root)(prompts), dtype=np.int64)
         tokens = ids[np.arange(max_batch) % len(ids)]
         prompt_length = prompt_columns(ids, towers["text"])
     else:
@@ -121,10 +121,8 @@ def make_inputs(root: Path, manifest: dict[str, Any], max_batch: int) -> BenchIn
     )
 
 
-def text_is_dynamic(manifest: dict[str, Any]) -> bool:
+def text_is_dynamic(view: ArtifactView) -> bool:
     """Whether the artifact's text input has a named (dynamic) sequence axis."""
-    try:
-        shape = manifest["towers"]["text"]["inputs"][0]["shape"]
-    except (KeyError, IndexError, TypeError):
-        return False
+    text = view.towers.get("text")
+    shape = text.inputs[0].shape if text is not None and text.inputs else ()
     return len(shape) > 1 and isinstance(shape[1], str)

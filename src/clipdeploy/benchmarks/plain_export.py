@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.benchmarks.harness import Timer, perf_counter_timer
 from clipdeploy.benchmarks.torch_reference import build_reference_model
 from clipdeploy.deps import require
@@ -58,13 +59,13 @@ class PlainExportContender:
 
     timer: Timer = staticmethod(perf_counter_timer)  # host arrays in and out: synchronous
 
-    def __init__(self, spec: Any, root: Path, manifest: dict[str, Any], options: Any) -> None:
+    def __init__(self, spec: Any, view: ArtifactView, options: Any) -> None:
         torch = require("torch", "export")
 
         self.spec = spec
         self.runtime = PLAIN_PEERS[spec.backend]
         torch.set_num_threads(options.threads)
-        model = build_reference_model(manifest, options.checkpoint)
+        model = build_reference_model(view.model, options.checkpoint)
         self._context_length = context_length(model)
         self._tmp = tempfile.TemporaryDirectory(prefix="clipdeploy-plain-")  # kept while the sessions live
         self._run: dict[str, Any] = {}

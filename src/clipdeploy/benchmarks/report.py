@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipdeploy.benchmarks.contenders import precision_rank
+from clipdeploy.benchmarks.contenders import precision_rank, report_order
 from clipdeploy.benchmarks.end_to_end import describe as end_to_end_lines
 from clipdeploy.artifact.manifest import atomic_write_text
 
@@ -75,8 +75,12 @@ GOAL_MODEL, GOAL_BATCH = "ViT-B-32", 8
 GOAL_PEER, GOAL_EAGER, GOAL_COSINE = 1.8, 4.5, 0.999
 
 _TOWER_ORDER = {"image": 0, "text": 1}
-_BACKEND_ORDER = {"torch": 0, "onnxruntime": 1, "openvino": 2, "tensorrt": 3, "torch.compile": 4,
-                  "onnxruntime.plain": 5, "openvino.plain": 6}
+
+
+def _backend_rank(backend: str) -> int:
+    # The registry's order, read at each call: a backend registered later sorts in too; unknown ones last.
+    order = report_order()
+    return order.index(backend) if backend in order else len(order)
 
 
 def contender_label(rec: dict[str, Any]) -> str:
@@ -88,7 +92,7 @@ def sort_key(rec: dict[str, Any]) -> tuple[Any, ...]:
     return (
         _TOWER_ORDER.get(rec["tower"], 9),
         -(rec.get("seq_len") or 0),
-        _BACKEND_ORDER.get(rec["backend"], 9),
+        _backend_rank(rec["backend"]),
         precision_rank(rec["precision"]),
         rec["batch"],
     )

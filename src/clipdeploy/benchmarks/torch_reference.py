@@ -21,33 +21,32 @@ from clipdeploy.errors import CheckpointError, UsageError
 from clipdeploy.export.loading import load_model
 from clipdeploy.export.text_towers import causal_text_forward
 from clipdeploy.artifact.manifest import file_sha256
+from clipdeploy.artifact.view import ModelFacts
 
 # Model names that carry their own weights (open_clip downloads or reads them).
 _SOURCE_SCHEMAS = ("hf-hub:", "local-dir:")
 
 
-def weights_source(manifest: dict[str, Any]) -> str:
+def weights_source(model: ModelFacts) -> str:
     """How the artifact's weights were chosen, in words."""
-    model = manifest["model"]
-    if model.get("pretrained"):
-        return f"pretrained {model['pretrained']}"
-    if model.get("checkpoint_sha256"):
-        return f"checkpoint {model.get('checkpoint')} (sha256 {model['checkpoint_sha256'][:12]}…)"
-    if model.get("random_init_seed") is not None:
-        return f"random weights (seed {model['random_init_seed']})"
-    if str(model.get("name", "")).startswith(_SOURCE_SCHEMAS):
-        return f"weights of {model['name']}"
+    if model.pretrained:
+        return f"pretrained {model.pretrained}"
+    if model.checkpoint_sha256:
+        return f"checkpoint {model.checkpoint} (sha256 {model.checkpoint_sha256[:12]}…)"
+    if model.random_init_seed is not None:
+        return f"random weights (seed {model.random_init_seed})"
+    if model.name.startswith(_SOURCE_SCHEMAS):
+        return f"weights of {model.name}"
     return "unknown weights"
 
 
-def check_reference_weights(manifest: dict[str, Any], checkpoint: Path | None) -> None:
+def check_reference_weights(model: ModelFacts, checkpoint: Path | None) -> None:
     """Refuse, before any work, a reference that cannot have the artifact's weights."""
-    model = manifest["model"]
-    expected = model.get("checkpoint_sha256")
+    expected = model.checkpoint_sha256
     if expected:
         if checkpoint is None:
             raise CheckpointError(
-                f"the artifact was exported from checkpoint {model.get('checkpoint')!r}; pass it with "
+                f"the artifact was exported from checkpoint {model.checkpoint!r}; pass it with "
                 "--checkpoint FILE so PyTorch runs the same weights, or leave torch out of --backends"
             )
         if not Path(checkpoint).is_file():
@@ -61,33 +60,28 @@ def check_reference_weights(manifest: dict[str, Any], checkpoint: Path | None) -
                 f"{expected[:12]}…; pass the checkpoint the artifact was exported from"
             )
     elif checkpoint is not None:
-        raise UsageError(f"--checkpoint was given but the artifact has {weights_source(manifest)}; drop --checkpoint")
-    elif (
-        not model.get("pretrained")
-        and model.get("random_init_seed") is None
-        and not str(model.get("name", "")).startswith(_SOURCE_SCHEMAS)
-    ):
+        raise UsageError(f"--checkpoint was given but the artifact has {weights_source(model)}; drop --checkpoint")
+    elif not model.pretrained and model.random_init_seed is None and not model.name.startswith(_SOURCE_SCHEMAS):
         raise UsageError(
-            f"the manifest of {model.get('name')!r} says neither a pretrained tag, a checkpoint nor a seed; "
+            f"the manifest of {model.name!r} says neither a pretrained tag, a checkpoint nor a seed; "
             "re-export the model, or leave torch out of --backends"
         )
 
 
-def build_reference_model(manifest: dict[str, Any], checkpoint: Path | None = None) -> Any:
+def build_reference_model(model: ModelFacts, checkpoint: Path | None = None) -> Any:
     """The eval-mode fp32 CPU open_clip model with the artifact's weights."""
-    check_reference_weights(manifest, checkpoint)
-    model = manifest["model"]
+    check_reference_weights(model, checkpoint)
     with tempfile.TemporaryDirectory(prefix="clipdeploy-bench-") as tmp:
         config_path = None
-        if model.get("model_config"):
-            config_path = Path(tmp) / f"{model['name']}.json"
-            config_path.write_text(json.dumps(model["model_config"]), encoding="utf-8")
+        if model.model_config:
+            config_path = Path(tmp) / f"{model.name}.json"
+            config_path.write_text(json.dumps(dict(model.model_config)), encoding="utf-8")
         loaded = load_model(
-            model["name"],
-            pretrained=model.get("pretrained") or None,
-            checkpoint=checkpoint if model.get("checkpoint_sha256") else None,
+            model.name,
+            pretrained=model.pretrained or None,
+            checkpoint=checkpoint if model.checkpoint_sha256 else None,
             model_config=config_path,
-            seed=int(model.get("random_init_seed") or 0),
+            seed=int(model.random_init_seed or 0),
         )
     return loaded.model
 

@@ -28,7 +28,7 @@ from clipdeploy.benchmarks.harness import (
 )
 from clipdeploy.benchmarks.inputs import BenchInputs, array_sha256
 from clipdeploy.errors import ClipDeployError
-from clipdeploy.artifact.manifest import read_manifest
+from clipdeploy.artifact.view import ArtifactView
 
 EVENT_PREFIX = "@@clipdeploy-bench "
 
@@ -109,9 +109,9 @@ def run_job(job: WorkerJob, emit: Callable[[dict[str, Any]], None] | None = None
     """Open the contender, then measure each case; a failing case is recorded, not raised."""
     emit = emit or (lambda event: None)
     inputs = BenchInputs.load(job.inputs)
-    manifest = read_manifest(job.artifact)
+    view = ArtifactView.read(job.artifact)
     try:
-        contender = open_contender(job.spec, job.artifact, manifest, job.options)
+        contender = open_contender(job.spec, view, job.options)
     except Exception as e:  # a contender that cannot open is reported, and the others still run
         return WorkerResult(describe="", results=[], embeddings={}, error=_one_line(e))
     results: list[dict[str, Any]] = []

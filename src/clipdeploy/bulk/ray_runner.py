@@ -13,8 +13,7 @@ from typing import Any
 from clipdeploy.bulk.sources import Item
 from clipdeploy.bulk.worker import Job, open_session, run_shard
 from clipdeploy.deps import require
-
-GPU_BACKENDS = ("tensorrt", "cuda")
+from clipdeploy.runtime.backends import registry
 
 
 class ShardEmbedder:
@@ -46,7 +45,7 @@ def run_ray(
     if not shards:
         return
     ref = ray.put(dict(shards))
-    gpu = job.backend in GPU_BACKENDS
+    gpu = job.backend in registry.needs_gpu()  # the backends that run on a GPU only
     ds = ray.data.from_items([{"index": i} for i, _ in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(
         udf,

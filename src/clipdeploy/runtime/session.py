@@ -19,7 +19,8 @@ import numpy as np
 from clipdeploy import precisions
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, InputError, UsageError
-from clipdeploy.artifact.manifest import Variant, read_manifest, verify_files
+from clipdeploy.artifact.manifest import Variant, verify_files
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.base import Runner
 from clipdeploy.runtime.cuda import is_torch_tensor
@@ -47,35 +48,34 @@ class ClipSession:
 
     def __init__(
         self,
-        root: Path,
-        manifest: dict[str, Any],
+        view: ArtifactView,
         runners: dict[str, Runner],
         chosen: dict[str, Variant],
         backend: str,
         why: str | None = None,
     ) -> None:
-        self.root = root
-        self.manifest = manifest
+        self.view = view  # the artifact's manifest, typed
+        self.root = view.root
+        self.manifest = dict(view.raw)  # the manifest as a dict, for callers that read it so
         self.backend = backend
         self.why = why  # why backend="auto" picked this backend and precision; None when both were named
         self.variants = chosen  # tower -> the variant that runs it
         self._runners = runners
-        self._preprocessor = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))
+        self._preprocessor = Preprocessor(PreprocessConfig.from_dict(view.preprocess))
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
-        model = manifest["model"]
-        self.logit_scale = float(model["logit_scale"])
-        self.logit_bias = None if model.get("logit_bias") is None else float(model["logit_bias"])
+        self.logit_scale = view.model.logit_scale
+        self.logit_bias = view.model.logit_bias
 
     # ---- description -----------------------------------------------------------------------
 
     @property
     def model_name(self) -> str:
-        return str(self.manifest["model"]["name"])
+        return self.view.model.name
 
     @property
     def embed_dim(self) -> int:
-        return int(self.manifest["model"]["embed_dim"])
+        return self.view.model.embed_dim
 
     @property
     def runners(self) -> dict[str, Runner]:
@@ -108,7 +108,7 @@ class ClipSession:
     def tokenizer(self) -> Any:
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                self._tokenizer = load_tokenizer(self.manifest["tokenizer"], self.root)
+                self._tokenizer = load_tokenizer(dict(self.view.tokenizer), self.root)
             return self._tokenizer
 
     def tokenize(self, texts: Sequence[str] | str, *, padding: str = "max_length") -> np.ndarray:
@@ -116,20 +116,20 @@ class ClipSession:
 
         ``padding="max_length"`` (default) pads to the context length, exactly as open_clip does.
         ``padding="longest"`` pads only to the batch's longest text (EOT included), for artifacts
-        whose text tower takes a dynamic length (``manifest["towers"]["text"]["padding"]``).
+        whose text tower takes a dynamic length (``view.text_is_dynamic``).
         """
         if padding not in PADDINGS:
             raise UsageError(f"padding={padding!r} must be one of {', '.join(PADDINGS)}")
         ids = self.tokenizer(texts)
         if padding == "max_length":
             return ids
-        text = self._text_entry()
-        if text.get("padding") != "longest":
+        if not self.view.text_is_dynamic:
             raise UsageError(
                 f"padding='longest' needs a dynamic-length text tower, and {self.model_name}'s takes ids padded "
                 f"to {ids.shape[1]}; use padding='max_length'"
             )
-        return trim_to_pooled(ids, text["pooling"], text.get("eos_token_id"))
+        text = self.view.tower("text")
+        return trim_to_pooled(ids, str(text.pooling), text.eos_token_id)
 
     def truncated(self, texts: Sequence[str] | str) -> list[int]:
         """Indices of the texts longer than the context length, which ``tokenize`` (as open_clip's tokenizer
@@ -140,9 +140,6 @@ class ClipSession:
     def context_length(self) -> int:
         """The most tokens (start and end tokens included) the text tower reads."""
         return int(self.tokenizer.context_length)
-
-    def _text_entry(self) -> dict[str, Any]:
-        return dict(self.manifest.get("towers", {}).get("text") or {})
 
     # ---- encoders --------------------------------------------------------------------------
 
@@ -213,11 +210,11 @@ class ClipSession:
         x = np.asarray(tokens)
         if not np.issubdtype(x.dtype, np.integer):
             raise InputError(f"token ids have dtype {x.dtype}; pass integer ids, e.g. from session.tokenize")
-        text = self._text_entry()
-        if text.get("padding") == "longest" and x.ndim == 2:
+        if self.view.text_is_dynamic and x.ndim == 2:
             # Full-length or trimmed ids alike: nothing after the latest pooled position matters.
-            x = trim_to_pooled(x, text["pooling"], text.get("eos_token_id"))
-            limit = int(text.get("context_length") or x.shape[1])
+            text = self.view.tower("text")
+            x = trim_to_pooled(x, str(text.pooling), text.eos_token_id)
+            limit = self.view.context_length or x.shape[1]
             if x.shape[1] > limit:
                 raise InputError(
                     f"token ids reach position {x.shape[1]}, past the context length {limit}; "
@@ -297,7 +294,7 @@ class ClipSession:
     def encode_text(self, texts: Sequence[str] | str, *, normalize: bool = True, batch_size: int = 256) -> np.ndarray:
         """Strings to ``[N, D]`` embeddings; a dynamic-length text tower gets each batch padded to its longest text."""
         items = _as_list(texts, "text")
-        padding = "longest" if self._text_entry().get("padding") == "longest" else "max_length"
+        padding = "longest" if self.view.text_is_dynamic else "max_length"
         parts = [
             self.encode_tokens(self.tokenize(items[s], padding=padding), normalize=normalize)
             for s in _chunks(len(items), max(1, batch_size))
@@ -387,21 +384,20 @@ def load(
         extra=dict(backend_options or {}),
     )
     registry.check_settings(settings)  # a bad option is refused whichever backend would run
-    root = Path(path)
-    manifest = read_manifest(root)
+    view = ArtifactView.read(Path(path))
     why = None
     if backend == registry.AUTO:
-        backend, skipped = _auto(manifest, precision, settings)
+        backend, skipped = _auto(view, precision, settings)
         why = _auto_why(backend, skipped, registry.get(backend).preference(settings), precision)
     if precision is not None and precisions.get(precision).reuses_reference:
         runs = precisions.get(precision).backends
         if backend not in runs:  # it would run the reference file and call it this precision
             raise UsageError(f"precision {precision!r} runs on {' or '.join(runs) or 'no backend'} only, not on "
                              f"{backend}; pass backend={runs[0] if runs else 'openvino'!r}")
-    chosen, runners = registry.get(backend).open(root, manifest, precision, settings, verify)
+    chosen, runners = registry.get(backend).load(view, precision, settings, verify)
     if verify:
-        verify_files(root, sorted(manifest.get("files", {}).items()))
-    session = ClipSession(root, manifest, runners, chosen, backend, why)
+        verify_files(view.root, sorted(view.files.items()))
+    session = ClipSession(view, runners, chosen, backend, why)
     log.info("clipdeploy: loaded %s", session.describe())
     return session
 
@@ -417,12 +413,12 @@ def _auto_why(backend: str, skipped: list[str], preference: Sequence[str], preci
     return "; ".join(parts)
 
 
-def _auto(manifest: dict[str, Any], precision: str | None, settings: registry.LoadSettings) -> tuple[str, list[str]]:
+def _auto(view: ArtifactView, precision: str | None, settings: registry.LoadSettings) -> tuple[str, list[str]]:
     """The first backend in ``registry.auto_order()`` that this artifact can use here; logs which and why."""
     reasons = []
     for name in registry.auto_order():
         spec = registry.get(name)
-        reason = "not chosen by auto" if spec.auto is None else spec.auto(manifest, precision, settings)
+        reason = "not chosen by auto" if spec.auto is None else spec.auto(view, precision, settings)
         if reason is None:
             why = f" ({'; '.join(reasons)})" if reasons else ""
             log.info("clipdeploy: backend='auto' chose %s%s", name, why)

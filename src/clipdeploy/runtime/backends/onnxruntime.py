@@ -1,7 +1,9 @@
-"""ONNX Runtime backend. ``onnxruntime`` is imported only when a runner is made."""
+"""ONNX Runtime backend: its runner and its registration. ``onnxruntime`` is imported only when a runner is made
+(or, once it is known installed, when CUDA availability is asked)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,11 @@ import numpy as np
 from clipdeploy import cpu_features, precisions
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError, unreadable
 from clipdeploy.artifact.external_data import check_locations
+from clipdeploy.artifact.manifest import Variant
+from clipdeploy.artifact.view import ArtifactView
+from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.base import IOSpec, Runner
+from clipdeploy.runtime.backends.registry import BackendSpec, BenchSettings, LoadSettings
 
 _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -153,3 +159,69 @@ class OrtRunner(Runner):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self._output_names, feed)
         return dict(zip(self._output_names, results, strict=True))
+
+
+# ---- registration -------------------------------------------------------------------------------------
+
+NAME = "onnxruntime"
+
+
+def options_from(settings: LoadSettings) -> OrtOptions:
+    """The session options ``load()``'s settings ask for (a bad value is refused here, before any file opens)."""
+    return OrtOptions(
+        providers=tuple(settings.providers or ("CPUExecutionProvider",)),
+        intra_op_num_threads=settings.intra_op_num_threads,
+        inter_op_num_threads=settings.inter_op_num_threads,
+        graph_optimization_level=settings.graph_optimization_level,
+    )
+
+
+def _bench_target(device: str) -> str:
+    return f"{NAME}-{device}"
+
+
+def _target(settings: LoadSettings) -> str:
+    return _bench_target("cpu" if registry.first_provider(settings) == "CPUExecutionProvider" else "cuda")
+
+
+def _open(view: ArtifactView, precision: str | None, settings: LoadSettings, verify: bool) -> registry.Opened:
+    options = options_from(settings)
+    preference = registry.get(NAME).preference(settings)
+
+    def make(path: Path, v: Variant) -> Runner:
+        return OrtRunner(path, options, int8=v.precision in INT8_QDQ)
+
+    return registry.open_onnx_files(view, precision, preference, verify, make)
+
+
+def available_providers() -> list[str]:
+    """ONNX Runtime's execution providers in this install."""
+    import onnxruntime  # only a CUDA check pays for the import, and only once ONNX Runtime is known installed
+
+    return list(onnxruntime.get_available_providers())
+
+
+def _unavailable(device: str) -> str | None:
+    if not registry.has_module("onnxruntime"):
+        return "ONNX Runtime is not installed; pip install 'clipdeploy[cpu]' or 'clipdeploy[gpu]'"
+    if device == "cuda" and "CUDAExecutionProvider" not in available_providers():
+        return "this ONNX Runtime has no CUDAExecutionProvider; pip install 'clipdeploy[gpu]' (instead of [cpu])"
+    return None
+
+
+def _bench_settings(bench: BenchSettings) -> Mapping[str, Any]:
+    # The benchmark gives every contender the same intra-op threads, and runs the device it measures.
+    return {
+        "intra_op_num_threads": bench.threads,
+        "inter_op_num_threads": 1,
+        "graph_optimization_level": bench.graph_optimization_level,
+        "providers": ["CUDAExecutionProvider"] if bench.device == "cuda" else ["CPUExecutionProvider"],
+    }
+
+
+# auto tries it last: it always opens (TensorRT and OpenVINO rank before it where they fit).
+SPEC = registry.register(BackendSpec(
+    NAME, "onnx", ("cpu", "cuda"), _open, _unavailable,
+    target=_target, auto=lambda view, precision, settings: None, auto_rank=100,
+    bench_target=_bench_target, bench_settings=_bench_settings, check=options_from,
+))

@@ -19,9 +19,12 @@ import numpy as np
 from clipdeploy import precisions
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, ClipDeployError, EngineError, InputError, UsageError
-from clipdeploy.artifact.manifest import Variant, variant_files, variants, verify_files
+from clipdeploy.artifact.manifest import Variant, variant_files, verify_files
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.runtime import cuda
+from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.base import IOSpec, Runner
+from clipdeploy.runtime.backends.registry import BackendSpec, LoadSettings, variants_in
 from clipdeploy.runtime.tensorrt_compat import base_version, engine_mismatch, get_logger, import_tensorrt
 
 log = logging.getLogger(__name__)
@@ -30,12 +33,12 @@ log = logging.getLogger(__name__)
 # ---- choosing an engine -------------------------------------------------------------------------
 
 
-def _engines(manifest: dict[str, Any], tower: str, precision: str | None) -> list[Variant]:
+def _engines(manifest: ArtifactView | dict[str, Any], tower: str, precision: str | None) -> list[Variant]:
     if precision is not None:
         precisions.get(precision)  # an unknown name: one line with a suggestion
     return [
         v
-        for v in variants(manifest)
+        for v in variants_in(manifest)
         if v.tower == tower and v.format == "tensorrt" and (precision is None or v.precision == precision)
     ]
 
@@ -57,7 +60,7 @@ def host_code_refusal(file: str) -> EngineError:
 
 
 def select_engine(
-    manifest: dict[str, Any],
+    manifest: ArtifactView | dict[str, Any],
     tower: str,
     precision: str | None,
     gpu: cuda.GpuInfo,
@@ -441,8 +444,7 @@ class TrtRunner(Runner):
 
 
 def load_runners(
-    root: Path,
-    manifest: dict[str, Any],
+    view: ArtifactView,
     precision: str | None,
     options: TrtOptions,
     preference: Sequence[str],
@@ -450,19 +452,19 @@ def load_runners(
     verify: bool = True,
 ) -> tuple[dict[str, Variant], dict[str, Runner]]:
     """The engine each tower runs, and its runner."""
-    for tower in manifest["towers"]:
-        if not _engines(manifest, tower, precision):
+    for tower in view.towers:
+        if not _engines(view, tower, precision):
             raise _no_engine(tower, precision)
     trt = import_tensorrt()
     gpu = cuda.gpu_info(options.device)
     chosen: dict[str, Variant] = {}
     runners: dict[str, Runner] = {}
-    for tower in manifest["towers"]:
+    for tower, facts in view.towers.items():
         variant = select_engine(
-            manifest, tower, precision, gpu, str(trt.__version__), preference, options.engine_host_code_allowed
+            view, tower, precision, gpu, str(trt.__version__), preference, options.engine_host_code_allowed
         )
         if verify:
-            verify_files(root, variant_files(variant))
+            verify_files(view.root, variant_files(variant))
         if (
             variant.extra.get("gpu")
             and variant.extra.get("gpu") != gpu.name
@@ -476,27 +478,67 @@ def load_runners(
                 gpu.name,
                 gpu.cc,
             )
-        axis_names = {t["name"]: t["shape"] for t in manifest["towers"][tower].get("inputs", [])}
+        axis_names = {t.name: t.shape for t in facts.inputs}
         runners[tower] = TrtRunner(
-            root / variant.file, options, axis_names=axis_names, host_code=bool(variant.extra.get("version_compatible"))
+            view.root / variant.file, options, axis_names=axis_names,
+            host_code=bool(variant.extra.get("version_compatible")),
         )
         chosen[tower] = variant
     return chosen, runners
 
 
 def unavailable_reason(
-    manifest: dict[str, Any], precision: str | None, options: TrtOptions, preference: Sequence[str]
+    view: ArtifactView, precision: str | None, options: TrtOptions, preference: Sequence[str]
 ) -> str | None:
     """Why ``backend="auto"`` cannot use TensorRT for this artifact here; None when it can."""
-    if not any(v.get("format") == "tensorrt" for v in manifest["variants"]):
+    if not view.variants_of(format="tensorrt"):
         return "the artifact has no TensorRT engines"
     try:
         trt = import_tensorrt()
         gpu = cuda.gpu_info(options.device)
-        for tower in manifest["towers"]:
+        for tower in view.towers:
             select_engine(
-                manifest, tower, precision, gpu, str(trt.__version__), preference, options.engine_host_code_allowed
+                view, tower, precision, gpu, str(trt.__version__), preference, options.engine_host_code_allowed
             )
     except ClipDeployError as e:
         return str(e)
     return None
+
+
+# ---- registration -------------------------------------------------------------------------------
+
+NAME = "tensorrt"
+
+
+def options_from(settings: LoadSettings) -> TrtOptions:
+    """The runtime options ``load()``'s settings ask for (a bad value is refused here, before any file opens)."""
+    return TrtOptions(
+        device=settings.device,
+        cuda_graphs=settings.cuda_graphs,
+        engine_host_code_allowed=settings.engine_host_code_allowed,
+    )
+
+
+def _open(view: ArtifactView, precision: str | None, settings: LoadSettings, verify: bool) -> registry.Opened:
+    preference = registry.get(NAME).preference(settings)
+    return load_runners(view, precision, options_from(settings), preference, verify=verify)
+
+
+def _auto(view: ArtifactView, precision: str | None, settings: LoadSettings) -> str | None:
+    return unavailable_reason(view, precision, options_from(settings), registry.get(NAME).preference(settings))
+
+
+def _unavailable(device: str) -> str | None:
+    if device != "cuda":
+        return "needs an NVIDIA GPU, and none was found (nvidia-smi); run the benchmark on a GPU machine"
+    if not registry.has_module("tensorrt"):
+        return "TensorRT is not installed; pip install 'clipdeploy[tensorrt]'"
+    return None
+
+
+# auto tries it first: when the artifact has engines that fit this GPU and TensorRT, nothing runs them faster.
+SPEC = registry.register(BackendSpec(
+    NAME, "tensorrt", ("cuda",), _open, _unavailable,
+    target=lambda settings: NAME, auto=_auto, auto_rank=0, bench_target=lambda device: NAME,
+    check=options_from,
+))

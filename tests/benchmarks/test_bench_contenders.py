@@ -121,3 +121,47 @@ def test_spec_round_trips():
     spec = ContenderSpec("onnxruntime", "int8", "cpu", ("image", "text"), "clipdeploy")
     assert ContenderSpec.from_dict(spec.to_dict()) == spec
     assert spec.label == "onnxruntime int8"
+
+
+@pytest.fixture
+def toy_ort(monkeypatch):
+    """A toy backend that runs ONNX files on ONNX Runtime under its own name, registered for one test."""
+    from clipdeploy.runtime.backends.onnxruntime import OrtOptions, OrtRunner
+
+    def open_runners(view, precision, settings, verify):
+        options = OrtOptions(intra_op_num_threads=settings.intra_op_num_threads)
+        return backends_mod.open_onnx_files(view, precision, ("fp32",), verify, lambda p, v: OrtRunner(p, options))
+
+    backends_mod.register(backends_mod.BackendSpec(
+        "toy-ort", "onnx", ("cpu",), open_runners, lambda device: None, target=lambda settings: "toy-ort",
+        runs={"fp32": 0}, targets=("toy-ort",), bench_settings=lambda bench: {"intra_op_num_threads": bench.threads},
+    ))
+    yield "toy-ort"
+    backends_mod.unregister("toy-ort")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "toy-ort"])
+def test_a_precision_some_towers_lack_opens_those_towers_on_any_backend(backend, toy_ort, micro_artifact, tmp_path):
+    """load() opens every tower; a contender for the towers that have the precision opens those alone, through
+    its backend's own registration (before: ONNX Runtime only, built by hand)."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    import numpy as np
+
+    from clipdeploy.artifact.manifest import read_manifest, write_manifest
+    from clipdeploy.benchmarks.contenders import OpenOptions, RuntimeContender
+
+    art = tmp_path / "art"
+    shutil.copytree(micro_artifact.path, art)
+    manifest = read_manifest(art)
+    for v in manifest["variants"]:
+        if v["tower"] == "text":
+            v["validation"]["passed"] = False  # the text fp32 variant did not pass: only image runs fp32
+    write_manifest(art, manifest)
+    spec = ContenderSpec(backend, "fp32", "cpu", ("image",), "clipdeploy")
+    contender = RuntimeContender(spec, ArtifactView.read(art), OpenOptions(threads=1))
+    assert contender.session.backend == backend and set(contender.session.runners) == {"image"}
+    assert contender.session.runners["image"].session.get_session_options().intra_op_num_threads == 1
+    pixels = np.zeros((2, 3, *ArtifactView.read(art).image_size), np.float32)
+    assert contender.encode("image", pixels).shape == (2, 64)

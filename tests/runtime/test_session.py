@@ -251,3 +251,21 @@ def test_variant_that_failed_its_gate_is_not_picked(micro_artifact, tmp_path):
         clipdeploy.load(root)
     with pytest.raises(ArtifactError, match="did not pass its accuracy gate"):
         clipdeploy.load(root, precision="fp32")
+
+
+def test_the_token_limit_is_the_views_context_length(micro_artifact, tmp_path):
+    """encode_tokens limits ids to ``view.context_length``: the text tower's, else the tokenizer's (before, a
+    tower without its own record had no limit here at all)."""
+    from clipdeploy.artifact.manifest import read_manifest, write_manifest
+
+    art = _copy(micro_artifact.path, tmp_path)
+    manifest = read_manifest(art)
+    del manifest["towers"]["text"]["context_length"]
+    manifest["tokenizer"]["context_length"] = 40  # what the view falls back to
+    write_manifest(art, manifest)
+    s = clipdeploy.load(art, backend="onnxruntime")
+    assert s.view.text_is_dynamic and s.view.context_length == 40
+    ids = np.zeros((1, 45), np.int64)
+    ids[0, 44] = 49407
+    with pytest.raises(InputError, match=r"position 45, past the context length 40"):
+        s.encode_tokens(ids)

@@ -196,6 +196,10 @@ def test_a_registered_backend_is_a_load_and_cli_choice(toys, micro_artifact):
     assert TOY_BACKEND in backends.choices()
     args = build_parser().parse_args(["embed", str(micro_artifact.path), "--backend", TOY_BACKEND, "--text", "x"])
     assert args.backend == TOY_BACKEND
+    from clipdeploy.benchmarks.command import config_from_args
+
+    bench = build_parser().parse_args(["bench", str(micro_artifact.path), "--backends", f"torch,{TOY_BACKEND}"])
+    assert config_from_args(bench).backends == ("torch", TOY_BACKEND)  # a --backends choice of the bench too
     backends.unregister(TOY_BACKEND)
     with pytest.raises(UsageError, match="backend 'toy' is not one of auto, onnxruntime, tensorrt, openvino$"):
         clipdeploy.load(micro_artifact.path, backend=TOY_BACKEND)

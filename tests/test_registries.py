@@ -87,7 +87,8 @@ def test_builtin_tables_come_from_the_registry():
     assert precisions.preference("onnxruntime-cpu") == ("int8", "fp32")
     assert precisions.preference("onnxruntime-cuda") == ("fp16", "fp32")
     assert precisions.preference("tensorrt") == ("int8-fp16", "fp16", "fp32")
-    assert precisions.preference("openvino-cpu") == ("int8", "bf16", "fp32")  # int8 only with VNNI (registry)
+    # int8 only with VNNI: the Runs entry in runtime/backends/openvino.py
+    assert precisions.preference("openvino-cpu") == ("int8", "bf16", "fp32")
     assert backends.choices() == ("auto", "onnxruntime", "tensorrt", "openvino")
     assert backends.auto_order() == ("tensorrt", "openvino", "onnxruntime")
     from clipdeploy.benchmarks.contenders import default_precisions

@@ -231,7 +231,8 @@ class ArtifactView:
         return self.tower(name).inputs
 
     def with_towers(self, names: Iterable[str]) -> ArtifactView:
-        """The same artifact with only ``names`` among its ``towers`` (to open some towers alone); ``raw`` is unchanged."""
+        """The same artifact with only ``names`` among its ``towers`` (to open some towers alone); ``raw`` and the
+        variants are unchanged."""
         keep = set(names)
         return replace(self, towers=MappingProxyType({t: f for t, f in self.towers.items() if t in keep}))
 

@@ -385,13 +385,14 @@ def batch_totals(metrics_text: str, model: str = SERVED_NAME) -> dict[str, tuple
 
 def peer_weights(manifest: dict[str, Any], checkpoint: Path | None, tmp: Path) -> list[str]:
     """serve_peer.py's arguments that give it the artifact's weights; one line when it cannot have them."""
+    from clipdeploy.artifact.view import ModelFacts
     from clipdeploy.benchmarks.torch_reference import check_reference_weights
 
     model = manifest["model"]
     if model.get("reduced_depth"):
         raise UsageError(f"the artifact was exported at reduced depth ({model['reduced_depth']}), which the "
                          "PyTorch peer cannot rebuild; leave torch-peer out of --contenders")  # fmt: skip
-    check_reference_weights(manifest, checkpoint)
+    check_reference_weights(ModelFacts.from_dict(model), checkpoint)
     args = ["--model", str(model["name"])]
     if model.get("model_config"):
         config = tmp / f"{model['name']}.json"

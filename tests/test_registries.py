@@ -15,6 +15,7 @@ from clipdeploy.artifact import schema as manifest_schema
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.artifact.manifest import read_manifest
 from clipdeploy.artifact.schema import SchemaError
+from clipdeploy.quantize.make import MadeVariant, MakeRequest
 from clipdeploy.runtime.backends import registry as backends
 
 TOY_PRECISION = "fp32-copy"
@@ -22,10 +23,10 @@ TOY_BACKEND = "toy"
 TOY_GATE = {"min_cosine": 0.99999, "min_mean_cosine": None, "min_top1": 0.99}
 
 
-def make_copy(stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str) -> dict:
-    """The toy precision's make step: the fp32 graph, unchanged."""
-    shutil.copyfile(src, out)
-    return {"copied_from": src.name}
+def make_copy(req: MakeRequest) -> MadeVariant:
+    """The toy precision's make step (a quantize.make.MakeStep): the fp32 graph, unchanged."""
+    shutil.copyfile(req.source, req.out)
+    return MadeVariant({"copied_from": req.source.name})
 
 
 def _opener(name: str):
@@ -116,7 +117,8 @@ def test_toy_precision_and_backend_flow_through_quantize_load_and_bench(toys, mi
     pytest.importorskip("onnx")
     from clipdeploy.benchmarks.bench import BenchConfig, run_bench
     from clipdeploy.benchmarks.harness import TimingConfig
-    from clipdeploy.quantize.stage import QuantizeConfig, quantize
+    from clipdeploy.quantize.config import QuantizeConfig
+    from clipdeploy.quantize.stage import quantize
 
     art = tmp_path / "art"
     shutil.copytree(micro_artifact.path, art)

@@ -10,7 +10,8 @@ from typing import Any
 from clipdeploy import precisions
 from clipdeploy.errors import AccuracyError
 from clipdeploy.options import add_dataclass_options, config_from_args
-from clipdeploy.quantize.stage import QuantizeConfig, quantize
+from clipdeploy.quantize.config import QuantizeConfig
+from clipdeploy.quantize.stage import quantize
 
 THREADS_HELP = "ONNX Runtime intra-op threads for calibration and the gate"
 

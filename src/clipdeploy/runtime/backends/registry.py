@@ -14,7 +14,7 @@ import difflib
 import importlib.util
 import platform
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from clipdeploy.runtime.backends.base import Runner
 
 __all__ = [
     "BackendSpec", "LoadSettings", "register", "unregister", "get", "names", "choices", "has_module",
-    "select_variant", "AUTO", "auto_order", "check_settings",
+    "select_variant", "AUTO", "auto_order", "check_settings", "open_file",
 ]
 
 AUTO = "auto"
@@ -74,6 +74,9 @@ class BackendSpec:
     # choosing one, so a bad option is refused whichever backend runs, not only when its backend does.
     check: Callable[[LoadSettings], object] | None = None
     options: tuple[str, ...] = ()  # the LoadSettings.extra keys (load's backend_options) it reads
+    # One ONNX file run as a variant of a precision, for a one-off check such as quantize's gate (no
+    # compiled-model cache): (path, precision, settings) -> runner. None: it cannot run a lone ONNX file.
+    open_file: Callable[[Path, str, LoadSettings], Runner] | None = None
 
     def precisions(self) -> tuple[str, ...]:
         return precisions.for_backend(self.name)
@@ -136,6 +139,16 @@ def check_settings(settings: LoadSettings) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
             raise UsageError(f"backend_options key {key!r} is not read by any backend ({hint})")
+
+
+def open_file(backend: str, path: Path, precision: str, settings: LoadSettings) -> Runner:
+    """A runner on the ONNX file ``path``, run by ``backend`` as it runs ``precision`` variants (the
+    precision's backend settings included), uncached: what quantize's gate judges is what serving runs."""
+    spec = get(backend)
+    if spec.open_file is None:
+        raise UsageError(f"backend {backend!r} cannot run a lone ONNX file; gate on one of "
+                         f"{', '.join(n for n, s in _REGISTRY.items() if s.open_file is not None)}")
+    return spec.open_file(path, precision, settings)
 
 
 def has_module(name: str) -> bool:
@@ -256,6 +269,13 @@ def _ort_open(
 
 
 
+def _ort_file(path: Path, precision: str, settings: LoadSettings) -> Runner:
+    # here, not at the top: a backend's module loads only when that backend is used
+    from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ, OrtRunner
+
+    return OrtRunner(path, _ort_options(settings), int8=precision in INT8_QDQ)
+
+
 def _ort_providers() -> list[str]:
     import onnxruntime  # only a CUDA check pays for the import, and only once ONNX Runtime is known installed
 
@@ -359,6 +379,13 @@ _OV_INT8_REFUSAL = (
 )
 
 
+def _ov_file(path: Path, precision: str, settings: LoadSettings) -> Runner:
+    # here, not at the top: a backend's module loads only when that backend is used
+    from clipdeploy.runtime.backends.openvino import OvRunner
+
+    return OvRunner(path, precision, "", replace(_ov_options(settings), cache_dir=""))  # uncached: no sum needed
+
+
 def _ov_unavailable(device: str) -> str | None:
     if device != "cpu":
         return "runs on CPU only; use onnxruntime or tensorrt on a GPU"
@@ -396,7 +423,7 @@ def _ov_auto(manifest: dict[str, Any], precision: str | None, settings: LoadSett
 register(BackendSpec(
     "onnxruntime", "onnx", ("cpu", "cuda"), _ort_open, _ort_unavailable,
     target=_ort_target, auto=lambda manifest, precision, settings: None, auto_rank=100,
-    bench_target=_ort_bench_target, check=_ort_options,
+    bench_target=_ort_bench_target, check=_ort_options, open_file=_ort_file,
 ))
 register(BackendSpec(
     "tensorrt", "tensorrt", ("cuda",), _trt_open, _trt_unavailable,
@@ -412,5 +439,5 @@ register(BackendSpec(
     target=lambda settings: "openvino-cpu", auto=_ov_auto, auto_rank=50,
     bench_target=lambda device: "openvino-cpu",
     runs={"int8": 0, "bf16": 1, "fp32": 2}, targets=("openvino-cpu",),
-    check=_ov_options, options=_OV_OPTIONS,
+    check=_ov_options, options=_OV_OPTIONS, open_file=_ov_file,
 ))

@@ -231,7 +231,7 @@ FP16 = register(PrecisionSpec(
     preference={"onnxruntime-cuda": 0, "tensorrt": 1},
     slow_on=("onnxruntime-cpu",),  # no fp16 kernels on CPU: emulated, slower than fp32
     needs=_GRAPH + _FP16_PASS,
-    summary="fp16 with LayerNorm and out-of-range nodes in fp32 (best on GPUs)",
+    summary="LayerNorm and out-of-range nodes in fp32, the rest in fp16 (best on GPUs)",
 )).name
 # The per-sample floor catches the image a good mean hides (mean 0.996 with one sample at 0.76).
 INT8 = register(PrecisionSpec(

@@ -22,6 +22,7 @@ from clipdeploy.calibration import dataset, sources
 from clipdeploy.deps import require
 from clipdeploy.errors import AccuracyError, ArtifactError, CalibrationError, UsageError
 from clipdeploy.artifact.manifest import Variant, file_sha256, read_manifest, updating_manifest, variants
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.quantize import gate, graph, int8, recovery
 from clipdeploy.quantize.config import QuantizeConfig
 from clipdeploy.quantize.gate import Reference
@@ -51,7 +52,8 @@ class QuantizeRun:
         self.keep_by_tower: dict[str, list[str]] = {}  # --keep-node names found in each tower's graph
         self.root = Path(cfg.artifact)
         self.manifest = read_manifest(self.root)
-        existing = [v for v in variants(self.manifest) if v.precision == cfg.precision and v.format == "onnx"]
+        self.view = ArtifactView.of(self.root, self.manifest)
+        existing = [v for v in self.view.variants if v.precision == cfg.precision and v.format == "onnx"]
         if existing and not cfg.force:
             raise UsageError(
                 f"{self.root} already has a {cfg.precision} variant ({existing[0].file}); pass --force to replace it"
@@ -92,31 +94,30 @@ class QuantizeRun:
         # The gate runs text as the runtime does: a dynamic-length tower gets ids padded only to the
         # longest text, which gives the same embeddings (proven at export) at a fraction of the cost
         # (1000 ImageNet prompts need about 20 of the 77 positions).
-        padding = "longest" if self.manifest["towers"]["text"].get("padding") == "longest" else "max_length"
+        text = self.view.tower("text")
+        padding = "longest" if text.dynamic_length else "max_length"
         self.prompt_ids = self.session.tokenize(prompts, padding=padding)
         self.prompt_source = str(cfg.gate_prompts) if cfg.gate_prompts else "imagenet-1k 'a photo of a {}.'"
         self.sets = {"image": self.images, "text": self.texts}
         self.held_out = {t: self.sets[t].held_out for t in self.towers}
         if padding == "longest":
-            text = self.manifest["towers"]["text"]
-            self.held_out["text"] = trim_to_pooled(self.texts.held_out, text["pooling"], text.get("eos_token_id"))
+            self.held_out["text"] = trim_to_pooled(self.texts.held_out, text.pooling, text.eos_token_id)
         runners = self.session.runners
         self.reference = Reference(
             image=gate.run(runners["image"], self.held_out["image"]),
             text=gate.run(runners["text"], self.held_out["text"]),
             prompts=gate.run(runners["text"], self.prompt_ids),
         )
-        self.enforce_top1 = self.manifest["model"].get("random_init_seed") is None
+        self.enforce_top1 = self.view.model.random_init_seed is None
 
     # ---- building ----------------------------------------------------------------------------
 
-    def request(self, tower: str, work: Path, exclude: list[str] | tuple[str, ...] = (), suffix: str = "",
-                out: Path | None = None) -> MakeRequest:
+    def request(self, tower: str, work: Path, exclude: list[str] | tuple[str, ...] = (), suffix: str = "") -> MakeRequest:
         """What the make step gets for ``tower`` (calibration data only: the held-out set stays unseen)."""
         source = self.sources[tower]
         return MakeRequest(
             tower=tower, source=self.root / source.file, source_sha256=source.sha256,
-            out=out or work / f"{tower}.{self.cfg.precision}{suffix}.onnx", work=work, artifact=self.root,
+            out=work / f"{tower}.{self.cfg.precision}{suffix}.onnx", work=work, artifact=self.root,
             cfg=self.cfg, calibration=self.sets[tower].calibration,
             input_name=self.session.runners[tower].inputs[0].name, fingerprint=self.sets[tower].fingerprint,
             exclude=tuple(exclude), suffix=suffix,
@@ -365,6 +366,7 @@ class QuantizeRun:
         """The manifest entry of a variant that runs another precision's file (``runs_file_of``): that
         file, its sums, sizes and layout, the CPU features either needs, and its own gate."""
         spec = self.spec
+        # The raw entry, under the manifest's lock: its keys are copied as they stand (write side, not a read).
         runs = next(v for v in manifest["variants"]
                     if v["tower"] == tower and v["format"] == "onnx" and v["precision"] == spec.runs_file_of)
         keep = ("file", "sha256", "bytes", "external_data", "opset", "weights")

@@ -68,3 +68,14 @@ def test_precision_help_is_the_registry_s_and_follows_it():
     finally:
         precisions.unregister("toy-int4")
     assert "toy-int4" not in _precision_help()
+
+
+def test_the_gate_opens_its_runner_through_the_backend_registry(micro_artifact):
+    from clipdeploy.errors import UsageError
+    from clipdeploy.runtime.backends import registry
+
+    settings = registry.LoadSettings(intra_op_num_threads=1)
+    runner = registry.open_file("onnxruntime", micro_artifact.path / "image.fp32.onnx", "fp32", settings)
+    assert runner.describe() == "onnxruntime (CPUExecutionProvider)" and runner.inputs[0].name
+    with pytest.raises(UsageError, match="backend 'tensorrt' cannot run a lone ONNX file; gate on one of onnxruntime"):
+        registry.open_file("tensorrt", micro_artifact.path / "image.fp32.onnx", "fp32", settings)

@@ -18,7 +18,7 @@ from clipdeploy.engines.config import BuildConfig
 from clipdeploy.errors import UsageError
 from clipdeploy.export.exporter import ExportConfig
 from clipdeploy.options import add_dataclass_options, config_from_args, integer, opt, parse_device
-from clipdeploy.quantize.stage import QuantizeConfig
+from clipdeploy.quantize.config import QuantizeConfig
 from clipdeploy.triton.repository import TritonConfig
 
 

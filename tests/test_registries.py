@@ -1,5 +1,7 @@
 """The precision and backend registries: a toy precision and a toy backend, registered here and nowhere
-else, flow through `quantize` (make step and gate), `load`, the manifest schema and the bench."""
+else, flow through `quantize` (make step and gate), `load`, the manifest schema and the bench; and a toy
+precision that runs the int8 file on OpenVINO with a setting of its own (the shape an "int8 with bf16
+elsewhere" variant would take) reaches quantize's gate, `load`, the bench, and Triton's exclusion."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from clipdeploy.artifact import schema as manifest_schema
 from clipdeploy.errors import ArtifactError, UsageError
 from clipdeploy.artifact.manifest import read_manifest
 from clipdeploy.artifact.schema import SchemaError
+from clipdeploy.quantize.make import MadeVariant, MakeRequest
 from clipdeploy.runtime.backends import registry as backends
 
 TOY_PRECISION = "fp32-copy"
@@ -22,10 +25,10 @@ TOY_BACKEND = "toy"
 TOY_GATE = {"min_cosine": 0.99999, "min_mean_cosine": None, "min_top1": 0.99}
 
 
-def make_copy(stage, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str) -> dict:
-    """The toy precision's make step: the fp32 graph, unchanged."""
-    shutil.copyfile(src, out)
-    return {"copied_from": src.name}
+def make_copy(req: MakeRequest) -> MadeVariant:
+    """The toy precision's make step (a quantize.make.MakeStep): the fp32 graph, unchanged."""
+    shutil.copyfile(req.source, req.out)
+    return MadeVariant({"copied_from": req.source.name})
 
 
 def _opener(name: str):
@@ -128,7 +131,8 @@ def test_toy_precision_and_backend_flow_through_quantize_load_and_bench(toys, mi
     pytest.importorskip("onnx")
     from clipdeploy.benchmarks.bench import BenchConfig, run_bench
     from clipdeploy.benchmarks.harness import TimingConfig
-    from clipdeploy.quantize.stage import QuantizeConfig, quantize
+    from clipdeploy.quantize.config import QuantizeConfig
+    from clipdeploy.quantize.stage import quantize
 
     art = tmp_path / "art"
     shutil.copytree(micro_artifact.path, art)
@@ -204,3 +208,134 @@ def test_a_registered_backend_is_a_load_and_cli_choice(toys, micro_artifact):
     backends.unregister(TOY_BACKEND)
     with pytest.raises(UsageError, match="backend 'toy' is not one of auto, onnxruntime, tensorrt, openvino$"):
         clipdeploy.load(micro_artifact.path, backend=TOY_BACKEND)
+
+
+# ---- a precision that runs another precision's file with a backend setting ------------------------------
+
+TOY_REUSE = "int8-ov-accuracy"
+# A setting every CPU honours (an int8-with-bf16 variant would say INFERENCE_PRECISION_HINT=bf16, which
+# only a CPU with native bf16 runs): the same int8 file, compiled by OpenVINO under a setting of its own.
+TOY_REUSE_SETTINGS = {"INFERENCE_PRECISION_HINT": "f32", "EXECUTION_MODE_HINT": "ACCURACY"}
+# Loose on purpose: the micro ViT's weights are random (its top-1 has no retrieval structure), and OpenVINO's
+# int8 without VNNI loses some accuracy; what is tested is where the variant runs, not how well.
+LOOSE_GATE = {"min_cosine": 0.9, "min_mean_cosine": None, "min_top1": 0.5}
+
+
+@pytest.fixture
+def toy_reuse():
+    """Register the toy precision for one test, and take it away after it."""
+    precisions.register(precisions.PrecisionSpec(
+        TOY_REUSE, "clipdeploy.quantize.make:runs_file", gate=LOOSE_GATE,
+        backends=("openvino",), runs_file_of=precisions.INT8,
+        backend_settings={"openvino": TOY_REUSE_SETTINGS}, gate_backend="openvino",
+        needs=(("openvino", "openvino"),), summary="the int8 file on OpenVINO in its accuracy mode (a test toy)",
+    ))
+    yield
+    precisions.unregister(TOY_REUSE)
+
+
+def _execution_mode(runner) -> str:
+    return str(runner.compiled.get_property("EXECUTION_MODE_HINT")).rsplit(".", 1)[-1]
+
+
+def test_a_precision_that_runs_the_int8_file_inherits_the_files_cpu_rule(toy_reuse, monkeypatch, tmp_path):
+    """OpenVINO runs int8 files only with VNNI: a precision that runs the int8 file is held to the same rule."""
+    from tests.support.cpus import use_cpu
+
+    settings = backends.LoadSettings()
+    use_cpu(monkeypatch, tmp_path, "avx2")
+    assert "VNNI" in (backends.get("openvino").refusal(TOY_REUSE, settings) or "")
+    assert TOY_REUSE not in backends.get("openvino").preference(settings)
+    use_cpu(monkeypatch, tmp_path, "amx")
+    assert backends.get("openvino").refusal(TOY_REUSE, settings) is None
+
+
+def test_a_precision_that_runs_the_int8_file_with_an_openvino_setting(toy_reuse, micro_artifact, tmp_path,
+                                                                      monkeypatch, capsys):
+    pytest.importorskip("onnx")
+    from tests.support.cpus import use_cpu
+
+    use_cpu(monkeypatch, tmp_path, "avx512-vnni")  # OpenVINO runs int8 files only with VNNI (tested above)
+    pytest.importorskip("openvino", reason="the toy precision runs on OpenVINO: pip install 'clipdeploy[openvino]'")
+    from clipdeploy.artifact.view import ArtifactView
+    from clipdeploy.benchmarks.bench import BenchConfig, run_bench
+    from clipdeploy.benchmarks.harness import TimingConfig
+    from clipdeploy.cli import build_parser, main
+    from clipdeploy.engines.builder import sources
+    from clipdeploy.engines.config import BuildConfig
+    from clipdeploy.quantize.config import QuantizeConfig
+    from clipdeploy.quantize.stage import quantize
+    from clipdeploy.triton.config import TritonConfig
+    from clipdeploy.triton.plan import collect
+
+    art = tmp_path / "art"
+    shutil.copytree(micro_artifact.path, art)
+    images = _images(tmp_path / "images")
+    assert TOY_REUSE in build_parser().format_help()  # --precision's help and choices come from the registry
+
+    # Its file is the int8 variant's: quantize refuses in one line, before reading data, until there is one.
+    code = main(["quantize", str(art), "--precision", TOY_REUSE, "--calib-images", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no int8 onnx variant" in err, err
+    assert "clipdeploy quantize --precision int8" in err and "Traceback" not in err
+    quantize(QuantizeConfig(art, precision="int8", calib_images=[images], samples=32, holdout=32, min_samples=8,
+                            threads=1, min_top1=0.5, recover=False))
+
+    # The gate: the int8 file, opened through the backend registry on OpenVINO with the toy's setting.
+    opened = []
+    real_open_file = backends.open_file
+
+    def spy(backend, path, precision, settings):
+        runner = real_open_file(backend, path, precision, settings)
+        opened.append((backend, path.name, precision, _execution_mode(runner)))
+        return runner
+
+    monkeypatch.setattr(backends, "open_file", spy)
+    cfg = QuantizeConfig(art, precision=TOY_REUSE, calib_images=[images], samples=32, holdout=32, min_samples=8,
+                         threads=1)
+    assert cfg.thresholds().to_dict() == LOOSE_GATE
+    report = quantize(cfg)
+    assert report["passed"] and report["variant_backend"] == "openvino"
+    assert sorted(opened) == [("openvino", f"{t}.int8.onnx", TOY_REUSE, "ACCURACY") for t in ("image", "text")]
+    assert report["build"]["image"] == {"runs": "image.int8.onnx", "openvino_inference_precision_hint": "f32",
+                                        "openvino_execution_mode_hint": "ACCURACY"}
+    manifest = read_manifest(art)
+    int8 = {v["tower"]: v for v in manifest["variants"] if v["precision"] == "int8"}
+    toy = {v["tower"]: v for v in manifest["variants"] if v["precision"] == TOY_REUSE}
+    assert set(toy) == {"image", "text"}
+    for tower, v in toy.items():  # no file of its own: the int8 file, sum and layout, with its own gate
+        assert (v["file"], v["sha256"], v["source"]) == (int8[tower]["file"], int8[tower]["sha256"], int8[tower]["file"])
+        assert v["weights"] == int8[tower]["weights"] and v["validation"]["passed"]
+    assert not list(art.glob(f"*{TOY_REUSE}*"))
+
+    # load: OpenVINO opens the int8 file with the toy's setting; a backend without it is refused.
+    session = clipdeploy.load(art, backend="openvino", precision=TOY_REUSE,
+                              backend_options={"openvino_cache_dir": ""})
+    assert session.precision == {"image": TOY_REUSE, "text": TOY_REUSE}
+    assert {t: (r.path.name, _execution_mode(r)) for t, r in session.runners.items()} == {
+        t: (f"{t}.int8.onnx", "ACCURACY") for t in ("image", "text")}
+    with pytest.raises(UsageError, match=f"precision '{TOY_REUSE}' runs on openvino only, not on onnxruntime"):
+        clipdeploy.load(art, backend="onnxruntime", precision=TOY_REUSE)
+
+    # bench: OpenVINO measures the toy precision when asked for it.
+    bench = run_bench(BenchConfig(
+        artifact=art, backends=("openvino",), precisions=(TOY_REUSE,), batches=(2,), towers=("image",),
+        timing=TimingConfig(iters=2, warmup=1), threads=1, isolate=False, progress=False, device="cpu",
+    ))
+    assert [(r["backend"], r["precision"]) for r in bench["records"]] == [("openvino", TOY_REUSE)]
+
+    # TensorRT builds no engine of it, and Triton (ONNX Runtime) leaves it out, saying why.
+    with pytest.raises(UsageError, match=f"{TOY_REUSE} runs on openvino only, not TensorRT"):
+        sources(ArtifactView.read(art), BuildConfig(artifact=art, precision=TOY_REUSE))
+    notes: set[str] = set()
+    (plan,) = collect(TritonConfig(artifacts=[art], output=tmp_path / "repo", precisions=(TOY_REUSE, "fp32")),
+                      [], notes)
+    assert {v.precision for v in plan.onnx} == {"fp32"}
+    assert f"{TOY_REUSE} ONNX variants are left out: they run on openvino only, not ONNX Runtime" in notes, notes
+
+
+def test_runs_file_of_must_name_another_registered_precision():
+    for bad in ("int9", "self-copy"):
+        with pytest.raises(UsageError, match=f"runs_file_of='{bad}' must name another registered precision"):
+            precisions.register(precisions.PrecisionSpec("self-copy", "x:y", runs_file_of=bad))
+    assert "self-copy" not in precisions.names()

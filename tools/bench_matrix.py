@@ -48,7 +48,7 @@ from clipdeploy.artifact.manifest import atomic_write_text
 from clipdeploy.options import config_from_args
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan, PipelineConfig
 from clipdeploy.pipeline.runner import RunOptions, run_pipeline
-from clipdeploy.quantize.stage import QuantizeConfig
+from clipdeploy.quantize.config import QuantizeConfig
 from clipdeploy.precisions import REFERENCE
 
 DEFAULT_MODELS = ("ViT-B-32", "ViT-B-16", "RN50", "convnext_base", "ViT-L-14")

@@ -74,7 +74,8 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from clipdeploy.quantize import gate
-from clipdeploy.quantize.stage import QuantizeConfig, quantize
+from clipdeploy.quantize.config import QuantizeConfig
+from clipdeploy.quantize.stage import quantize
 from clipdeploy.validation import cosine_rows, compare as _compare
 seen = []
 def compare(out, ref):
@@ -107,7 +108,8 @@ def before(base_src: Path, artifact: Path, images: Path, kw: dict) -> dict:
 
 def after(artifact: Path, images: Path, kw: dict) -> dict:
     from clipdeploy.errors import AccuracyError
-    from clipdeploy.quantize.stage import QuantizeConfig, quantize
+    from clipdeploy.quantize.config import QuantizeConfig
+    from clipdeploy.quantize.stage import quantize
 
     cfg = QuantizeConfig(artifact=artifact, precision="int8", calib_images=[images], threads=2, force=True,
                          **{k: (Path(v) if v else v) for k, v in kw.items()})

@@ -25,7 +25,7 @@ _META = "cli"
 
 
 def opt(
-    help: str,
+    help: str | Callable[[], str],
     *,
     flag: str | None = None,
     short: str | None = None,
@@ -44,7 +44,8 @@ def opt(
     flag that turns it off (``--no-recover``); parse: turns the given text into the field's value,
     raising a one-line UsageError (so a bad value is reported like every other input error);
     show: how the default is written in the help; default_text: the help's default when it is not
-    a plain value (e.g. "the precision's").
+    a plain value (e.g. "the precision's"). ``help`` may be a function (text from a registry), read,
+    as ``choices`` is, when the parser is built.
     """
     meta = {k: v for k, v in locals().items() if v is not None}
     return {_META: meta}
@@ -108,7 +109,8 @@ def add_dataclass_options(
         flags = [meta.get("flag") or "--" + name.replace("_", "-")]
         if "short" in meta:
             flags.insert(0, meta["short"])
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": meta["help"] + _default_help(f, meta, base)}
+        text = meta["help"]() if callable(meta["help"]) else meta["help"]
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text + _default_help(f, meta, base)}
         if _default(f) is dataclasses.MISSING and base is None:
             kwargs["required"] = True
         kind = _base_type(hints[name])

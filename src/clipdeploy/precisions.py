@@ -2,8 +2,9 @@
 
 A precision is one ``PrecisionSpec`` registered here; every other module asks this registry (its
 name, how its variant is made, its accuracy-gate defaults, its engine-validation tolerance, which
-backends run it and where it ranks when a backend picks for itself). Adding a precision is one
-``register(PrecisionSpec(...))`` call plus its make step; no other table needs an edit.
+backends run it and with which settings, where it ranks when a backend picks for itself, and which
+file its variant runs). Adding a precision is one ``register(PrecisionSpec(...))`` call plus its make
+step (a ``clipdeploy.quantize.make.MakeStep``); no other table needs an edit.
 
 Light on purpose (stdlib only): the manifest schema and the runtime import it. A make step is named
 by an entry point (``"module:function"``) and imported only when a variant is made.
@@ -34,7 +35,7 @@ class PrecisionSpec:
     """One precision and what each stage needs to know about it."""
 
     name: str
-    make: str  # EXPORT, or "module:function" that builds one tower's variant (see quantize/stage.py)
+    make: str  # EXPORT, or "module:function", a quantize.make.MakeStep that makes one tower's variant
     gate: Mapping[str, float | None] = field(default_factory=dict)  # GateThresholds defaults; {} for the reference
     engine_tolerance: Mapping[str, float | None] = field(default_factory=dict)  # EngineTolerance vs the ONNX variant
     backends: tuple[str, ...] = ("onnxruntime", "tensorrt")  # backends that run its variants
@@ -46,14 +47,20 @@ class PrecisionSpec:
     min_compute_capability: tuple[int, int] | None = None  # CUDA GPUs older than this cannot run its engines
     # CPU flags (/proc/cpuinfo names) of which it needs at least one; recorded on its variants as requires_cpu.
     cpu_features: tuple[str, ...] = ()
-    # Its variant is the reference file run with a backend setting (no file of its own): only its
-    # ``backends`` may open it, since any other would run the reference file and call it this precision.
-    reuses_reference: bool = False
+    # None: its variant is a file of its own. A precision's name: its variant runs that precision's file
+    # with a backend setting (``backend_settings``), as bf16 runs the fp32 file; then only its ``backends``
+    # may open it, since any other would run that file and call it this precision.
+    runs_file_of: str | None = None
+    # backend -> the settings that backend applies when it runs this precision's variants, e.g.
+    # {"openvino": {"INFERENCE_PRECISION_HINT": "bf16"}}; a backend that needs a setting per precision
+    # (OpenVINO) runs only the precisions that give it one.
+    backend_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     gate_backend: str = "onnxruntime"  # the backend its accuracy gate runs the variant on
     instead: str = ""  # what to use where it cannot run, for the one-line refusal
     # (module, extra) its make step and its gate import: `quantize` imports each before it reads any data,
     # so a missing package is one line at once, not after minutes of calibration.
     needs: tuple[tuple[str, str], ...] = ()
+    summary: str = ""  # one line for `clipdeploy quantize --precision`'s help
 
     def make_step(self) -> Callable[..., Any]:
         """The function that builds this precision's variant, imported now (it may pull in onnx)."""
@@ -72,6 +79,9 @@ def register(spec: PrecisionSpec, *, replace: bool = False) -> PrecisionSpec:
         raise UsageError(f"precision {spec.name!r} is already registered; pass replace=True to redefine it")
     if ":" not in spec.make and spec.make != EXPORT:
         raise UsageError(f"precision {spec.name!r}: make={spec.make!r} must be 'module:function' or {EXPORT!r}")
+    if spec.runs_file_of is not None and (spec.runs_file_of == spec.name or spec.runs_file_of not in _REGISTRY):
+        raise UsageError(f"precision {spec.name!r}: runs_file_of={spec.runs_file_of!r} must name another registered "
+                         f"precision ({', '.join(_REGISTRY)}); register that one first")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -142,6 +152,11 @@ def quantized() -> tuple[str, ...]:
     return tuple(n for n, s in _REGISTRY.items() if s.make != EXPORT)
 
 
+def quantized_help() -> str:
+    """`--precision`'s help: each quantized precision with its summary ("int8: Q/DQ with fp32 elsewhere ...")."""
+    return "; ".join(f"{n}: {_REGISTRY[n].summary}" if _REGISTRY[n].summary else n for n in quantized())
+
+
 def for_backend(backend: str) -> tuple[str, ...]:
     """The precisions ``backend`` runs."""
     return tuple(n for n, s in _REGISTRY.items() if backend in s.backends)
@@ -192,8 +207,12 @@ def view(value: Callable[[PrecisionSpec], V], which: Callable[[], tuple[str, ...
 
 # ---- the built-in precisions ------------------------------------------------------------------------------
 
-_STAGE = "clipdeploy.quantize.stage"
+_MAKE = "clipdeploy.quantize"  # each built-in make step is `make` in its precision's module there
 _INT8_GATE = {"min_cosine": 0.95, "min_mean_cosine": 0.99, "min_top1": 0.95}
+# OpenVINO's INFERENCE_PRECISION_HINT for each precision it runs. Set explicitly: on CPUs with AVX512_BF16 or
+# AMX, OpenVINO's default runs fp32 (and the float parts of int8) files in bf16, which would make the
+# fp32/int8 accuracy gates untrue there. int8 Q/DQ still runs its int8 kernels under f32.
+_OPENVINO_F32 = {"openvino": {"INFERENCE_PRECISION_HINT": "f32"}}
 # What the graph-editing make steps import (quantize/graph.py, fp16.py, int8.py).
 _GRAPH = (("onnx", "export"), ("onnx_ir", "export"))
 _FP16_PASS = (("onnxruntime.transformers.float16", "cpu"),)
@@ -203,55 +222,63 @@ FP32 = REFERENCE = register(PrecisionSpec(
     "fp32", EXPORT,
     engine_tolerance={"min_cosine": 0.9999, "max_abs_rel": 1e-2},
     preference={"onnxruntime-cpu": 1, "onnxruntime-cuda": 1, "tensorrt": 2},
+    backend_settings=_OPENVINO_F32,
 )).name
 FP16 = register(PrecisionSpec(
-    "fp16", f"{_STAGE}:make_fp16",
+    "fp16", f"{_MAKE}.fp16:make",
     gate={"min_cosine": 0.999},
     engine_tolerance={"min_cosine": 0.999, "max_abs_rel": 5e-2},
     preference={"onnxruntime-cuda": 0, "tensorrt": 1},
     slow_on=("onnxruntime-cpu",),  # no fp16 kernels on CPU: emulated, slower than fp32
     needs=_GRAPH + _FP16_PASS,
+    summary="LayerNorm and out-of-range nodes in fp32, the rest in fp16 (best on GPUs)",
 )).name
 # The per-sample floor catches the image a good mean hides (mean 0.996 with one sample at 0.76).
 INT8 = register(PrecisionSpec(
-    "int8", f"{_STAGE}:make_int8",
+    "int8", f"{_MAKE}.int8:make",
     gate=_INT8_GATE,
     engine_tolerance={"min_cosine": 0.99, "max_abs_rel": None},
     preference={"onnxruntime-cpu": 0},
     calibrated=True,
     needs=_GRAPH + _CALIBRATE,
+    backend_settings=_OPENVINO_F32,
+    summary="Q/DQ with fp32 elsewhere (best on ONNX Runtime CPU)",
 )).name
 INT8_FP16 = register(PrecisionSpec(
-    "int8-fp16", f"{_STAGE}:make_int8_fp16",
+    "int8-fp16", f"{_MAKE}.int8:make_int8_fp16",
     gate=_INT8_GATE,
     engine_tolerance={"min_cosine": 0.99, "max_abs_rel": None},
     preference={"tensorrt": 0},
     slow_on=("onnxruntime-cpu",),
     calibrated=True,
     needs=_GRAPH + _CALIBRATE + _FP16_PASS,
+    summary="Q/DQ with fp16 elsewhere (best on TensorRT)",
 )).name
 # FLOAT8E4M3FN Q/DQ, fp16 elsewhere: TensorRT on compute capability 8.9+ (Ada, Hopper, Blackwell) only;
 # ONNX Runtime's CPU provider runs it emulated, which is what the gate measures.
 FP8 = register(PrecisionSpec(
-    "fp8", "clipdeploy.quantize.fp8:make_fp8",
+    "fp8", f"{_MAKE}.fp8:make",
     gate={"min_cosine": 0.97, "min_mean_cosine": 0.995, "min_top1": 0.97},
     engine_tolerance={"min_cosine": 0.99, "max_abs_rel": None},
     slow_on=("onnxruntime-cpu",),
     calibrated=True,
     min_compute_capability=(8, 9),
     needs=_GRAPH + _CALIBRATE + _FP16_PASS + (("ml_dtypes", "export"),),
+    summary="FLOAT8E4M3FN Q/DQ with fp16 elsewhere (TensorRT on compute capability 8.9+)",
 )).name
 # OpenVINO running the fp32 file with INFERENCE_PRECISION_HINT=bf16 (its default on such CPUs): no file of
 # its own, gated like fp16 against fp32 on held-out data, and only on a CPU that computes bf16 natively
 # (elsewhere OpenVINO would emulate it, slower than fp32). The openvino backend ranks it (registry.py).
 BF16 = register(PrecisionSpec(
-    "bf16", f"{_STAGE}:make_bf16",
+    "bf16", f"{_MAKE}.bf16:make",
     gate={"min_cosine": 0.999},
     engine_tolerance={"min_cosine": 0.999, "max_abs_rel": 5e-2},
     backends=(),
     cpu_features=cpu_features.BF16_FLAGS,
-    reuses_reference=True,
+    runs_file_of=REFERENCE,
+    backend_settings={"openvino": {"INFERENCE_PRECISION_HINT": "bf16"}},
     gate_backend="openvino",
     instead="precision='fp32', or int8 (clipdeploy quantize --precision int8)",
     needs=(("openvino", "openvino"),),  # its gate runs OpenVINO
+    summary="OpenVINO runs the fp32 file in bf16 (CPUs with AVX512_BF16 or AMX only)",
 )).name

@@ -13,7 +13,7 @@ from clipdeploy.engines.config import BuildConfig
 from clipdeploy.export.exporter import ExportConfig
 from clipdeploy.pipeline.config import load_config
 from clipdeploy.pipeline.schema import ConfigError
-from clipdeploy.quantize.stage import QuantizeConfig
+from clipdeploy.quantize.config import QuantizeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ def test_changed_names_each_input_and_tool():
 
 
 def test_paths_count_by_content(tmp_path):
-    from clipdeploy.quantize.stage import QuantizeConfig
+    from clipdeploy.quantize.config import QuantizeConfig
 
     captions = tmp_path / "captions.txt"
     captions.write_text("a cat\n")

@@ -33,7 +33,8 @@ def no_bf16(monkeypatch):
 def test_bf16_is_registered_for_openvino_with_the_cpu_it_needs():
     spec = precisions.get("bf16")
     assert "bf16" in precisions.quantized() and spec.backends == ("openvino",)
-    assert spec.gate == {"min_cosine": 0.999} and spec.gate_backend == "openvino" and spec.reuses_reference
+    assert spec.gate == {"min_cosine": 0.999} and spec.gate_backend == "openvino"
+    assert spec.runs_file_of == "fp32" and spec.backend_settings == {"openvino": {"INFERENCE_PRECISION_HINT": "bf16"}}
     assert set(spec.cpu_features) == {"avx512_bf16", "amx_bf16"}
     assert precisions.preference("openvino-cpu") == ("int8", "bf16", "fp32")
     assert "bf16" not in precisions.preference("onnxruntime-cpu")
@@ -97,7 +98,8 @@ def test_openvino_picks_fp32_over_a_bf16_variant_it_cannot_run(micro_artifact, t
                     "refused here (tested above), so its gate can only run on a CPU that has one")
 def test_bf16_passes_its_gate_on_photos(micro_artifact, tmp_path):
     pytest.importorskip("openvino", reason="the bf16 gate runs on OpenVINO: pip install 'clipdeploy[openvino]'")
-    from clipdeploy.quantize.stage import QuantizeConfig, quantize
+    from clipdeploy.quantize.config import QuantizeConfig
+    from clipdeploy.quantize.stage import quantize
     from tests.support.photos import write_crops
 
     art = tmp_path / "art"

@@ -21,7 +21,8 @@ Image = pytest.importorskip("PIL.Image")
 import clipdeploy  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.artifact.manifest import read_manifest  # noqa: E402
-from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
+from clipdeploy.quantize.config import QuantizeConfig  # noqa: E402
+from clipdeploy.quantize.stage import quantize  # noqa: E402
 
 from tests.support.models import MODELS  # noqa: E402
 from tests.support.photos import write_crops  # noqa: E402

@@ -17,7 +17,8 @@ import clipdeploy  # noqa: E402
 from clipdeploy import precisions  # noqa: E402
 from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.artifact.manifest import read_manifest  # noqa: E402
-from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
+from clipdeploy.quantize.config import QuantizeConfig  # noqa: E402
+from clipdeploy.quantize.stage import quantize  # noqa: E402
 from clipdeploy.validation import cosine_rows  # noqa: E402
 
 from tests.quantize.test_cnn_towers import crops  # noqa: E402, F401  (a module fixture)

@@ -13,7 +13,7 @@ import pytest
 from clipdeploy.calibration import dataset
 from clipdeploy.errors import UsageError
 from clipdeploy.quantize import gate
-from clipdeploy.quantize.stage import QuantizeConfig
+from clipdeploy.quantize.config import QuantizeConfig
 
 
 def _cfg(**kw) -> QuantizeConfig:

@@ -14,7 +14,8 @@ from clipdeploy.cli import main  # noqa: E402
 from clipdeploy.errors import UsageError  # noqa: E402
 from clipdeploy.artifact.manifest import read_manifest  # noqa: E402
 from clipdeploy.quantize import int8  # noqa: E402
-from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
+from clipdeploy.quantize.config import QuantizeConfig  # noqa: E402
+from clipdeploy.quantize.stage import quantize  # noqa: E402
 
 from tests.support import synthetic  # noqa: E402
 

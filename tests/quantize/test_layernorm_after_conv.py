@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from clipdeploy.quantize import graph, int8  # noqa: E402
+from clipdeploy.quantize.config import METHODS  # noqa: E402
 from clipdeploy.validation import cosine_rows  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def _producers(model):
     return {o: n for n in model.graph.node for o in n.output}
 
 
-@pytest.mark.parametrize("method", int8.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_layernorm_after_conv_gets_input_qdq_scaled_by_the_conv_range(tmp_path, method):
     src, dst, model, done = _quantized(tmp_path, method=method)
     assert done == ["ln_conv"]

@@ -21,7 +21,8 @@ from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
 from clipdeploy.artifact.manifest import read_manifest  # noqa: E402
 from clipdeploy.quantize import fp16 as fp16_pass  # noqa: E402
 from clipdeploy.quantize import graph  # noqa: E402
-from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
+from clipdeploy.quantize.config import QuantizeConfig  # noqa: E402
+from clipdeploy.quantize.stage import quantize  # noqa: E402
 from clipdeploy.validation import cosine_rows  # noqa: E402
 
 from tests.support import synthetic  # noqa: E402

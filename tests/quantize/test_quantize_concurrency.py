@@ -33,7 +33,8 @@ from clipdeploy.cli import main  # noqa: E402
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError  # noqa: E402
 from clipdeploy.artifact.manifest import read_manifest, variant_files, variants, verify_files  # noqa: E402
 from clipdeploy.quantize import stage  # noqa: E402
-from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
+from clipdeploy.quantize.config import QuantizeConfig  # noqa: E402
+from clipdeploy.quantize.stage import quantize  # noqa: E402
 from clipdeploy.runtime.session import load  # noqa: E402
 
 from tests.support import synthetic  # noqa: E402
@@ -230,7 +231,7 @@ def test_a_reused_calibration_cache_is_read_not_rewritten(art, data):
 def test_a_reexport_while_quantizing_records_nothing(art, data, monkeypatch):
     """`export --force` replaced the fp32 towers while int8 was being made from the old ones: the old
     model's int8 must not be recorded beside the new model."""
-    real = stage._Stage.record
+    real = stage.QuantizeRun.record
 
     def reexported_then_record(self, work, paths, report):
         m = json.loads((art / "manifest.json").read_text())
@@ -239,7 +240,7 @@ def test_a_reexport_while_quantizing_records_nothing(art, data, monkeypatch):
         (art / "manifest.json").write_text(json.dumps(m))
         return real(self, work, paths, report)
 
-    monkeypatch.setattr(stage._Stage, "record", reexported_then_record)
+    monkeypatch.setattr(stage.QuantizeRun, "record", reexported_then_record)
     with pytest.raises(ArtifactError, match="changed while int8 was being made"):
         quantize(_cfg(art, data, "int8"))
     m = json.loads((art / "manifest.json").read_text())

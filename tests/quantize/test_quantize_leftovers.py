@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("onnx")
 
 from clipdeploy.artifact.manifest import read_manifest  # noqa: E402
-from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
+from clipdeploy.quantize.config import QuantizeConfig  # noqa: E402
+from clipdeploy.quantize.stage import quantize  # noqa: E402
 
 from tests.support import synthetic  # noqa: E402
 

@@ -55,7 +55,7 @@ def sources(view: ArtifactView, cfg: BuildConfig) -> dict[str, Variant]:
     missing_towers = [t for t in towers if t not in view.towers]
     if missing_towers:
         raise UsageError(f"this artifact has no {', '.join(missing_towers)} tower; it has {', '.join(view.towers)}")
-    if precisions.get(cfg.precision).reuses_reference:  # its variant is the fp32 file under a runtime setting
+    if precisions.get(cfg.precision).runs_file_of is not None:  # its variant is another file under a runtime setting
         runs = " or ".join(precisions.get(cfg.precision).backends) or "no backend"
         raise UsageError(f"{cfg.precision} runs on {runs} only, not TensorRT; build --precision fp16 or int8-fp16")
     found: dict[str, Variant] = {}

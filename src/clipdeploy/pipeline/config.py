@@ -48,7 +48,7 @@ from clipdeploy.pipeline.schema import (
     section_kwargs,
     unknown_key_message,
 )
-from clipdeploy.quantize.stage import QuantizeConfig
+from clipdeploy.quantize.config import QuantizeConfig
 from clipdeploy.precisions import names as precision_names
 from clipdeploy.precisions import quantized as quantized_precisions
 

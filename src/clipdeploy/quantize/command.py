@@ -10,7 +10,8 @@ from typing import Any
 from clipdeploy import precisions
 from clipdeploy.errors import AccuracyError
 from clipdeploy.options import add_dataclass_options, config_from_args
-from clipdeploy.quantize.stage import QuantizeConfig, quantize
+from clipdeploy.quantize.config import QuantizeConfig
+from clipdeploy.quantize.stage import quantize
 
 THREADS_HELP = "ONNX Runtime intra-op threads for calibration and the gate"
 
@@ -73,8 +74,10 @@ def add_quantize(sub: Any) -> None:
     add_dataclass_options(
         p.add_argument_group("gate"), QuantizeConfig, ["gate_prompts", "min_cosine", "min_mean_cosine", "min_top1"]
     )
+    calibrated = ", ".join(n for n in precisions.quantized() if precisions.get(n).calibrated)
     add_dataclass_options(
-        p.add_argument_group("recovery (int8, int8-fp16, fp8)"), QuantizeConfig, ["recover", "max_fp32_fraction", "max_rounds", "keep_nodes"]
+        p.add_argument_group(f"recovery ({calibrated})"), QuantizeConfig,
+        ["recover", "max_fp32_fraction", "max_rounds", "keep_nodes"],
     )
     add_dataclass_options(p.add_argument_group("fp8"), QuantizeConfig, ["fp8_patch_embedding"])
     add_dataclass_options(p, QuantizeConfig, ["threads", "force"], overrides={"threads": {"help": THREADS_HELP}})

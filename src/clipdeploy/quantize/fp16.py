@@ -19,6 +19,7 @@ import numpy as np
 
 from clipdeploy.deps import require
 from clipdeploy.quantize import graph
+from clipdeploy.quantize.make import MadeVariant, MakeRequest
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ FP16_MAX = 65504.0
 # held-out and production inputs can run hotter than calibration.
 RANGE_MARGIN = 0.25
 ALWAYS_FP32_OPS = ("LayerNormalization",)
+RANGE_SAMPLES = 64  # calibration samples the fp16 pass observes for value ranges
 
 
 def overflow_nodes(model: Any, ranges: dict[str, float], limit: float) -> list[str]:
@@ -81,3 +83,8 @@ def convert(
         "observed_abs_max": peak,
         "side_files": [p.name for p in side],
     }
+
+
+def make(req: MakeRequest) -> MadeVariant:
+    """The fp16 make step: the fp32 graph converted, with ranges observed on calibration samples."""
+    return MadeVariant({"fp16": convert(req.source, req.out, req.feeds(RANGE_SAMPLES))})

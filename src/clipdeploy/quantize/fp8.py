@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from clipdeploy.deps import require
-from clipdeploy.quantize import fp16, graph, int8
+from clipdeploy.quantize import graph, int8
+from clipdeploy.quantize.make import MadeVariant, MakeRequest
 
 OPSET = 19  # FLOAT8E4M3FN QuantizeLinear/DequantizeLinear exist from opset 19 on
 FP8_MAX = 448.0  # largest finite E4M3FN value
-RANGE_SAMPLES = 64  # calibration samples the fp16 pass observes (as stage.RANGE_SAMPLES)
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -153,26 +153,22 @@ def insert_qdq(model: Any, ranges: dict[str, tuple[float, float]], exclude: Sequ
     return proto, counts
 
 
-def make_fp8(stage: Any, tower: str, src: Path, out: Path, work: Path, exclude: list[str], suffix: str) -> dict[str, Any]:
-    """The fp8 make step (PrecisionSpec.make; signature as quantize/stage.py's make steps)."""
-    prepared = stage.prepared(tower, work)
+def make(req: MakeRequest) -> MadeVariant:
+    """The fp8 make step: FLOAT8E4M3FN Q/DQ from int8's calibrated ranges, then fp16 elsewhere."""
     info: dict[str, Any] = {}
-    fp32 = work / f"{tower}.fp8-prepared.onnx"
+    fp32 = req.work / f"{req.tower}.fp8-prepared.onnx"
     if not fp32.exists():  # reused by every recovery round
-        graph.save(graph.load(prepared), fp32)
+        graph.save(graph.load(int8.prepared(req)), fp32)
         info["opset_upgraded_from"] = upgrade_opset(fp32)
     # Calibrates once (cached, shared with int8); recovery ranks nodes on this int8 graph.
-    qdq = work / f"{tower}.qdq{suffix}.onnx"
-    info.update(stage.quantize_int8(tower, qdq, work, exclude, suffix))
+    qdq = req.scratch("qdq")
+    info.update(int8.calibrate(req, qdq))
     info.pop("layernorm_after_conv_quantized", None)  # an int8 detail: fp8 quantizes no LayerNorm
-    ranges = int8.calibrated_ranges(stage.root / info["calibration_cache"]["file"])
-    stem = patch_embedding(graph.load(fp32)) if stage.cfg.fp8_patch_embedding == "fp16" else []
-    proto, info["fp8"] = insert_qdq(graph.load(fp32), ranges, [*exclude, *stem])
+    ranges = int8.calibrated_ranges(req.artifact / info["calibration_cache"]["file"])
+    stem = patch_embedding(graph.load(fp32)) if req.cfg.fp8_patch_embedding == "fp16" else []
+    proto, info["fp8"] = insert_qdq(graph.load(fp32), ranges, [*req.exclude, *stem])
     info["fp8"]["patch_embedding"] = {"nodes": stem, "kept": "fp16"} if stem else {"kept": "fp8"}
-    fp8_qdq = work / f"{tower}.fp8qdq{suffix}.onnx"
+    fp8_qdq = req.scratch("fp8qdq")
     graph.save(proto, fp8_qdq)
-    keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
-    tmp = work / f"{tower}.fp16pass{suffix}.onnx"
-    info["fp16"] = fp16.convert(fp8_qdq, tmp, stage.feeds(tower, RANGE_SAMPLES), keep_fp32_ops=keep)
-    graph.save(int8.fold_qdq_into_fp16(graph.load(tmp)), out)
-    return info
+    info["fp16"] = int8.fp16_elsewhere(req, fp8_qdq)
+    return MadeVariant(info, qdq=qdq)

@@ -6,10 +6,15 @@ quantized; Softmax stays unquantized, and so does LayerNorm except where it read
 (ConvNeXt: Conv → Transpose → LayerNorm), as TensorRT's placement rules have it. ``int8-fp16``
 then converts what is left to fp16, with fp16 scales (opset 19) so each DequantizeLinear feeds its
 fp16 consumer directly, the form TensorRT's strongly typed builder fuses.
+
+The make steps of int8 and int8-fp16 are here (``make``, ``make_int8_fp16``), and so is what every
+calibrated precision shares: ``calibrate`` (the int8 Q/DQ graph, from the artifact's calibration cache
+when it has one) and ``fp16_elsewhere`` (the "Q/DQ, fp16 elsewhere" tail of int8-fp16 and fp8).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,8 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipdeploy import progress
+from clipdeploy.artifact.manifest import atomic_write_bytes
+from clipdeploy.artifact.tool_versions import installed
 from clipdeploy.deps import require
-from clipdeploy.quantize import graph
+from clipdeploy.quantize import fp16, graph
+from clipdeploy.quantize.config import METHODS
+from clipdeploy.quantize.make import MadeVariant, MakeRequest
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -27,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPS_TO_QUANTIZE = ("MatMul", "Gemm", "Conv")
-METHODS = ("minmax", "entropy", "percentile")
 WEIGHT_LAYOUTS = ("int8", "fp32")  # how weights are stored: compact int8 initializers, or fp32 with a Q/DQ pair
 QDQ_OPTIONS = {
     "ActivationSymmetric": True,
@@ -124,11 +132,8 @@ def quantize(
     require("onnxruntime.quantization", "cpu")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    calibrate_method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[method]
+    calibrate_method = dict(zip(METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
+                                          CalibrationMethod.Percentile), strict=True))[method]
     large = prepared.stat().st_size > graph.EXTERNAL_DATA_THRESHOLD
     quantize_static(
         str(prepared),
@@ -299,3 +304,65 @@ def fold_qdq_into_fp16(model: Any) -> Any:
         if opset.domain in ("", "ai.onnx") and opset.version < FP16_SCALE_OPSET:
             opset.version = FP16_SCALE_OPSET
     return proto
+
+
+# ---- the make steps -----------------------------------------------------------------------------
+
+
+def prepared(req: MakeRequest) -> Path:
+    """``req.source`` through ``prepare``, made once per run in ``req.work`` and shared by every round."""
+    path = req.work / f"{req.tower}.prepared.onnx"
+    if not path.exists():
+        prepare(req.source, path)
+    return path
+
+
+def cache_path(req: MakeRequest) -> Path:
+    """The artifact's calibration cache for this source file, method, calibration data and ONNX Runtime."""
+    key = f"{req.source_sha256}|{req.cfg.method}|{req.fingerprint}|{installed('onnxruntime')}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return req.artifact / "calibration" / f"{req.tower}.{req.cfg.method}.{digest}.json"
+
+
+def calibrate(req: MakeRequest, qdq: Path) -> dict[str, Any]:
+    """Write the int8 Q/DQ graph of ``req.tower`` to ``qdq``, keeping ``req.exclude`` unquantized; its
+    activation ranges come from the artifact's calibration cache, made on the first call. Returns a report."""
+    cache = cache_path(req)
+    reused = cache.exists()
+    info: dict[str, Any] = {
+        "calibration_cache": {"file": cache.relative_to(req.artifact).as_posix(), "reused": reused}
+    }
+    # A new cache is written by ONNX Runtime in the work directory (it makes it 0600, through
+    # mkstemp), then copied into the artifact with the umask's mode, whole or not at all.
+    scratch = cache if reused else req.work / cache.name
+    with progress.muted_stdout():  # ONNX Runtime's entropy/percentile calibrators print to stdout
+        layernorms = quantize(prepared(req), qdq, req.feeds(), method=req.cfg.method, cache=scratch,
+                              exclude=req.exclude)
+    if not reused:
+        atomic_write_bytes(cache, scratch.read_bytes())
+    info["layernorm_after_conv_quantized"] = len(layernorms)
+    return info
+
+
+def fp16_elsewhere(req: MakeRequest, qdq: Path) -> dict[str, Any]:
+    """Write ``qdq`` to ``req.out`` with what its Q/DQ pairs leave in fp32 converted to fp16 (LayerNorm
+    and out-of-range nodes stay fp32) and the Q/DQ folded in fp16: the tail of every "Q/DQ, fp16
+    elsewhere" precision. Returns the fp16 pass's report."""
+    keep = fp16.ALWAYS_FP32_OPS + ("QuantizeLinear", "DequantizeLinear")
+    tmp = req.scratch("fp16pass")
+    report = fp16.convert(qdq, tmp, req.feeds(fp16.RANGE_SAMPLES), keep_fp32_ops=keep)
+    graph.save(fold_qdq_into_fp16(graph.load(tmp)), req.out)
+    return report
+
+
+def make(req: MakeRequest) -> MadeVariant:
+    """The int8 make step: Q/DQ with fp32 elsewhere."""
+    return MadeVariant(calibrate(req, req.out), qdq=req.out)
+
+
+def make_int8_fp16(req: MakeRequest) -> MadeVariant:
+    """The int8-fp16 make step: the int8 Q/DQ graph, then fp16 elsewhere."""
+    qdq = req.scratch("qdq")
+    info = calibrate(req, qdq)
+    info["fp16"] = fp16_elsewhere(req, qdq)
+    return MadeVariant(info, qdq=qdq)

@@ -389,7 +389,7 @@ def load(
     if backend == registry.AUTO:
         backend, skipped = _auto(view, precision, settings)
         why = _auto_why(backend, skipped, registry.get(backend).preference(settings), precision)
-    if precision is not None and precisions.get(precision).reuses_reference:
+    if precision is not None and precisions.get(precision).runs_file_of is not None:
         runs = precisions.get(precision).backends
         if backend not in runs:  # it would run the reference file and call it this precision
             raise UsageError(f"precision {precision!r} runs on {' or '.join(runs) or 'no backend'} only, not on "

@@ -73,7 +73,7 @@ def collect(cfg: TritonConfig, warnings: list[str], notes: set[str]) -> list[Pla
                 warnings.append(f"{root}: {v.file} {state} its accuracy check, so it is not served; {fix}")
                 continue
             if v.format == "onnx":
-                if precisions.get(v.precision).reuses_reference:  # the fp32 file under an OpenVINO setting
+                if precisions.get(v.precision).runs_file_of is not None:  # another file under a backend setting
                     notes.add(f"{v.precision} ONNX variants are left out: they run on "
                               f"{' or '.join(precisions.get(v.precision).backends)} only, not ONNX Runtime")
                     continue

@@ -194,6 +194,11 @@ def _open(view: ArtifactView, precision: str | None, settings: LoadSettings, ver
     return registry.open_onnx_files(view, precision, preference, verify, make)
 
 
+def _open_file(path: Path, precision: str, settings: LoadSettings) -> Runner:
+    """One ONNX file as a ``precision`` variant (quantize's gate)."""
+    return OrtRunner(path, options_from(settings), int8=precision in INT8_QDQ)
+
+
 def available_providers() -> list[str]:
     """ONNX Runtime's execution providers in this install."""
     import onnxruntime  # only a CUDA check pays for the import, and only once ONNX Runtime is known installed
@@ -223,5 +228,5 @@ def _bench_settings(bench: BenchSettings) -> Mapping[str, Any]:
 SPEC = registry.register(BackendSpec(
     NAME, "onnx", ("cpu", "cuda"), _open, _unavailable,
     target=_target, auto=lambda view, precision, settings: None, auto_rank=100,
-    bench_target=_bench_target, bench_settings=_bench_settings, check=options_from,
+    bench_target=_bench_target, bench_settings=_bench_settings, check=options_from, open_file=_open_file,
 ))

@@ -11,13 +11,13 @@ import platform
 import stat
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipdeploy import cpu_features
+from clipdeploy import cpu_features, precisions
 from clipdeploy.errors import ArtifactError, DependencyError, UsageError, unreadable
 from clipdeploy.artifact.external_data import check_locations
 from clipdeploy.artifact.manifest import Variant
@@ -28,10 +28,8 @@ from clipdeploy.runtime.backends.registry import BackendSpec, LoadSettings, Runs
 
 log = logging.getLogger(__name__)
 
-# What each variant precision promises, as OpenVINO's INFERENCE_PRECISION_HINT. Set explicitly: on CPUs
-# with AVX512_BF16 or AMX, OpenVINO's default runs fp32 (and the float parts of int8) files in bf16, which
-# would make the fp32/int8 accuracy gates untrue there. int8 Q/DQ still runs its int8 kernels under f32.
-_PRECISION_HINTS = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
+# What each variant precision promises is its PrecisionSpec.backend_settings["openvino"] (its
+# INFERENCE_PRECISION_HINT, set explicitly: see precisions.py); a precision without one is not run here.
 
 
 @dataclass(frozen=True)
@@ -145,8 +143,10 @@ class OvRunner(Runner):
 
     def __init__(self, path: Path, precision: str, sha256: str, options: OvOptions) -> None:
         ov = import_openvino()
-        if precision not in _PRECISION_HINTS:
-            raise UsageError(f"the openvino backend does not run {precision} variants; choose fp32, bf16 or int8")
+        settings = precisions.get(precision).backend_settings.get("openvino")
+        if settings is None:
+            runs = [n for n in precisions.names() if "openvino" in precisions.get(n).backend_settings]
+            raise UsageError(f"the openvino backend does not run {precision} variants; choose {', '.join(runs)}")
         self.path = Path(path)
         self.precision = precision
         check_locations(self.path)  # external data only beside the model, as for ONNX Runtime
@@ -155,7 +155,7 @@ class OvRunner(Runner):
         except PermissionError as e:
             raise unreadable(self.path, e) from None
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision], "PERFORMANCE_HINT": options.performance_hint}
+        config = {**settings, "PERFORMANCE_HINT": options.performance_hint}
         if options.num_threads:
             config["INFERENCE_NUM_THREADS"] = str(options.num_threads)
         self.cache_dir: Path | None = None
@@ -174,7 +174,8 @@ class OvRunner(Runner):
                 f"OpenVINO cannot load {str(self.path)!r} ({' '.join(str(e).split())[:200]}); "
                 "the file is corrupt or from a newer exporter: re-export the model with --force"
             ) from e
-        if precision == "bf16" and self.compiled.get_property("INFERENCE_PRECISION_HINT") != ov.Type.bf16:
+        bf16 = settings.get("INFERENCE_PRECISION_HINT") == "bf16"
+        if bf16 and self.compiled.get_property("INFERENCE_PRECISION_HINT") != ov.Type.bf16:
             # OpenVINO falls back to f32 where it cannot run bf16: serving that as bf16 would misstate it.
             raise UsageError(
                 f"OpenVINO compiled {self.path.name} in "
@@ -241,6 +242,11 @@ def options_from(settings: LoadSettings) -> OvOptions:
     )
 
 
+def _open_file(path: Path, precision: str, settings: LoadSettings) -> Runner:
+    """One ONNX file as a ``precision`` variant (quantize's gate): uncached, so no checksum is needed."""
+    return OvRunner(path, precision, "", replace(options_from(settings), cache_dir=""))
+
+
 def _open(view: ArtifactView, precision: str | None, settings: LoadSettings, verify: bool) -> registry.Opened:
     options = options_from(settings)
     preference = registry.get(NAME).preference(settings)  # int8 only with VNNI: see its Runs entry below
@@ -296,5 +302,5 @@ SPEC = registry.register(BackendSpec(
         "bf16": 1,
         "fp32": 2,
     },
-    targets=(TARGET,), check=options_from, options=_OPTIONS,
+    targets=(TARGET,), check=options_from, options=_OPTIONS, open_file=_open_file,
 ))

@@ -30,7 +30,7 @@ from clipdeploy.runtime.backends.base import Runner
 __all__ = [
     "BackendSpec", "LoadSettings", "BenchSettings", "Runs", "register", "unregister", "get", "names", "choices",
     "has_module", "select_variant", "AUTO", "auto_order", "check_settings", "needs_gpu", "open_onnx_files",
-    "first_provider", "variants_in",
+    "first_provider", "variants_in", "open_file",
 ]
 
 AUTO = "auto"
@@ -111,12 +111,21 @@ class BackendSpec:
     # choosing one, so a bad option is refused whichever backend runs, not only when its backend does.
     check: Callable[[LoadSettings], object] | None = None
     options: tuple[str, ...] = ()  # the LoadSettings.extra keys (load's backend_options) it reads
+    # One ONNX file run as a variant of a precision, for a one-off check such as quantize's gate (no
+    # compiled-model cache): (path, precision, settings) -> runner. None: it cannot run a lone ONNX file.
+    open_file: Callable[[Path, str, LoadSettings], Runner] | None = None
 
     def precisions(self) -> tuple[str, ...]:
         return precisions.for_backend(self.name)
 
     def runs_entry(self, precision: str) -> Runs:
+        """How it runs ``precision``; a precision that runs another's file (``runs_file_of``) without an
+        entry of its own inherits that file's entry: its CPU rule is about the file's kernels."""
         entry = self.runs.get(precision)
+        if entry is None and precision in precisions.names():
+            source = precisions.get(precision).runs_file_of
+            if source is not None and source in self.runs:
+                entry = self.runs[source]
         return entry if isinstance(entry, Runs) else Runs(entry)
 
     def preference(self, settings: LoadSettings) -> tuple[str, ...]:
@@ -198,6 +207,16 @@ def check_settings(settings: LoadSettings) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
             raise UsageError(f"backend_options key {key!r} is not read by any backend ({hint})")
+
+
+def open_file(backend: str, path: Path, precision: str, settings: LoadSettings) -> Runner:
+    """A runner on the ONNX file ``path``, run by ``backend`` as it runs ``precision`` variants (the
+    precision's backend settings included), uncached: what quantize's gate judges is what serving runs."""
+    spec = get(backend)
+    if spec.open_file is None:
+        raise UsageError(f"backend {backend!r} cannot run a lone ONNX file; gate on one of "
+                         f"{', '.join(n for n, s in _REGISTRY.items() if s.open_file is not None)}")
+    return spec.open_file(path, precision, settings)
 
 
 def has_module(name: str) -> bool:

@@ -18,7 +18,8 @@ from tests.support.testdata import HELD_OUT_TEXTS, MICRO_CONFIG, Exported
 pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 
 
 def _reference(exp: Exported, images: list[Path], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,15 @@ from clipdeploy import __version__, precisions, progress
 from clipdeploy.calibration.bundled import sample_images, sample_prompts
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
+from clipdeploy.export.config import MIN_OPSET, ExportConfig
 from clipdeploy.export.geometry import context_length
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
 from clipdeploy.export.preprocess_assets import describe_preprocess
-from clipdeploy.export.specs import DEFAULT_OPSET, MIN_SEQUENCE, FamilySpec, TowerSpec, detect_family
+from clipdeploy.export.specs import MIN_SEQUENCE, FamilySpec, TowerSpec, detect_family
 from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
 from clipdeploy.export.tokenizer_assets import describe_tokenizer
 from clipdeploy.artifact.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
-from clipdeploy.options import opt
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
 from clipdeploy.runtime.text import load_tokenizer
@@ -41,42 +40,6 @@ log = logging.getLogger(__name__)
 
 # Batch sizes the parity check runs: 1, and a batch of several so batched kernels are covered too.
 PARITY_BATCHES = (1, 8)
-MIN_OPSET = 17  # LayerNormalization is a single ONNX node from opset 17 on
-
-
-@dataclass
-class ExportConfig:
-    """Everything `clipdeploy export` takes. CLI and API both resolve through this."""
-
-    model: str  # open_clip architecture name, or a name for --model-config
-    output: Path  # the artifact directory to create
-    pretrained: str | None = field(  # needs network
-        default=None, metadata=opt("open_clip pretrained tag, e.g. openai (downloads)", metavar="TAG")
-    )
-    checkpoint: Path | None = field(
-        default=None, metadata=opt("local state_dict or .safetensors file (offline)", metavar="FILE")
-    )
-    model_config: Path | None = field(
-        default=None, metadata=opt("open_clip-format architecture JSON, registered as MODEL", metavar="FILE.json")
-    )
-    opset: int = field(default=DEFAULT_OPSET, metadata=opt(f"ONNX opset, {MIN_OPSET} or higher"))
-    force: bool = field(default=False, metadata=opt("replace an existing artifact at --output"))
-    seed: int = field(default=0, metadata=opt("seed for random weights"))  # without pretrained/checkpoint
-    # Without it, and without the hub, the artifact records the tokenizer as missing (encode_tokens
-    # works, encode_text refuses).
-    tokenizer_dir: Path | None = field(
-        default=None,
-        metadata=opt(
-            "folder with the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json) for models whose "
-            "tokenizer open_clip fetches from the hub (SigLIP, CLIPA, roberta, mt5, nllb, ...); save it with "
-            "AutoTokenizer.from_pretrained(NAME).save_pretrained(DIR)",
-            metavar="DIR",
-        ),
-    )
-    # Reduced-depth proof of a giant that cannot fit at full size: at most this many transformer
-    # blocks per tower, random weights only; recorded in the manifest as model.reduced_depth. API and
-    # the coverage tool only (no CLI option).
-    depth: int | None = None
 
 
 def _check_output(output: Path, force: bool) -> None:

@@ -23,8 +23,8 @@ from clipdeploy.benchmarks.plain_export import PLAIN_PEERS, PlainExportContender
 from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_text_encoder
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, UsageError
-from clipdeploy.export.specs import context_length
 from clipdeploy.artifact.manifest import variant_files, variants, verify_files
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.precisions import REFERENCE, by_default, rank
 from clipdeploy.runtime.backends import registry
 from clipdeploy.runtime.backends.onnxruntime import INT8_QDQ, OrtOptions, OrtRunner
@@ -368,7 +368,7 @@ class TorchContender:
         torch.set_num_threads(options.threads)
         self.device = torch.device(spec.device)
         self.model = build_reference_model(manifest, options.checkpoint).to(self.device)
-        self._context_length = context_length(self.model)
+        self._context_length = ArtifactView.of(root, manifest).context_length
         prefix, self.prefix_reason = prefix_text_encoder(self.model)
         fns = {"image": self.model.encode_image, "text": self.model.encode_text, "text-prefix": prefix}
         if spec.backend == "torch.compile":

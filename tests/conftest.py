@@ -18,7 +18,8 @@ def _export_from_checkpoint(tmp: Path, name: str, seed: int, model_config: Path 
     import open_clip
     import torch
 
-    from clipdeploy.export.exporter import ExportConfig, export_model
+    from clipdeploy.export.config import ExportConfig
+    from clipdeploy.export.exporter import export_model
     from clipdeploy.export.loading import register_model_config
 
     if model_config is not None:

@@ -16,7 +16,7 @@ from clipdeploy.cli import build_parser, main
 from clipdeploy.engines.command import config_from_args as build_config_from_args
 from clipdeploy.engines.config import BuildConfig
 from clipdeploy.errors import UsageError
-from clipdeploy.export.exporter import ExportConfig
+from clipdeploy.export.config import ExportConfig
 from clipdeploy.options import add_dataclass_options, config_from_args, integer, opt, parse_device
 from clipdeploy.quantize.config import QuantizeConfig
 from clipdeploy.triton.repository import TritonConfig

@@ -43,7 +43,7 @@ from clipdeploy.benchmarks.report import (
 from clipdeploy.cli import build_parser
 from clipdeploy.engines.command import config_from_args as build_config_from_args
 from clipdeploy.errors import ClipDeployError, UsageError
-from clipdeploy.export.exporter import ExportConfig
+from clipdeploy.export.config import ExportConfig
 from clipdeploy.artifact.manifest import atomic_write_text
 from clipdeploy.options import config_from_args
 from clipdeploy.pipeline.config import ARTIFACT_DIR, ModelPlan, PipelineConfig

@@ -93,8 +93,8 @@ def run_one(model: str, *, reduced_depth: bool, workdir: Path) -> dict[str, Any]
     import resource
 
     from clipdeploy.errors import AccuracyError, ClipDeployError
-    from clipdeploy.export.exporter import ExportConfig, export_model
-
+    from clipdeploy.export.config import ExportConfig
+    from clipdeploy.export.exporter import export_model
     depth = REDUCED_DEPTH if (reduced_depth and model in GIANTS) else None
     row: dict[str, Any] = {
         "model": model,

@@ -46,8 +46,8 @@ def export_models(root: Path) -> dict[str, Path]:
     from tests.support import synthetic
     from tests.support.models import MODELS
 
-    from clipdeploy.export.exporter import ExportConfig, export_model
-
+    from clipdeploy.export.config import ExportConfig
+    from clipdeploy.export.exporter import export_model
     root.mkdir(parents=True, exist_ok=True)
     out = {}
     vit = root / "micro-shapes"

@@ -18,7 +18,8 @@ from tests.support.testdata import HELD_OUT_TEXTS, MICRO_CONFIG, Exported
 pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 
 
 def _reference(exp: Exported, images: list[Path], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -223,18 +224,20 @@ def test_pytorch_weights_are_released_before_onnx_runtime_loads_the_towers(tmp_p
     import clipdeploy.export.exporter as exporter
 
     seen: dict[str, object] = {}
+    traced = []
     trace = exporter.export_tower
 
-    def recording_export(spec, model, path, *, opset):
+    def recording_export(spec, model, geometry, path, *, opset):
+        traced.append(model)
         seen[f"{spec.tower} traced with image weights"] = not next(model.visual.parameters()).is_meta
         seen[f"{spec.tower} traced with text weights"] = not model.token_embedding.weight.is_meta
-        return trace(spec, model, path, opset=opset)
+        return trace(spec, model, geometry, path, opset=opset)
 
     check = exporter._check_towers
 
-    def recording_check(model, exported, inputs, refs):
-        seen["checked with weights"] = any(not p.is_meta for p in model.parameters())
-        return check(model, exported, inputs, refs)
+    def recording_check(*args):
+        seen["checked with weights"] = any(not p.is_meta for model in traced for p in model.parameters())
+        return check(*args)
 
     monkeypatch.setattr(exporter, "export_tower", recording_export)
     monkeypatch.setattr(exporter, "_check_towers", recording_check)

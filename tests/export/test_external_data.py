@@ -18,7 +18,8 @@ pytest.importorskip("open_clip")
 pytest.importorskip("torch")
 
 from clipdeploy.export import onnx_export  # noqa: E402
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

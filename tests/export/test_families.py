@@ -21,7 +21,8 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")
 
 from clipdeploy.export import specs  # noqa: E402
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 
 _TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 _VIT = {"image_size": 64, "layers": 1, "width": 64, "head_width": 32, "patch_size": 32}

@@ -21,7 +21,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers", reason="open_clip's HFTokenizer needs transformers")
 
 from tests.support import hf_tokenizers  # noqa: E402
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 
 CONFIG = TESTS / "data" / "micro-siglip.json"
 NAME = "micro-siglip"

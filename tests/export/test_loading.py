@@ -40,7 +40,11 @@ def test_hf_text_tower_builds_offline_from_the_bundled_config(monkeypatch):
     assert text.config.vocab_size == 250002 and text.config.hidden_size == 768
     assert loaded.source["hf_text_config"] == "bundled"
     assert loaded.tokenizer is None and loaded.tokenizer_missing["hf_tokenizer_name"] == "xlm-roberta-base"
-    assert loaded.model.clipdeploy_context_length == 77
+    # The ids it gets are the tokenizer's (77), not its position table's length (514): a fact of the
+    # loaded model, read once, and nothing written onto the torch module.
+    assert text.config.max_position_embeddings == 514
+    assert loaded.geometry.context_length == 77
+    assert not [a for a in vars(loaded.model) if a.startswith("clipdeploy")]
 
 
 # --- Checkpoints: read by clipdeploy with weights_only=True, never by a loader that may retry without it.

@@ -10,7 +10,7 @@ from tests.support.pipeline_fakes import write_config
 from clipdeploy import precisions
 from clipdeploy.benchmarks.bench import BenchConfig
 from clipdeploy.engines.config import BuildConfig
-from clipdeploy.export.exporter import ExportConfig
+from clipdeploy.export.config import ExportConfig
 from clipdeploy.pipeline.config import load_config
 from clipdeploy.pipeline.schema import ConfigError
 from clipdeploy.quantize.config import QuantizeConfig

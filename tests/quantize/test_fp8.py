@@ -15,7 +15,8 @@ onnx = pytest.importorskip("onnx")
 
 import clipdeploy  # noqa: E402
 from clipdeploy import precisions  # noqa: E402
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 from clipdeploy.artifact.manifest import read_manifest  # noqa: E402
 from clipdeploy.quantize.config import QuantizeConfig  # noqa: E402
 from clipdeploy.quantize.stage import quantize  # noqa: E402

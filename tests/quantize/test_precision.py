@@ -17,7 +17,8 @@ onnx = pytest.importorskip("onnx")
 
 import clipdeploy  # noqa: E402
 from clipdeploy.errors import AccuracyError, CalibrationError, UsageError  # noqa: E402
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 from clipdeploy.artifact.manifest import read_manifest  # noqa: E402
 from clipdeploy.quantize import fp16 as fp16_pass  # noqa: E402
 from clipdeploy.quantize import graph  # noqa: E402

@@ -19,7 +19,8 @@ Image = pytest.importorskip("PIL.Image")
 import clipdeploy  # noqa: E402
 from clipdeploy import cpu_features, precisions  # noqa: E402
 from clipdeploy.errors import UsageError  # noqa: E402
-from clipdeploy.export.exporter import ExportConfig, export_model  # noqa: E402
+from clipdeploy.export.config import ExportConfig  # noqa: E402
+from clipdeploy.export.exporter import export_model  # noqa: E402
 from clipdeploy.quantize.stage import QuantizeConfig, quantize  # noqa: E402
 
 from tests.support.cpus import use_cpu  # noqa: E402

@@ -23,7 +23,6 @@ from clipdeploy.benchmarks.plain_export import PLAIN_PEERS, PlainExportContender
 from clipdeploy.benchmarks.torch_reference import build_reference_model, prefix_text_encoder
 from clipdeploy.deps import require
 from clipdeploy.errors import ArtifactError, UsageError
-from clipdeploy.export.specs import context_length
 from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.precisions import REFERENCE, by_default, rank
 from clipdeploy.runtime.backends import registry
@@ -357,7 +356,7 @@ class TorchContender:
         torch.set_num_threads(options.threads)
         self.device = torch.device(spec.device)
         self.model = build_reference_model(view.model, options.checkpoint).to(self.device)
-        self._context_length = context_length(self.model)
+        self._context_length = view.context_length
         prefix, self.prefix_reason = prefix_text_encoder(self.model)
         fns = {"image": self.model.encode_image, "text": self.model.encode_text, "text-prefix": prefix}
         if spec.backend == "torch.compile":

@@ -21,7 +21,6 @@ from clipdeploy.benchmarks.harness import Timer, perf_counter_timer
 from clipdeploy.benchmarks.torch_reference import build_reference_model
 from clipdeploy.deps import require
 from clipdeploy.runtime.backends.onnxruntime import graph_optimization_level
-from clipdeploy.export.specs import context_length
 
 # Bench backend name -> the runtime that runs the plain export.
 PLAIN_ORT = "onnxruntime.plain"
@@ -30,7 +29,7 @@ PLAIN_PEERS = {PLAIN_ORT: "onnxruntime", PLAIN_OV: "openvino"}
 _MAX_BATCH = 1024  # the batch axis the plain export declares
 
 
-def export_plain(model: Any, tower: str, path: Path) -> None:
+def export_plain(model: Any, tower: str, path: Path, context_length: int) -> None:
     """``torch.onnx.export(dynamo=True)`` of ``model.encode_image`` or ``model.encode_text`` with a dynamic batch."""
     torch = require("torch", "export")
 
@@ -47,7 +46,7 @@ def export_plain(model: Any, tower: str, path: Path) -> None:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     else:
-        example = torch.randint(1, 100, (2, context_length(model)), generator=torch.Generator().manual_seed(0))
+        example = torch.randint(1, 100, (2, context_length), generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # the exporter prints its progress
         program = torch.onnx.export(Tower().eval(), (example,), dynamic_shapes=({0: batch},), dynamo=True)
@@ -66,12 +65,12 @@ class PlainExportContender:
         self.runtime = PLAIN_PEERS[spec.backend]
         torch.set_num_threads(options.threads)
         model = build_reference_model(view.model, options.checkpoint)
-        self._context_length = context_length(model)
+        self._context_length = view.context_length
         self._tmp = tempfile.TemporaryDirectory(prefix="clipdeploy-plain-")  # kept while the sessions live
         self._run: dict[str, Any] = {}
         for tower in spec.towers:
             path = Path(self._tmp.name) / f"{tower}.onnx"
-            export_plain(model, tower, path)
+            export_plain(model, tower, path, self._context_length)
             self._run[tower] = self._open(path, options)
         del model
 

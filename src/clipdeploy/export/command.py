@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clipdeploy.export.exporter import ExportConfig, export_model
+from clipdeploy.export.config import ExportConfig
+from clipdeploy.export.exporter import export_model
 from clipdeploy.export.loading import import_open_clip
 from clipdeploy.options import add_dataclass_options, config_from_args
 

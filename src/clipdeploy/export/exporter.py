@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,15 @@ from clipdeploy import __version__, precisions, progress
 from clipdeploy.calibration.bundled import sample_images, sample_prompts
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
-from clipdeploy.export.geometry import context_length
+from clipdeploy.export.config import MIN_OPSET, ExportConfig
+from clipdeploy.export.geometry import TowerGeometry
 from clipdeploy.export.loading import LoadedModel, load_model
 from clipdeploy.export.onnx_export import ExportedTower, export_tower
 from clipdeploy.export.preprocess_assets import describe_preprocess
-from clipdeploy.export.specs import DEFAULT_OPSET, MIN_SEQUENCE, FamilySpec, TowerSpec, detect_family
-from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, text_layout
+from clipdeploy.export.specs import SEQUENCE, FamilySpec, TowerSpec, detect_family
+from clipdeploy.export.text_towers import TextLayout
 from clipdeploy.export.tokenizer_assets import describe_tokenizer
 from clipdeploy.artifact.manifest import MANIFEST_NAME, SCHEMA_VERSION, file_sha256, swap_directory, write_manifest
-from clipdeploy.options import opt
 from clipdeploy.runtime.padding import trim_to_pooled
 from clipdeploy.runtime.preprocess import PreprocessConfig, Preprocessor
 from clipdeploy.runtime.text import load_tokenizer
@@ -41,42 +40,6 @@ log = logging.getLogger(__name__)
 
 # Batch sizes the parity check runs: 1, and a batch of several so batched kernels are covered too.
 PARITY_BATCHES = (1, 8)
-MIN_OPSET = 17  # LayerNormalization is a single ONNX node from opset 17 on
-
-
-@dataclass
-class ExportConfig:
-    """Everything `clipdeploy export` takes. CLI and API both resolve through this."""
-
-    model: str  # open_clip architecture name, or a name for --model-config
-    output: Path  # the artifact directory to create
-    pretrained: str | None = field(  # needs network
-        default=None, metadata=opt("open_clip pretrained tag, e.g. openai (downloads)", metavar="TAG")
-    )
-    checkpoint: Path | None = field(
-        default=None, metadata=opt("local state_dict or .safetensors file (offline)", metavar="FILE")
-    )
-    model_config: Path | None = field(
-        default=None, metadata=opt("open_clip-format architecture JSON, registered as MODEL", metavar="FILE.json")
-    )
-    opset: int = field(default=DEFAULT_OPSET, metadata=opt(f"ONNX opset, {MIN_OPSET} or higher"))
-    force: bool = field(default=False, metadata=opt("replace an existing artifact at --output"))
-    seed: int = field(default=0, metadata=opt("seed for random weights"))  # without pretrained/checkpoint
-    # Without it, and without the hub, the artifact records the tokenizer as missing (encode_tokens
-    # works, encode_text refuses).
-    tokenizer_dir: Path | None = field(
-        default=None,
-        metadata=opt(
-            "folder with the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json) for models whose "
-            "tokenizer open_clip fetches from the hub (SigLIP, CLIPA, roberta, mt5, nllb, ...); save it with "
-            "AutoTokenizer.from_pretrained(NAME).save_pretrained(DIR)",
-            metavar="DIR",
-        ),
-    )
-    # Reduced-depth proof of a giant that cannot fit at full size: at most this many transformer
-    # blocks per tower, random weights only; recorded in the manifest as model.reduced_depth. API and
-    # the coverage tool only (no CLI option).
-    depth: int | None = None
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -155,17 +118,15 @@ def _reference_inputs(loaded: LoadedModel) -> tuple[Any, Any, list[Path], list[s
     if loaded.tokenizer is not None:
         tokens = loaded.tokenizer(texts)
     else:
-        tokens = _synthetic_ids(loaded.model, len(texts))
+        tokens = _synthetic_ids(loaded.geometry, len(texts))
     return pixels, tokens, images, prompts
 
 
-def _synthetic_ids(model: Any, rows: int) -> Any:
+def _synthetic_ids(geometry: TowerGeometry, rows: int) -> Any:
     """Token ids of varied lengths, valid for the tower's vocabulary, padded as the tokenizer would."""
     torch = require("torch", "export")
 
-    layout = text_layout(model)
-    length = context_length(model)
-    vocab = int(getattr(model, "vocab_size", 0) or getattr(getattr(model, "text", None), "vocab_size", 0) or 1000)
+    layout, length, vocab = geometry.text, geometry.context_length, geometry.vocab_size or 1000
     g = torch.Generator().manual_seed(0)
     ids = torch.full((rows, length), layout.pad_id or 0, dtype=torch.int64)
     for i in range(rows):
@@ -174,11 +135,6 @@ def _synthetic_ids(model: Any, rows: int) -> Any:
         if layout.eos_id is not None:
             ids[i, n - 1] = layout.eos_id  # "eos" pooling reads the first eos: put it where a tokenizer would
     return ids
-
-
-def _gate(name: str, comps: list[Any], tol: Any) -> tuple[Any, list[str]]:
-    worst = merge(comps)
-    return worst, gate_failures(name, worst, min_cosine=tol.min_cosine, max_abs_rel=tol.max_abs_rel)
 
 
 def _torch_references(
@@ -219,13 +175,12 @@ def _release_weights(module: Any) -> None:
 
 
 def _check_towers(
-    model: Any,
     exported: dict[str, ExportedTower],
     inputs: dict[str, Any],
     refs: dict[str, dict[str, np.ndarray]],
+    text: TextLayout,
 ) -> tuple[dict[str, Any], list[str]]:
     """ONNX Runtime CPU against the PyTorch references, at each parity batch size, per tower.
-    ``model`` is read for its text layout only (its weights may be released).
 
     A dynamic-length text tower is also run on the same ids trimmed to each batch's longest text
     and to each text's own length, all against PyTorch on the full-length ids. A reference named
@@ -240,41 +195,36 @@ def _check_towers(
         session = ort.InferenceSession(str(ex.path), providers=["CPUExecutionProvider"])
         run = lambda x: session.run([ex.spec.output_name], {ex.spec.input_name: x})[0]  # noqa: E731
         full, ref = inputs[tower], refs[tower]
+        sweep = _length_sweep(text, run, full.numpy(), ref["full"]) if SEQUENCE in ex.input.shape else None
         per_batch, comps = {}, []
         for batch in PARITY_BATCHES:
             c = compare(run(full[:batch].numpy()), ref.get(f"batch {batch}", ref["full"]))
             per_batch[str(batch)] = c.to_dict()
             comps.append(c)
         entry: dict[str, Any] = {"batches": per_batch}
-        if ex.spec.dynamic_sequence(model):
-            lengths, length_comps = _length_sweep(model, run, full.numpy(), ref["full"])
-            entry["lengths"] = lengths
+        if sweep is not None:
+            entry["lengths"], length_comps = sweep
             comps += length_comps
-        tol = ex.spec.tolerance
-        worst, tower_failures = _gate(f"{tower} tower", comps, tol)
+        tolerance = {"min_cosine": ex.spec.tolerance.min_cosine, "max_abs_rel": ex.spec.tolerance.max_abs_rel}
+        worst = merge(comps)
+        tower_failures = gate_failures(f"{tower} tower", worst, **tolerance)
         if "original" in ref:
             c = compare(run(full.numpy()), ref["original"])
             entry["original"] = c.to_dict()
-            tower_failures += _gate(f"{tower} tower vs the original (unprepared) model", [c], tol)[1]
+            tower_failures += gate_failures(f"{tower} tower vs the original (unprepared) model", c, **tolerance)
         failures += tower_failures
-        report[tower] = {
-            **worst.to_dict(),
-            **entry,
-            "tolerance": {"min_cosine": tol.min_cosine, "max_abs_rel": tol.max_abs_rel},
-            "passed": not tower_failures,
-        }
+        report[tower] = {**worst.to_dict(), **entry, "tolerance": tolerance, "passed": not tower_failures}
         # Release this tower's weights before the next session loads its own.
         del run, session
     return report, failures
 
 
-def _length_sweep(model: Any, run: Any, ids: np.ndarray, ref: np.ndarray) -> tuple[dict[str, Any], list[Any]]:
+def _length_sweep(layout: TextLayout, run: Any, ids: np.ndarray, ref: np.ndarray) -> tuple[dict[str, Any], list[Any]]:
     """A dynamic text tower on trimmed ids, against PyTorch on the full-length ids.
 
     Each text alone at its own length (from SOT+EOT up to the whole context), and batches of 8 and
     of all texts padded only to their longest text.
     """
-    layout = text_layout(model)
     trim = lambda x: trim_to_pooled(x, layout.pooling, layout.eos_id)  # noqa: E731
     own = [trim(ids[i : i + 1]) for i in range(len(ids))]
     each = compare(np.concatenate([run(x) for x in own]), ref)
@@ -319,28 +269,6 @@ def _check_runtime_inputs(
     return report, failures
 
 
-def _tower_entry(spec: TowerSpec, model: Any, embed_dim: int) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "inputs": [spec.input_spec(model).to_dict()],
-        "outputs": [spec.output_spec(model, embed_dim).to_dict()],
-        "embed_dim": embed_dim,
-    }
-    if spec.tower == "text":
-        dynamic = spec.dynamic_sequence(model)
-        length = context_length(model)
-        entry.update(
-            {
-                # "longest": pad each batch to its longest text (the runtime trims after the pooled
-                # position); "max_length": pad every text to the context length, as trained.
-                "padding": PADDING_LONGEST if dynamic else PADDING_MAX_LENGTH,
-                **text_layout(model).to_dict(),
-                "context_length": length,
-                "sequence": {"min": MIN_SEQUENCE, "max": length} if dynamic else {"min": length, "max": length},
-            }
-        )
-    return entry
-
-
 def _variant_entry(ex: ExportedTower, root: Path, opset: int, validation: dict[str, Any]) -> dict[str, Any]:
     return {
         "tower": ex.spec.tower,
@@ -380,9 +308,10 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
     model, original = loaded.model, None
     if family.prepare is not None:
         model, original = family.prepare(loaded.model), loaded.model
+    geometry = loaded.geometry
     # Describe the tokenizer first: an unsupported kind should fail before minutes of tracing.
     tokenizer_entry = describe_tokenizer(
-        loaded.tokenizer, work, missing=loaded.tokenizer_missing, context_length=context_length(model)
+        loaded.tokenizer, work, missing=loaded.tokenizer_missing, context_length=geometry.context_length
     )
     if loaded.hf_tokenizer_name and tokenizer_entry["kind"] != "openclip-bpe":
         tokenizer_entry["hf_tokenizer_name"] = loaded.hf_tokenizer_name
@@ -395,18 +324,20 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
     dims = {tower: int(ref["full"].shape[-1]) for tower, ref in refs.items()}
     logit_scale, logit_bias = _logit_terms(loaded.model)
     parameters = sum(p.numel() for p in loaded.model.parameters())
-    tower_entries = {spec.tower: _tower_entry(spec, model, dims[spec.tower]) for spec in family.towers}
+    tower_entries = {spec.tower: spec.manifest_entry(geometry, dims[spec.tower]) for spec in family.towers}
     if original is not None:
         _release_weights(original)  # its outputs are in refs
     exported = {}
     for spec in family.towers:
         with progress.stage(f"tracing the {spec.tower} tower to ONNX"):
-            exported[spec.tower] = export_tower(spec, model, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset)
+            exported[spec.tower] = export_tower(
+                spec, model, geometry, work / f"{spec.tower}.fp32.onnx", opset=cfg.opset
+            )
         if spec.tower == "image":
             _release_weights(model.visual)  # traced and referenced: only the text tower still needs weights
     _release_weights(model)  # from here on, ONNX Runtime holds the weights
     with progress.stage("checking the ONNX towers against PyTorch") as step:
-        tower_report, failures = _check_towers(model, exported, inputs, refs)
+        tower_report, failures = _check_towers(exported, inputs, refs, geometry.text)
         step.note("pass" if not failures else f"{len(failures)} failed")
     source = {k: v for k, v in loaded.source.items() if k != "model_config"}
     manifest: dict[str, Any] = {

@@ -20,6 +20,7 @@ from typing import Any
 
 from clipdeploy.deps import require
 from clipdeploy.errors import CheckpointError, UsageError
+from clipdeploy.export.geometry import TowerGeometry, read_geometry
 from clipdeploy.export.hf_configs import bundled_config_dir
 from clipdeploy.artifact.manifest import file_sha256
 
@@ -36,6 +37,9 @@ class LoadedModel:
     tokenizer: Any  # open_clip's tokenizer; None when it needs hub files that could not be had
     name: str
     source: dict[str, Any]  # how the weights were chosen: pretrained tag, checkpoint sha256, config
+    # What the towers take (image size, context length, text layout), read once here: the exporter
+    # and the bench take these facts instead of reading them off the torch module again.
+    geometry: TowerGeometry
     # Set when the tokenizer is missing: which one, why, and how to supply it (recorded in the manifest).
     tokenizer_missing: dict[str, Any] | None = None
     hf_tokenizer_name: str | None = None  # the hub name of a Hugging Face tokenizer, from the model config
@@ -443,19 +447,27 @@ def load_model(
     if overrides.get("text_cfg", {}).get("hf_model_name"):
         source["hf_text_config"] = "bundled"
     tokenizer, missing = load_tokenizer(open_clip, name, tokenizer_dir)
-    if type(getattr(model, "text", None)).__name__ == "HFTextEncoder":
-        # An HF tower reports max_position_embeddings (514 for roberta) as its context length; the ids
-        # it gets are the tokenizer's, padded to the text_cfg context length (77 by default).
-        length = tokenizer.context_length if tokenizer is not None else _text_cfg(open_clip, name).get("context_length")
-        model.clipdeploy_context_length = int(length or 77)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
         source=source,
+        geometry=read_geometry(model, context_length=_hf_context_length(open_clip, name, model, tokenizer)),
         tokenizer_missing=missing,
         hf_tokenizer_name=_text_cfg(open_clip, name).get("hf_tokenizer_name"),
     )
+
+
+def _hf_context_length(open_clip: Any, name: str, model: Any, tokenizer: Any) -> int | None:
+    """The length of the ids a Hugging Face text tower is given; None for other towers.
+
+    An HF tower reports max_position_embeddings (514 for roberta) as its context length; the ids it
+    gets are the tokenizer's, padded to the text_cfg context length (77 by default).
+    """
+    if type(getattr(model, "text", None)).__name__ != "HFTextEncoder":
+        return None
+    length = tokenizer.context_length if tokenizer is not None else _text_cfg(open_clip, name).get("context_length")
+    return int(length or 77)
 
 
 def _text_cfg(open_clip: Any, name: str) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from typing import Any
 
 from clipdeploy.deps import require
 from clipdeploy.errors import ExportError
-from clipdeploy.export.geometry import context_length
-from clipdeploy.export.specs import BATCH, MIN_SEQUENCE, SEQUENCE, TowerSpec
+from clipdeploy.export.geometry import TowerGeometry
+from clipdeploy.export.specs import BATCH, MIN_SEQUENCE, SEQUENCE, TensorSpec, TowerSpec
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class ExportedTower:
     """An ONNX file written for one tower."""
 
     spec: TowerSpec
+    input: TensorSpec  # the graph input it was traced with; a str in its shape is a named dynamic axis
     path: Path
     external_data: list[Path]
     seconds: float
@@ -47,16 +48,16 @@ def tower_parameters(model: Any, tower: str) -> list[Any]:
 EXAMPLE_SEQUENCE = 8
 
 
-def example_input(spec: TowerSpec, model: Any, batch: int = 2) -> Any:
-    """A traceable example. Values do not matter for tracing; shapes and dtypes do."""
+def example_input(boundary: TensorSpec, vocab_size: int | None, batch: int = 2) -> Any:
+    """A traceable example of the graph input ``boundary``. Values do not matter for tracing; shapes and dtypes do."""
     torch = require("torch", "export")
 
     sizes = {BATCH: batch, SEQUENCE: EXAMPLE_SEQUENCE}
-    shape = [sizes.get(d, d) if isinstance(d, str) else d for d in spec.input_spec(model).shape]
-    if spec.input_dtype == "int64":
+    shape = [sizes.get(d, d) if isinstance(d, str) else d for d in boundary.shape]
+    if boundary.dtype == "int64":
         # SOT, a few word ids, EOT, then padding, in range for any vocabulary: the pooling sees a
         # realistic sequence. Values below 5 exist in every vocabulary the families use.
-        vocab = int(getattr(model, "vocab_size", 0) or getattr(getattr(model, "text", None), "vocab_size", 0) or 49408)
+        vocab = vocab_size or 49408
         ids = torch.zeros(shape, dtype=torch.int64)
         ids[:, 0] = min(49406, vocab - 2)
         ids[:, 1:4] = torch.tensor([320, 1125, 539]) % max(vocab - 2, 1)
@@ -65,31 +66,28 @@ def example_input(spec: TowerSpec, model: Any, batch: int = 2) -> Any:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
-def dynamic_axes(spec: TowerSpec, model: Any) -> dict[int, Any]:
-    """torch.export dims for the named axes of the tower's input, from the one TensorSpec."""
+def dynamic_axes(boundary: TensorSpec, context_length: int) -> dict[int, Any]:
+    """torch.export dims for the named axes of the graph input ``boundary``, from the one TensorSpec."""
     torch = require("torch", "export")
 
     dims = {
         BATCH: torch.export.Dim(BATCH, min=1, max=MAX_EXPORT_BATCH),
-        SEQUENCE: torch.export.Dim(SEQUENCE, min=MIN_SEQUENCE, max=_max_sequence(model)),
+        SEQUENCE: torch.export.Dim(SEQUENCE, min=MIN_SEQUENCE, max=context_length),
     }
-    return {i: dims[d] for i, d in enumerate(spec.input_spec(model).shape) if isinstance(d, str)}
+    return {i: dims[d] for i, d in enumerate(boundary.shape) if isinstance(d, str)}
 
 
-def _max_sequence(model: Any) -> int:
-    return context_length(model)
-
-
-def export_tower(spec: TowerSpec, model: Any, path: Path, *, opset: int) -> ExportedTower:
+def export_tower(spec: TowerSpec, model: Any, geometry: TowerGeometry, path: Path, *, opset: int) -> ExportedTower:
     """Write ``path`` (and a ``.data`` side file for large towers), then run the ONNX checker on it."""
     onnx = require("onnx", "export")
     torch = require("torch", "export")
 
-    wrapper = spec.wrap(model)
-    example = example_input(spec, model)
+    boundary = spec.input_spec(geometry)
+    wrapper = spec.wrap(model, geometry)
+    example = example_input(boundary, geometry.vocab_size)
     weight_bytes = sum(p.numel() * p.element_size() for p in tower_parameters(model, spec.tower))
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    axes = dynamic_axes(spec, model)
+    axes = dynamic_axes(boundary, geometry.context_length)
     start = time.perf_counter()
     # torch.onnx prints its progress to stdout; keep it for --verbose, and out of JSON-printing commands.
     chatter = io.StringIO()
@@ -119,4 +117,4 @@ def export_tower(spec: TowerSpec, model: Any, path: Path, *, opset: int) -> Expo
     except Exception as e:
         raise ExportError(f"the exported {spec.tower} tower fails onnx.checker ({e}); rerun with --verbose") from e
     log.info("exported %s tower to %s in %.1fs", spec.tower, path.name, seconds)
-    return ExportedTower(spec, path, side_files, seconds, weight_bytes)
+    return ExportedTower(spec, boundary, path, side_files, seconds, weight_bytes)

@@ -14,14 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from clipdeploy.deps import require
 from clipdeploy.errors import UsageError
-from clipdeploy.export.geometry import context_length, image_size
-from clipdeploy.export.text_towers import (
-    PADDING_LONGEST,
-    PADDING_MAX_LENGTH,
-    causal_text_wrapper,
-    text_layout,
-    wrap_forward,
-)
+from clipdeploy.export.geometry import TowerGeometry
+from clipdeploy.export.text_towers import PADDING_LONGEST, PADDING_MAX_LENGTH, causal_text_wrapper, wrap_forward
 
 if TYPE_CHECKING:
     torch = require("torch", "export")
@@ -78,28 +72,50 @@ class TowerSpec:
     # padded to the context length, as the tower was trained (SigLIP, HF towers, CoCa, bidirectional).
     padding: str = PADDING_MAX_LENGTH
 
-    def dynamic_sequence(self, model: Any) -> bool:
-        """Whether this tower is exported with a dynamic sequence axis for ``model``."""
-        return self.tower == "text" and self.padding == PADDING_LONGEST and text_layout(model).dynamic
+    def dynamic_sequence(self, geometry: TowerGeometry) -> bool:
+        """Whether this tower is exported with a dynamic sequence axis for a model of this geometry."""
+        return self.tower == "text" and self.padding == PADDING_LONGEST and geometry.text.dynamic
 
-    def input_spec(self, model: Any) -> TensorSpec:
+    def input_spec(self, geometry: TowerGeometry) -> TensorSpec:
         if self.tower == "image":
-            height, width = image_size(model)
+            height, width = geometry.image_size
             return TensorSpec(self.input_name, self.input_dtype, (BATCH, 3, height, width))
-        length: int | str = SEQUENCE if self.dynamic_sequence(model) else context_length(model)
+        length: int | str = SEQUENCE if self.dynamic_sequence(geometry) else geometry.context_length
         return TensorSpec(self.input_name, self.input_dtype, (BATCH, length))
 
-    def output_spec(self, model: Any, embed_dim: int) -> TensorSpec:
+    def output_spec(self, embed_dim: int) -> TensorSpec:
         return TensorSpec(self.output_name, "float32", (BATCH, embed_dim))
 
-    def wrap(self, model: Any) -> torch.nn.Module:
+    def manifest_entry(self, geometry: TowerGeometry, embed_dim: int) -> dict[str, Any]:
+        """The tower's entry in the manifest's "towers": its ONNX boundary and, for text, how ids are padded."""
+        entry: dict[str, Any] = {
+            "inputs": [self.input_spec(geometry).to_dict()],
+            "outputs": [self.output_spec(embed_dim).to_dict()],
+            "embed_dim": embed_dim,
+        }
+        if self.tower == "text":
+            dynamic = self.dynamic_sequence(geometry)
+            length = geometry.context_length
+            entry.update(
+                {
+                    # "longest": pad each batch to its longest text (the runtime trims after the pooled
+                    # position); "max_length": pad every text to the context length, as trained.
+                    "padding": PADDING_LONGEST if dynamic else PADDING_MAX_LENGTH,
+                    **geometry.text.to_dict(),
+                    "context_length": length,
+                    "sequence": {"min": MIN_SEQUENCE, "max": length} if dynamic else {"min": length, "max": length},
+                }
+            )
+        return entry
+
+    def wrap(self, model: Any, geometry: TowerGeometry) -> torch.nn.Module:
         """A tiny module whose forward is the public open_clip method, so ONNX sees the user's API.
 
         A dynamic-length text tower is the exception: ``encode_text`` adds the full-length positional
         embedding, so its wrapper performs the same steps sliced to the input length.
         """
-        if self.dynamic_sequence(model):
-            return causal_text_wrapper(model)
+        if self.dynamic_sequence(geometry):
+            return causal_text_wrapper(model, geometry.text)
         return wrap_forward(model, getattr(model, self.method), f"{self.tower.capitalize()}Tower")
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from clipdeploy.deps import require
-from clipdeploy.export.geometry import context_length
 
 # How ids are padded for the tower, as recorded in the manifest.
 PADDING_LONGEST = "longest"  # dynamic "sequence" axis: each batch padded to its longest text
@@ -29,7 +28,6 @@ class TextLayout:
     """How one model's text tower reads its ids."""
 
     kind: str  # "builtin" (CLIP keeps the text transformer on itself), "text-transformer", "hf", "other"
-    context_length: int  # the length the tower was trained with
     pooling: str  # "argmax", "eos", "last", "first", "cls" (HF pooler), "mean" (HF, masked)
     eos_id: int | None  # the id "eos" pooling looks for; None for other poolings
     pad_id: int | None  # the id the tower treats as padding (masked towers), when it has one
@@ -51,7 +49,6 @@ def text_layout(model: Any) -> TextLayout:
     if text is None:  # CLIP: the text transformer lives on the model itself
         return TextLayout(
             kind="builtin",
-            context_length=context_length(model),
             pooling=str(model.text_pool_type),
             eos_id=_eos(model.text_pool_type, getattr(model, "text_eos_id", None)),
             pad_id=None,
@@ -61,7 +58,6 @@ def text_layout(model: Any) -> TextLayout:
         plain = text.cls_emb is None and not text.use_pad_mask
         return TextLayout(
             kind="text-transformer" if plain else "other",
-            context_length=context_length(model),
             pooling="last" if text.cls_emb is not None else str(text.pool_type),
             eos_id=_eos(text.pool_type, getattr(text, "eos_id", None)),
             pad_id=int(text.pad_id) if (text.use_pad_mask or text.cls_emb is not None) else None,
@@ -72,13 +68,12 @@ def text_layout(model: Any) -> TextLayout:
         pooling = {"MeanPooler": "mean", "MaxPooler": "max"}.get(pooler, "cls")
         return TextLayout(
             kind="hf",
-            context_length=context_length(model),
             pooling=pooling,
             eos_id=None,
             pad_id=int(text.config.pad_token_id),
             causal=False,
         )
-    return TextLayout("other", context_length(model), "unknown", None, None, False)
+    return TextLayout("other", "unknown", None, None, False)
 
 
 def _eos(pool_type: str, eos_id: Any) -> int | None:
@@ -139,13 +134,13 @@ def wrap_forward(model: Any, forward: Callable[[Any], Any], name: str) -> Any:
     return Tower().eval()
 
 
-def causal_text_wrapper(model: Any) -> Any:
-    """A module computing ``encode_text`` on ids of any length (see ``causal_text_forward``).
+def causal_text_wrapper(model: Any, layout: TextLayout) -> Any:
+    """A module computing ``encode_text`` on ids of any length (see ``causal_text_forward``);
+    ``layout`` is the model's (``text_layout``).
 
     The export parity check compares it with ``encode_text`` itself on full-length ids, at several
     lengths.
     """
-    layout = text_layout(model)
     if not layout.dynamic:
         raise ValueError(f"the text tower of {type(model).__name__} is not causal with id pooling: {layout}")
     return wrap_forward(model, causal_text_forward(model), "CausalTextTower")

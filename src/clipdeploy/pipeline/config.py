@@ -33,7 +33,7 @@ from typing import Any
 from clipdeploy.benchmarks.bench import BenchConfig
 from clipdeploy.engines.config import BuildConfig, parse_size
 from clipdeploy.errors import UsageError
-from clipdeploy.export.exporter import MIN_OPSET, ExportConfig
+from clipdeploy.export.config import MIN_OPSET, ExportConfig
 from clipdeploy.pipeline.schema import (
     ConfigError,
     Invalid,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clipdeploy.artifact.view import ArtifactView
 from clipdeploy.export.config import ExportConfig
 from clipdeploy.export.exporter import export_model
 from clipdeploy.export.loading import import_open_clip
@@ -18,15 +19,16 @@ from clipdeploy.options import add_dataclass_options, config_from_args
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = config_from_args(ExportConfig, args, model=args.model, output=Path(args.output))
     manifest = export_model(cfg)
-    report = manifest["validation"]["export"]
+    view = ArtifactView.of(cfg.output, manifest)
+    report = view.validation("export")
     print(f"exported {cfg.model} to {cfg.output} in {manifest.get('export_seconds', 0):.0f}s")
-    for tower in manifest["towers"]:
+    for tower in view.towers:
         r = report[tower]
         print(
             f"  {tower:5s} min cosine {r['min_cosine']:.7f}  max abs err {r['max_abs_err']:.2e} "
             f"({r['abs_err_rel']:.1e} of max)  vs PyTorch at batch {', '.join(map(str, report['batches']))}"
         )
-    missing = manifest["tokenizer"].get("missing")
+    missing = view.tokenizer.get("missing")
     tok_note = (
         f"tokenizer MISSING ({missing.get('hf_tokenizer_name')}): encode_text will refuse; {missing.get('fix')}"
         if missing
@@ -34,10 +36,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"/{report['tokenizer']['texts']} texts"
     )
     print(f"  runtime preprocessing max diff {report['preprocess']['max_abs_diff']:.1e}; {tok_note}")
-    text = manifest["towers"].get("text", {})
-    if text.get("padding"):
-        print(f"  text: {text.get('pooling')} pooling, padding {text['padding']} (context {text.get('context_length')})")
-    if manifest["model"].get("random_init_seed") is not None:
+    text = view.towers.get("text")
+    if text is not None and text.padding:
+        print(f"  text: {text.pooling} pooling, padding {text.padding} (context {view.context_length})")
+    if view.model.random_init_seed is not None:
         print("  note: random weights (no --pretrained or --checkpoint): the embeddings carry no meaning")
     return 0
 

@@ -268,7 +268,7 @@ FP8 = register(PrecisionSpec(
 )).name
 # OpenVINO running the fp32 file with INFERENCE_PRECISION_HINT=bf16 (its default on such CPUs): no file of
 # its own, gated like fp16 against fp32 on held-out data, and only on a CPU that computes bf16 natively
-# (elsewhere OpenVINO would emulate it, slower than fp32). The openvino backend ranks it (registry.py).
+# (elsewhere OpenVINO would emulate it, slower than fp32). The openvino backend ranks it (runtime/backends/openvino.py).
 BF16 = register(PrecisionSpec(
     "bf16", f"{_MAKE}.bf16:make",
     gate={"min_cosine": 0.999},

@@ -425,6 +425,7 @@ def scenario_mutants(world: TrtWorld, template: Path, work: Path) -> dict:
     import types
 
     from clipdeploy.engines import BuildConfig
+    from clipdeploy.runtime.backends import registry as backend_registry
 
     results = {}
     for name, (module_name, old, new) in MUTANTS.items():
@@ -435,7 +436,15 @@ def scenario_mutants(world: TrtWorld, template: Path, work: Path) -> dict:
             continue
         mutant = types.ModuleType(module_name)
         mutant.__file__ = original.__file__
-        exec(compile(source.replace(old, new, 1), original.__file__, "exec"), mutant.__dict__)
+        # A backend module registers its own spec when it runs: the edited copy's registration replaces
+        # the real one only while this mutant runs (the registry is restored below).
+        saved_backends = dict(backend_registry._REGISTRY)
+        real_register = backend_registry.register
+        backend_registry.register = lambda spec, replace=False: real_register(spec, replace=True)
+        try:
+            exec(compile(source.replace(old, new, 1), original.__file__, "exec"), mutant.__dict__)
+        finally:
+            backend_registry.register = real_register
         art = fresh(template, work, "mutant")
         before = len(world.rec.violations)
         if module_name == BUILDER:
@@ -467,6 +476,8 @@ def scenario_mutants(world: TrtWorld, template: Path, work: Path) -> dict:
                 for m, attr in holders:
                     setattr(m, attr, original)
         results[name] = {"error": error, "violations": world.rec.violations[before:]}
+        backend_registry._REGISTRY.clear()
+        backend_registry._REGISTRY.update(saved_backends)
     world.rec.violations.clear()  # these were planted
     return results
 

@@ -3,7 +3,7 @@
 
 Random weights: the cosine gates are enforced, top-1 is recorded only (it means nothing untrained).
 The trained-model and recovery cases are in test_precision.py; full-size RN50 and convnext_base runs
-are in the README's figures."""
+are in docs/measured.md."""
 
 from __future__ import annotations
 

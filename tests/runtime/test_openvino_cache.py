@@ -83,3 +83,36 @@ def test_an_unwritable_explicit_cache_is_warned_about_once(tiny, tmp_path, monke
         assert all(r.cache_dir is None for r in session.runners.values())
     warnings = _records(caplog, logging.WARNING)
     assert len(warnings) == 1 and str(blocker) in warnings[0] and "compiling without it" in warnings[0], warnings
+
+
+def test_a_compile_waits_for_another_process_compiling_into_the_same_cache(tiny, tmp_path):
+    """OpenVINO writes cache blobs without a lock (two Ray Serve replicas compiling one model failed with
+    "cannot set permissions"): a compile holds the cache folder's lock, so a second one waits for it."""
+    import fcntl
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    cache = tmp_path / "ov-cache"
+    opts = {"openvino_cache_dir": str(cache)}
+    clipdeploy.load(tiny, backend="openvino", backend_options=opts)  # creates the key folders
+    locks = sorted(cache.rglob(".compile.lock"))
+    assert locks, "a cached compile takes a lock file in its cache folder"
+    # Another process holds every compile lock for 1.5 s; a load here must wait for it.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fds = [os.open(p, os.O_RDWR) for p in sys.argv[1:]]\n"
+        "[fcntl.flock(fd, fcntl.LOCK_EX) for fd in fds]\n"
+        "print('held', flush=True); time.sleep(1.5)\n"
+    ), *map(str, locks)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.perf_counter()
+    done = threading.Event()
+    threading.Thread(target=lambda: (clipdeploy.load(tiny, backend="openvino", backend_options=opts), done.set()),
+                     daemon=True).start()  # fmt: skip
+    assert done.wait(60)
+    waited = time.perf_counter() - start
+    holder.wait(timeout=30)
+    assert waited >= 1.0, f"the load took {waited:.2f} s: it did not wait for the lock the other process held"
+    assert fcntl  # the lock is an flock, as the holder takes it

@@ -100,7 +100,7 @@ class OrtRunner(Runner):
         # saturate: measured (2-core AVX2 EPYC) it took micro ResNet's int8 text mean cosine from 0.999 to
         # 0.987. ONNX Runtime's exact U8U8 path fixes that, and is set only there: with VNNI the default
         # kernels do not saturate (bit-identical int8 outputs measured), and the U8U8 path is much slower
-        # (ViT-B-32 int8 image tower, 1.5x on an AVX512-VNNI EPYC: README "Measured"). Gates and serving both
+        # (ViT-B-32 int8 image tower, 1.5x on an AVX512-VNNI EPYC: docs/measured.md). Gates and serving both
         # run through this class: what was gated is what runs.
         self.exact_int8 = exact_int8_needed()
         if self.exact_int8:

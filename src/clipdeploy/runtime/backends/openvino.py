@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -12,6 +14,7 @@ import stat
 import tempfile
 import threading
 from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +132,27 @@ def cache_folder(explicit: str | None, key: str) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _cache_lock(folder: Path | None) -> Iterator[None]:
+    """One compile at a time per cache folder, across processes: OpenVINO writes its cache blob without
+    locking, and two processes compiling the same model at once (Ray Serve replicas, embed-dataset
+    workers) were seen to fail with "filesystem error: cannot set permissions". The second one waits,
+    then reads the first one's blob."""
+    if folder is None:
+        yield
+        return
+    try:
+        fd = os.open(folder / ".compile.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # a cache we can read but not lock: compile as before
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
 def cache_key(sha256: str, ov_version: str, cpu: str, capabilities: list[str], config: dict[str, str]) -> str:
     """The cache folder name: file hash, OpenVINO version, CPU (name and capabilities) and settings."""
     blob = json.dumps([sha256, ov_version, cpu, sorted(capabilities), sorted(config.items())])
@@ -168,7 +192,8 @@ class OvRunner(Runner):
         try:
             # Compiling from the path (not a read model) lets a cache hit skip reading the ONNX graph.
             cfg = {**config, **({"CACHE_DIR": str(self.cache_dir)} if self.cache_dir else {})}
-            self.compiled = core.compile_model(str(self.path), "CPU", cfg)
+            with _cache_lock(self.cache_dir):
+                self.compiled = core.compile_model(str(self.path), "CPU", cfg)
         except Exception as e:  # openvino raises its own RuntimeError subtypes
             raise ArtifactError(
                 f"OpenVINO cannot load {str(self.path)!r} ({' '.join(str(e).split())[:200]}); "

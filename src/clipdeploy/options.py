@@ -188,6 +188,24 @@ def positive_number(flag: str, text: str) -> float:
     return value
 
 
+def number(least: float, most: float | None = None, *, unit: str = "", above: bool = False) -> Parse:
+    """A float of at least ``least`` (more than it with ``above``), at most ``most``, in ``unit``."""
+
+    def parse(flag: str, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"{flag} {text!r} is not a number; pass {unit or 'a number'}, e.g. {flag} 5") from None
+        low_ok = value > least if above else value >= least
+        if not low_ok or (most is not None and value > most):
+            bound = f"more than {least:g}" if above else f"{least:g} or more"
+            raise UsageError(f"{flag} {value:g} must be {bound}{f' and at most {most:g}' if most is not None else ''}"
+                             f"{f' {unit}' if unit else ''}")  # fmt: skip
+        return value
+
+    return parse
+
+
 def csv(choices: Iterable[str] | Callable[[], Iterable[str]] | None = None, item: Parse | None = None) -> Parse:
     """A comma-separated list, each item once, checked against ``choices`` or parsed by ``item``.
 

@@ -29,12 +29,9 @@ def _encode(img, fmt: str) -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnx", reason="the tiny artifact is written with onnx")
-    from tests.support.tiny_artifact import bpe_vocab, make_tiny_artifact
+    from tests.support.tiny_artifact import tiny_artifact_or_skip
 
-    if bpe_vocab() is None:
-        pytest.skip("open_clip's BPE vocabulary (the tiny artifact's tokenizer) is not installed")
-    return make_tiny_artifact(tmp_path_factory.mktemp("bulk-art") / "art", precisions=("fp32",))
+    return tiny_artifact_or_skip(tmp_path_factory.mktemp("bulk-art") / "art")
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,9 @@ from clipdeploy.runtime.session import load
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnx", reason="the tiny artifact is written with onnx")
-    from tests.support.tiny_artifact import bpe_vocab, make_tiny_artifact
+    from tests.support.tiny_artifact import tiny_artifact_or_skip
 
-    if bpe_vocab() is None:
-        pytest.skip("open_clip's BPE vocabulary (the tiny artifact's tokenizer) is not installed")
-    return make_tiny_artifact(tmp_path_factory.mktemp("trunc") / "art", precisions=("fp32",))
+    return tiny_artifact_or_skip(tmp_path_factory.mktemp("trunc") / "art")
 
 
 def test_session_names_the_texts_it_cuts_at_the_boundary(tiny):

@@ -132,3 +132,13 @@ def make_tiny_artifact(root: Path, precisions: tuple[str, ...] = ("fp32", "fp16"
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
+
+
+def tiny_artifact_or_skip(folder: Path, precisions: tuple[str, ...] = ("fp32",)) -> Path:
+    """``make_tiny_artifact(folder)`` for a fixture, or a skip that says what is missing."""
+    import pytest
+
+    pytest.importorskip("onnx", reason="the tiny artifact is written with onnx")
+    if bpe_vocab() is None:
+        pytest.skip("open_clip's BPE vocabulary (the tiny artifact's tokenizer) is not installed")
+    return make_tiny_artifact(folder, precisions=precisions)

@@ -12,12 +12,9 @@ pytest.importorskip("pyarrow.parquet", reason="embed-dataset writes parquet (pip
 
 @pytest.fixture(scope="module")
 def tiny_art(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnx", reason="the tiny artifact is written with onnx")
-    from tests.support.tiny_artifact import bpe_vocab, make_tiny_artifact
+    from tests.support.tiny_artifact import tiny_artifact_or_skip
 
-    if bpe_vocab() is None:
-        pytest.skip("open_clip's BPE vocabulary (the tiny artifact's tokenizer) is not installed")
-    return make_tiny_artifact(tmp_path_factory.mktemp("bench-tool-art") / "art", precisions=("fp32",))
+    return tiny_artifact_or_skip(tmp_path_factory.mktemp("bench-tool-art") / "art")
 
 
 def test_the_benchmark_tool_prints_a_table_of_images_per_second(tiny_art, tmp_path, capsys):

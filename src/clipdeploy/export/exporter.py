@@ -248,6 +248,7 @@ def _check_runtime_inputs(
     artifact_dir: Path, manifest: dict[str, Any], pixels: Any, tokens: Any, images: list[Path], prompts: list[str]
 ) -> tuple[dict[str, Any], list[str]]:
     """The torch-free preprocessing and tokenizer must reproduce open_clip's on this very model."""
+    # ``manifest`` is the one this export is writing (not yet on disk): its entries are read as written.
     failures = []
     ours = Preprocessor(PreprocessConfig.from_dict(manifest["preprocess"]))(images)
     pixel_diff = float(np.abs(ours - pixels.numpy()).max())
@@ -367,6 +368,7 @@ def _build(cfg: ExportConfig, work: Path) -> dict[str, Any]:
         runtime_report, runtime_failures = _check_runtime_inputs(work, manifest, pixels, tokens, images, prompts)
         step.note("pass" if not runtime_failures else f"{len(runtime_failures)} failed")
     failures += runtime_failures
+    # The writer: the keys below are what this export records (readers use artifact.view.ArtifactView).
     manifest["validation"]["export"] = {
         "reference": "open_clip PyTorch fp32 on CPU",
         "backend": "onnxruntime CPUExecutionProvider",

@@ -335,6 +335,7 @@ class QuantizeRun:
                     for made, final in moves:
                         os.replace(made, final)
                     entries.append(entry)
+            # a writer under the artifact's lock: it edits the dict it writes
             manifest["variants"] = [
                 v for v in manifest["variants"] if not (v["precision"] == cfg.precision and v["format"] == "onnx")
             ] + entries

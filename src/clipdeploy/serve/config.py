@@ -8,31 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipdeploy.errors import UsageError
-from clipdeploy.options import THREADS, integer, opt
+from clipdeploy.options import THREADS, integer, number, opt
 from clipdeploy.runtime.backends import registry as backends
 
 API_KEY_ENV = "CLIPDEPLOY_API_KEY"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-
-
-def _nonnegative_ms(flag: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{flag} {text!r} is not a number; pass milliseconds, e.g. {flag} 5") from None
-    if not 0 <= value <= 10_000:
-        raise UsageError(f"{flag} {value:g} must be between 0 and 10000 milliseconds")
-    return value
-
-
-def _seconds(flag: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{flag} {text!r} is not a number; pass seconds, e.g. {flag} 30") from None
-    if value < 0:
-        raise UsageError(f"{flag} {value:g} must be 0 or more seconds")
-    return value
 
 
 @dataclass
@@ -51,7 +31,8 @@ class ServeConfig:
     max_batch: int = field(default=32, metadata=opt("most items one inference call takes", parse=integer(1)))
     max_wait_ms: float = field(
         default=5.0,
-        metadata=opt("how long a batch waits for more items after its first", metavar="MS", parse=_nonnegative_ms),
+        metadata=opt("how long a batch waits for more items after its first", metavar="MS",
+                     parse=number(0, 10_000, unit="milliseconds")),
     )
     max_queue: int = field(
         default=512,
@@ -61,12 +42,12 @@ class ServeConfig:
     max_items: int = field(default=256, metadata=opt("most inputs in one request", parse=integer(1)))
     max_body_mb: float = field(
         default=32.0, metadata=opt("largest request body accepted, in MB (413 past it)", metavar="MB",
-                                   parse=lambda flag, text: _positive(flag, text))
+                                   parse=number(0, unit="MB", above=True))
     )  # fmt: skip
     max_inflight_mb: float = field(
         default=1024.0, metadata=opt("request bodies held at once, in MB; past it new requests get 503 "
                                      "with Retry-After (memory stays bounded)", metavar="MB",
-                                     parse=lambda flag, text: _positive(flag, text))
+                                     parse=number(0, unit="MB", above=True))
     )  # fmt: skip
     max_image_pixels: int = field(
         default=40_000_000,
@@ -86,7 +67,8 @@ class ServeConfig:
     open_metrics: bool = field(default=False, metadata=opt("serve /metrics without the API key"))
     graceful_timeout: float = field(
         default=30.0,
-        metadata=opt("on SIGTERM, how long in-flight requests may take to finish", metavar="S", parse=_seconds),
+        metadata=opt("on SIGTERM, how long in-flight requests may take to finish", metavar="S",
+                     parse=number(0, unit="seconds")),
     )
     label_cache: int = field(
         default=256, metadata=opt("label sets whose text embeddings /v1/classify keeps, per model", parse=integer(0))
@@ -146,16 +128,6 @@ class ServeConfig:
                 raise UsageError(f"--api-key-file {str(self.api_key_file)!r} is empty; put the key in it")
             return key
         return os.environ.get(API_KEY_ENV) or None
-
-
-def _positive(flag: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{flag} {text!r} is not a number") from None
-    if not value > 0:
-        raise UsageError(f"{flag} {value:g} must be more than 0")
-    return value
 
 
 def parse_model_args(values: list[str]) -> list[tuple[str, Path]]:

@@ -97,6 +97,11 @@ class ClipSession:
 
     # ---- inputs ----------------------------------------------------------------------------
 
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The image preprocessor ``encode_image`` uses (``one(item, index)`` for a single image)."""
+        return self._preprocessor
+
     def preprocess(self, images: Sequence[ImageLike] | ImageLike, *, fast_decode: bool = False) -> np.ndarray:
         """Images (PIL, paths or bytes) to float32 NCHW pixels, exactly as open_clip preprocesses them.
 

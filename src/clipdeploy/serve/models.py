@@ -67,7 +67,7 @@ class ServedModel:
     @property
     def preprocessor(self) -> Any:
         """The session's own preprocessor: the same pixels ``session.encode_image`` makes."""
-        return self.session._preprocessor
+        return self.session.preprocessor
 
     @cached_property
     def view(self) -> ArtifactView:

@@ -281,7 +281,7 @@ async def _embed(
                                        image_param) for it in images),
                 return_exceptions=True,
             )  # fmt: skip
-            for result in decoded:  # the first bad item fails this request only; nothing was queued
+            for result in decoded:  # the first bad item fails this request only; its queued texts are dropped
                 if isinstance(result, BaseException):
                     for w in waits:
                         w.cancel()

@@ -4,8 +4,8 @@ however requests interleave; every bad request is a 4xx in OpenAI's shape and th
 from __future__ import annotations
 
 import asyncio
-import io
 import json
+import io
 import threading
 from typing import Any
 
@@ -138,6 +138,8 @@ BAD = {
     "flat token ids": ({"model": "a", "input": [49406, 320, 49407]}, 400, "token ids"),
     "wrong dimensions": ({"model": "a", "input": "x", "dimensions": 7}, 400, "dimensions=7"),
     "a url": ({"model": "a", "input": [{"image": "http://169.254.169.254/latest"}]}, 400, "fetches nothing"),
+    "texts, then a bad image": ({"model": "a", "input": ["x", "y", {"image": b64(b"not an image")}]}, 400,
+                                "input[2]"),
     "unknown key": ({"model": "a", "input": [{"image": b64(png((4, 4))), "url": "x"}]}, 400, "input"),
     "not json": (b"{this is not json", 400, "JSON"),
     "body too big": ({"model": "a", "input": ["x" * (2 * 1024 * 1024)]}, 413, "larger than"),
@@ -165,6 +167,8 @@ def test_every_bad_request_is_a_4xx_in_openai_shape_and_the_next_good_one_works(
                 assert word.lower() in err["message"].lower(), f"{name}: {err['message']!r} lacks {word!r}"
                 good = await c.post("/v1/embeddings", json={"model": "a", "input": "a good request"})
                 assert good.status_code == 200, f"after {name}: {good.text}"
+                for tower, b in app.state.clipdeploy.models["a"].batchers.items():
+                    assert b.queued == 0 and b.depth == 0, f"after {name}: {tower} holds {b.queued}/{b.depth}"
                 assert_rows_equal(rows(good), want, f"after {name}")
                 assert (await c.get("/ready")).status_code == 200, f"/ready after {name}"
             # a 1x1 image is a valid image (it broke other servers): it embeds like the session embeds it
@@ -318,6 +322,10 @@ def test_classify_matches_session_similarity_and_caches_labels(sessions: dict[st
                 assert abs(got.sum() - 1) < 1e-5, "CLIP scores are a softmax over the labels"
             assert first.json()["usage"]["prompt_tokens"] > 0 and again.json()["usage"]["prompt_tokens"] == 0, \
                 "the second call reuses the cached label embeddings"
+            odd = await c.post("/v1/classify", content=json.dumps({**body, "labels": ["\ud800 lone surrogate", "é"]}),
+                               headers={"content-type": "application/json"})  # valid JSON; httpx's json= refuses it
+            assert odd.status_code == 200, odd.text  # any string a client sends comes back (escaped)
+            assert [d["label"] for d in odd.json()["data"]] == ["\ud800 lone surrogate", "é"]
             bad = await c.post("/v1/classify", json={**body, "template": "no slot"})
             assert bad.status_code == 400 and "{}" in bad.json()["error"]["message"]
             bad = await c.post("/v1/classify", json={**body, "labels": []})
@@ -344,7 +352,6 @@ def test_config_refusals_are_one_line(tmp_path: Any, sessions: dict[str, Any]) -
         ServeConfig(models=[("x", root)], api_key_file=empty).resolve_api_key()
     with pytest.raises(UsageError, match="cannot be read"):
         ServeConfig(models=[("x", root)], api_key_file=tmp_path / "missing").resolve_api_key()
-    json.dumps  # noqa: B018 (json is used by other tests in this module)
 
 
 def test_request_bodies_held_at_once_are_bounded_503_past_the_budget(sessions: dict[str, Any]) -> None:

@@ -120,3 +120,37 @@ def test_cancelled_items_are_not_run_and_stop_finishes_queued_work() -> None:
 
     assert asyncio.run(main()) == [11, 31, 41]
     assert [2] not in batches and all(2 not in batch for batch in batches)
+
+
+def test_a_cancelled_request_leaves_nothing_queued_and_stop_waits_for_admitted_requests() -> None:
+    async def main() -> None:
+        b = Batcher(_recording_run([], 0.2), max_batch=1, max_wait_s=0, max_queue=4)
+        b.start()
+        running = b.submit([0])  # runs for 0.2 s: what follows waits in the queue
+        await asyncio.sleep(0.01)
+        for _ in range(20):  # each admitted request is cancelled while its items wait
+            with b.reserve(3):
+                futures = b.submit([1, 2, 3])
+                for f in futures:
+                    f.cancel()
+                b.drop_done()
+            assert b.queued <= b.max_queue, f"{b.queued} items queued with at most {b.max_queue} admitted"
+        assert b.queued == 0 and b.depth == 0
+        await running[0]
+        # stop() waits for a request that was admitted but has not submitted yet (it is still decoding)
+        admitted = b.reserve(1)
+        admitted.__enter__()
+
+        async def late_submit() -> int:
+            await asyncio.sleep(0.1)
+            try:
+                return await b.submit([7])[0]
+            finally:
+                admitted.__exit__(None, None, None)
+
+        late = asyncio.get_running_loop().create_task(late_submit())
+        await asyncio.sleep(0)
+        await asyncio.wait_for(b.stop(), timeout=10)
+        assert late.done() and late.result() == 71
+
+    asyncio.run(main())

@@ -12,6 +12,8 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import functools
+import hashlib
 import json
 import logging
 import time
@@ -170,14 +172,20 @@ def create_app(
         raw = req.input.model_dump() if isinstance(req.input, ImageInput) else req.input
         if isinstance(raw, list):
             raw = [x.model_dump() if isinstance(x, ImageInput) else x for x in raw]
-        items = split_input(raw, req.modality, cfg.max_items)
+        loop = asyncio.get_running_loop()
+        listed = raw if isinstance(raw, list) else [raw]
+        has_images = req.modality == "image" or any(isinstance(x, dict) for x in listed)
+        if has_images:  # base64 of megabytes decodes off the event loop
+            items = await loop.run_in_executor(state.pool, split_input, raw, req.modality, cfg.max_items)
+        else:
+            items = split_input(raw, req.modality, cfg.max_items)
         rows, tokens = await _embed(state, served, items)
-        data = [{"object": "embedding", "index": i, "embedding": _encode(row, req.encoding_format)}
-                for i, row in enumerate(rows)]  # fmt: skip
         # A response as it stands: the shape is EmbeddingsResponse (for /docs), and re-validating 512-float
         # rows through pydantic on every request costs more than the text tower's inference.
-        return responses.JSONResponse({"object": "list", "data": data, "model": req.model,
-                                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+        build = functools.partial(_embeddings_body, rows, req.encoding_format, req.model, tokens)
+        if len(rows) > 16:  # a large body is built off the event loop
+            return await loop.run_in_executor(state.pool, build)
+        return build()
 
     app.post("/embeddings", include_in_schema=False)(embeddings)  # the path infinity's clients call
 
@@ -193,7 +201,8 @@ def create_app(
             raise bad_request(f"template {template!r} has no '{{}}' for the label; e.g. 'a photo of a {{}}.'",
                               param="template")  # fmt: skip
         prompts = [label if template is None else template.replace("{}", label) for label in req.labels]
-        key = (template or "", tuple(req.labels))
+        # The cache keeps a digest, not the labels: a label may be megabytes, and 256 of them must not stay.
+        key = hashlib.sha256(json.dumps([template, req.labels]).encode("ascii")).hexdigest()
         image = Item(0, image=decode_base64(req.image, 0, param="image"))
         text_emb = served.cached_labels(key)
         tokens = 0
@@ -204,9 +213,9 @@ def create_app(
         (img_row,), _ = await _embed(state, served, [image], image_param="image")
         probs = served.session.similarity(img_row[None, :], text_emb)[0]
         best = int(np.argmax(probs))
-        return {"object": "classification", "model": req.model, "label": req.labels[best],
-                "data": [{"label": lab, "score": float(p)} for lab, p in zip(req.labels, probs, strict=True)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        return _json({"object": "classification", "model": req.model, "label": req.labels[best],
+                      "data": [{"label": lab, "score": float(p)} for lab, p in zip(req.labels, probs, strict=True)],
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> Any:
@@ -263,37 +272,56 @@ async def _embed(
         waits: list[Any] = []
         order: list[int] = []
         tokens = 0
-        if texts:
-            batch = [t.text for t in texts]
-            # A few texts tokenize in microseconds: a thread hop would cost more than it frees the loop.
-            small = len(batch) <= 8 and sum(len(t) for t in batch) <= 4096
-            if small:
-                ids, counts = served.tokenize(batch)
-            else:
-                ids, counts = await loop.run_in_executor(state.pool, served.tokenize, batch)
-            tokens = sum(counts)
-            waits += served.batchers["text"].submit(list(ids))
-            order += [t.index for t in texts]
-        if images:
-            pre = served.preprocessor
-            decoded = await asyncio.gather(
-                *(loop.run_in_executor(state.pool, decode_image, pre, it.image, it.index, cfg.max_image_pixels,
-                                       image_param) for it in images),
-                return_exceptions=True,
-            )  # fmt: skip
-            for result in decoded:  # the first bad item fails this request only; its queued texts are dropped
-                if isinstance(result, BaseException):
-                    for w in waits:
-                        w.cancel()
-                    raise result
-            waits += served.batchers["image"].submit(decoded)
-            order += [it.index for it in images]
+        decoded: list[Any] = []
         try:
+            if images:  # first: a bad image fails the request before any of its texts is queued
+                pre = served.preprocessor
+                decoded = await asyncio.gather(
+                    *(loop.run_in_executor(state.pool, decode_image, pre, it.image, it.index, cfg.max_image_pixels,
+                                           image_param) for it in images),
+                    return_exceptions=True,
+                )  # fmt: skip
+                for result in decoded:  # the first bad item fails this request only
+                    if isinstance(result, BaseException):
+                        raise result
+            if texts:
+                batch = [t.text for t in texts]
+                # A few texts tokenize in microseconds: a thread hop would cost more than it frees the loop.
+                if len(batch) <= 8 and sum(len(t) for t in batch) <= 4096:
+                    ids, counts = served.tokenize(batch)
+                else:
+                    ids, counts = await loop.run_in_executor(state.pool, served.tokenize, batch)
+                tokens = sum(counts)
+                waits += served.batchers["text"].submit(list(ids))
+                order += [t.index for t in texts]
+            if images:
+                waits += served.batchers["image"].submit(decoded)
+                order += [it.index for it in images]
             rows = await asyncio.gather(*waits)
         except ClipDeployError as e:
             raise APIError(500, f"inference failed: {e}", type="server_error", code="inference_failed") from e
+        finally:
+            # Cancelled or failed: nothing of this request stays queued once its admission ends.
+            unfinished = [w for w in waits if not w.done()]
+            for w in unfinished:
+                w.cancel()
+            if unfinished:
+                for tower in ("text", "image"):
+                    served.batchers[tower].drop_done()
     by_index = dict(zip(order, rows, strict=True))
     return [by_index[it.index] for it in items], tokens
+
+
+def _embeddings_body(rows: list[np.ndarray], fmt: str, model: str, tokens: int) -> Any:
+    data = [{"object": "embedding", "index": i, "embedding": _encode(row, fmt)} for i, row in enumerate(rows)]
+    return _json({"object": "list", "data": data, "model": model,
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+
+
+def _json(content: Any) -> Any:
+    """A JSON response with non-ASCII escaped, so any string a client sent (a lone surrogate too) comes back."""
+    responses = require("fastapi.responses", "serve")
+    return responses.Response(json.dumps(content).encode("ascii"), media_type="application/json")
 
 
 def _encode(row: np.ndarray, fmt: str) -> Any:

@@ -69,6 +69,11 @@ class Batcher(Generic[T, R]):
         """Items admitted and not yet answered (the bound ``max_queue`` applies to this)."""
         return self._reserved
 
+    @property
+    def queued(self) -> int:
+        """Items waiting in the queue now (never more than the admitted ``depth``)."""
+        return len(self._pending)
+
     @contextlib.contextmanager
     def reserve(self, n: int) -> Iterator[None]:
         """Admit ``n`` items for the life of the block, or raise QueueFullError at once."""
@@ -96,7 +101,8 @@ class Batcher(Generic[T, R]):
         self._closing = True
         if self._task is None:
             return
-        while self._pending or self._running:  # queued and running batches finish first
+        # Admitted requests (still decoding), queued and running batches all finish first.
+        while self._pending or self._running or self._reserved:
             assert self._wake is not None
             self._wake.set()
             await asyncio.sleep(0.005)
@@ -121,6 +127,12 @@ class Batcher(Generic[T, R]):
             futures.append(fut)
         self._wake.set()
         return futures
+
+    def drop_done(self) -> None:
+        """Forget queued items whose futures are already done (their request was cancelled or failed), so
+        the queue never holds more than what is admitted. Runs on the event loop, like every queue change."""
+        if any(fut.done() for _, fut in self._pending):
+            self._pending = deque((item, fut) for item, fut in self._pending if not fut.done())
 
     async def _collect(self) -> None:
         assert self._wake is not None

@@ -27,6 +27,8 @@ from clipdeploy.serve.errors import APIError, bad_request, too_large
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 
+_WHITESPACE = {ord(c): None for c in " \t\n\r\v\f"}
+
 # The formats a client may send: the common ones, not every format Pillow can parse.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -87,7 +89,7 @@ def _image_item(x: dict[str, Any], i: int) -> bytes:
 def decode_base64(s: str, i: int, param: str | None = None) -> bytes:
     """A base64 string or a ``data:...;base64,`` URL to bytes; a 400 naming the item otherwise."""
     param = param or f"input[{i}]"
-    s = "".join(s.split())  # MIME-style line breaks, as `base64` writes them
+    s = s.translate(_WHITESPACE)  # MIME-style line breaks, as `base64` writes them (no copy per piece)
     if s[:8].lower().startswith(("http://", "https://", "ftp://", "file:")):
         raise bad_request(f"{param} is a URL; this server fetches nothing on a client's behalf: "
                           "send the image bytes as base64 or a data: URL", param=param, code="url_not_supported")  # fmt: skip

@@ -37,7 +37,7 @@ class ServedModel:
             )  # fmt: skip
             if metrics is not None:
                 metrics.watch_depth(name, tower, self.batchers[tower])
-        self._labels: OrderedDict[tuple[str, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._labels: OrderedDict[str, np.ndarray] = OrderedDict()  # a digest of (template, labels)
         self._labels_lock = threading.Lock()
         self._label_cache_size = cfg.label_cache
         self.warm = False
@@ -117,14 +117,14 @@ class ServedModel:
 
     # ---- labels ------------------------------------------------------------------------------
 
-    def cached_labels(self, key: tuple[str, tuple[str, ...]]) -> np.ndarray | None:
+    def cached_labels(self, key: str) -> np.ndarray | None:
         with self._labels_lock:
             emb = self._labels.get(key)
             if emb is not None:
                 self._labels.move_to_end(key)
             return emb
 
-    def cache_labels(self, key: tuple[str, tuple[str, ...]], emb: np.ndarray) -> None:
+    def cache_labels(self, key: str, emb: np.ndarray) -> None:
         if self._label_cache_size <= 0:
             return
         with self._labels_lock:

@@ -23,7 +23,7 @@ def run_server(cfg: ServeConfig, sessions: dict[str, Any] | None = None) -> int:
     app = create_app(cfg, sessions)
     config = uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=cfg.graceful_timeout or None, lifespan="on",
+        timeout_graceful_shutdown=cfg.graceful_timeout, lifespan="on",
     )  # fmt: skip
     server = _draining_server(uvicorn, app)(config)
     print(f"clipdeploy serve: listening on http://{cfg.host}:{cfg.port} (models: "
